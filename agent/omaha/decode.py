@@ -230,8 +230,12 @@ def _package(node: Node) -> Package:
         name=_str(node, "name"), namediff=_str(node, "namediff"), required=_bool(node, "required"),
         size=_int(node, "size", None, 0), sizediff=_int(node, "sizediff", None, 0),
         hash=_str(node, "hash"), hashdiff=_str(node, "hashdiff"), hash_sha256=_str(node, "hash_sha256"),
-        hashdiff_sha256=_str(node, "hashdiff_sha256"), fp=_str(node, "fp"),
+        hashdiff_sha256=_str(node, "hashdiff_sha256"), fp=_str(node, "fp"), extra=_extras(node, _PACKAGE_KNOWN),
     )
+
+
+_PACKAGE_KNOWN = {"name", "namediff", "required", "size", "sizediff", "hash", "hashdiff", "hash_sha256",
+                  "hashdiff_sha256", "fp"}
 
 
 _ACTION_KNOWN = {"event", "run", "arguments", "successurl", "terminateallbrowsers", "successaction"}
@@ -257,7 +261,7 @@ def _updatecheck(node: Node) -> ResponseUpdateCheck:
         manifest = Manifest(
             version=_str(man, "version"),
             packages=tuple(_package(p) for holder in man.all("packages") for p in holder.all("package")),
-            actions=tuple(actions),
+            actions=tuple(actions), extra=_extras(man, {"version"}),
         )
     return ResponseUpdateCheck(
         status=_str(node, "status"), info=_str(node, "info"), urls=urls, manifest=manifest,

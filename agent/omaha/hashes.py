@@ -33,8 +33,9 @@ def digest_from_text(text: str, length: int, what: str) -> bytes:
 
 
 def sha256_from_fp(fp: str) -> bytes | None:
-    """The SHA-256 named by a type-1 fingerprint (``1.<hex>``); None for other types."""
+    """The SHA-256 named by a type-1 fingerprint (``1.<64 hex>``); None for other types or other shapes
+    (servers use fingerprints as opaque labels too)."""
     kind, dot, data = fp.strip().partition(".")
-    if not dot or kind != "1":
+    if not dot or kind != "1" or len(data) != 2 * SHA256_LEN or not _HEX.fullmatch(data):
         return None
-    return digest_from_text(data, SHA256_LEN, "fp")
+    return bytes.fromhex(data)

@@ -172,6 +172,7 @@ class Package:
     hash_sha256: str = ""  # SHA-256, hex per the texts (some servers send base64)
     hashdiff_sha256: str = ""
     fp: str = ""  # "1." + SHA-256 hex
+    extra: tuple[tuple[str, str], ...] = ()  # attributes the texts do not define
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ class Manifest:
     version: str = ""
     packages: tuple[Package, ...] = child(default=())
     actions: tuple[Action, ...] = child(default=())
+    extra: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -135,10 +135,15 @@ def _package_offer(pkg: Package, codebases: list[str], action_sha256: bytes | No
     sha256 = distinct.pop() if distinct else None
     if sha256 is None and sha1 is None:
         raise ProtocolError(f"{label} has no usable hash (expected hash_sha256, hash, fp or the "
-                            "postinstall action's sha256)")
+                            "postinstall action's sha256)" + _unknown_hint(pkg.extra))
     urls = tuple(join_url(cb, pkg.name) for cb in codebases)
     return PackageOffer(name=pkg.name, urls=urls, size=pkg.size, sha256=sha256, sha1=sha1, fp=pkg.fp,
                         required=pkg.required)
+
+
+def _unknown_hint(extra) -> str:
+    names = [name for name, _ in extra][:5]
+    return f" (unrecognised attributes: {', '.join(names)})" if names else ""
 
 
 def _poll_interval(extra) -> int | None:
@@ -155,7 +160,7 @@ def _offer(app: ResponseApp, appid: str) -> Outcome:
         return Unusable(appid, "updatecheck status ok but no <manifest>")
     missing = []
     if not manifest.version:
-        missing.append("manifest version")
+        missing.append("the manifest has no version" + _unknown_hint(manifest.extra))
     if not manifest.packages:
         missing.append("packages")
     codebases = [u.codebase for u in uc.urls if u.codebase]
