@@ -1,0 +1,137 @@
+"""GRUB environment block backend (RAUC-style variable names).
+
+The env block is the 1024-byte file GRUB's ``load_env``/``save_env`` use (``# GRUB Environment Block``
+followed by ``NAME=value`` lines, padded with ``#``). Variables, per slot X in A, B:
+
+* ``ORDER``  boot preference, e.g. ``B A``
+* ``X_OK``   1 = confirmed good
+* ``X_TRY``  trial attempts left (only looked at while ``X_OK`` is 0)
+
+State: ``X_OK=1`` good; ``X_OK=0`` and ``X_TRY>0`` trial; otherwise bad. ``config/grub/grub.cfg`` walks
+``ORDER``, boots the first good slot, or the first trial slot after counting its ``X_TRY`` down and saving.
+
+Writes replace the whole file atomically (temp, fsync, rename, fsync dir), so a power cut leaves the old
+block or the new one.
+"""
+from __future__ import annotations
+
+import os
+
+from ..atomic import write_atomic
+from . import BootError, SlotState, SlotStatus, check_slot, check_tries, other
+
+HEADER = b"# GRUB Environment Block\n"
+SIZE = 1024
+MAX_TRIES = 9  # grub.cfg counts down with an if-chain from 9
+
+
+def parse(block: bytes, where: str = "grubenv") -> dict[str, str]:
+    if not block.startswith(HEADER):
+        raise BootError(f"{where}: not a GRUB environment block (missing '# GRUB Environment Block' header)")
+    env: dict[str, str] = {}
+    for raw in block[len(HEADER):].split(b"\n"):
+        line = raw.decode("utf-8", "replace")
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, value = line.split("=", 1)
+        env[name] = value.replace("\\\\", "\\")
+    return env
+
+
+def render(env: dict[str, str], size: int = SIZE) -> bytes:
+    body = HEADER
+    for name, value in env.items():
+        if "\n" in name or "=" in name or "\n" in value or "\\" in value:
+            raise BootError(f"grubenv: cannot store {name}={value!r}")
+        body += f"{name}={value}\n".encode()
+    if len(body) > size:
+        raise BootError(f"grubenv: {len(body)} bytes of variables do not fit in a {size}-byte block")
+    return body + b"#" * (size - len(body))
+
+
+def read(path: str) -> dict[str, str]:
+    try:
+        with open(path, "rb") as f:
+            return parse(f.read(64 * 1024), path)
+    except FileNotFoundError:
+        raise BootError(f"{path}: GRUB environment block not found (create it with "
+                        f"'grub-editenv {path} create' and mark the factory slot good)") from None
+    except OSError as exc:
+        raise BootError(f"{path}: cannot read the GRUB environment block: {exc.strerror}") from None
+
+
+class GrubEnvBoot:
+    name = "grubenv"
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _read(self) -> dict[str, str]:
+        return read(self.path)
+
+    def _write(self, env: dict[str, str]) -> None:
+        size = SIZE
+        try:
+            size = max(SIZE, os.path.getsize(self.path))
+        except OSError:
+            pass
+        try:
+            write_atomic(self.path, render(env, size))
+        except OSError as exc:
+            raise BootError(f"{self.path}: cannot write the GRUB environment block: {exc.strerror}") from None
+
+    def initialize(self, good: str = "a") -> None:
+        """A fresh block for a factory image: ``good`` is good, the other slot bad."""
+        env = {}
+        if os.path.exists(self.path):
+            env = self._read()
+        env.update({"ORDER": f"{good.upper()} {other(good).upper()}", f"{good.upper()}_OK": "1",
+                    f"{good.upper()}_TRY": "0", f"{other(good).upper()}_OK": "0",
+                    f"{other(good).upper()}_TRY": "0"})
+        self._write(env)
+
+    def status(self) -> dict[str, SlotStatus]:
+        env = self._read()
+        out = {}
+        for slot in ("a", "b"):
+            ok = env.get(f"{slot.upper()}_OK", "0").strip()
+            tries = env.get(f"{slot.upper()}_TRY", "0").strip()
+            tries_left = int(tries) if tries.isdigit() else 0
+            if ok == "1":
+                out[slot] = SlotStatus(SlotState.GOOD)
+            elif tries_left > 0:
+                out[slot] = SlotStatus(SlotState.TRIAL, tries_left)
+            else:
+                out[slot] = SlotStatus(SlotState.BAD)
+        return out
+
+    @staticmethod
+    def _order(env: dict[str, str], first: str | None = None, last: str | None = None) -> str:
+        order = [s for s in env.get("ORDER", "A B").split() if s in ("A", "B")]
+        order += [s for s in ("A", "B") if s not in order]
+        if first:
+            order.remove(first.upper())
+            order.insert(0, first.upper())
+        if last:
+            order.remove(last.upper())
+            order.append(last.upper())
+        return " ".join(order)
+
+    def mark_bad(self, slot: str) -> None:
+        x = check_slot(slot).upper()
+        env = self._read()
+        env.update({f"{x}_OK": "0", f"{x}_TRY": "0", "ORDER": self._order(env, last=slot)})
+        self._write(env)
+
+    def set_trial(self, slot: str, tries: int, version: str | None = None) -> None:
+        x = check_slot(slot).upper()
+        check_tries(tries, MAX_TRIES)
+        env = self._read()
+        env.update({f"{x}_OK": "0", f"{x}_TRY": str(tries), "ORDER": self._order(env, first=slot)})
+        self._write(env)
+
+    def mark_good(self, slot: str) -> None:
+        x = check_slot(slot).upper()
+        env = self._read()
+        env.update({f"{x}_OK": "1", f"{x}_TRY": "0", "ORDER": self._order(env, first=slot)})
+        self._write(env)

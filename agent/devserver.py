@@ -1,0 +1,304 @@
+"""A small Omaha server for development, demos and the tests.
+
+It answers update checks in V3 XML or 3.1 JSON (whichever the request used), in the Chrome OS or the
+CoreOS/Flatcar response dialect, acknowledges events, serves payloads with Range support, and writes every
+request and event it receives as JSON lines. Faults can be injected to test clients against a misbehaving
+server. It reuses ``agent.omaha`` for the codec and nothing else of the agent.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .omaha import decode_request, encode_response, versions
+from .omaha.model import (
+    Action, DayStart, Manifest, Package, ProtocolError, Response, ResponseApp, ResponseUpdateCheck, Url,
+)
+
+EPOCH_2007 = 1167609600  # 2007-01-01T00:00:00Z
+
+
+@dataclass
+class Image:
+    path: str
+    version: str
+    appid: str
+    track: str = ""  # "" = any track
+    name: str = ""  # file name in URLs; defaults to the path's basename
+    size: int = 0
+    sha256: bytes = b""
+    sha1: bytes = b""
+
+    def __post_init__(self):
+        self.name = self.name or os.path.basename(self.path)
+        h256, h1 = hashlib.sha256(), hashlib.sha1()
+        size = 0
+        with open(self.path, "rb") as f:
+            while block := f.read(1 << 20):
+                h256.update(block)
+                h1.update(block)
+                size += len(block)
+        self.size, self.sha256, self.sha1 = size, h256.digest(), h1.digest()
+
+
+@dataclass
+class Faults:
+    """Misbehaviour to inject. Counters count down as the faults fire."""
+
+    check_status: int = 0  # answer update checks with this HTTP status (e.g. 503)
+    check_failures: int = 0  # ... this many times (0 = always while check_status is set)
+    retry_after: str | None = None  # X-Retry-After on update-check answers
+    event_status: int = 0  # answer event reports with this HTTP status (the report is not recorded)
+    event_failures: int = 0
+    payload_status: int = 0  # answer payload GETs with this HTTP status ...
+    payload_failures: int = 0  # ... this many times
+    reset_after: int = 0  # cut the connection after this many body bytes ...
+    resets: int = 0  # ... this many times
+    short_body: bool = False  # send Content-Length but end the body early, once
+    ignore_range: bool = False  # always answer 200 with the whole body
+    drip_delay: float = 0.0  # seconds between 64 KiB pieces
+    stall_after: int = 0  # stop sending (without closing) after this many bytes, once
+    wrong_hash: bool = False  # advertise a hash the payload does not have
+    size_lie: int = 0  # advertise size + this
+    extra_urls: tuple[str, ...] = ()  # codebases listed before the real one (dead mirrors)
+    always_offer: bool = False  # offer the image even to clients already at (or above) its version
+    malformed: bytes | None = None  # answer update checks with these bytes
+
+
+@dataclass
+class DevServer:
+    images: list[Image]
+    dialect: str = "chromeos"  # chromeos | flatcar
+    host: str = "127.0.0.1"
+    port: int = 0
+    log_path: str | None = None
+    faults: Faults = field(default_factory=Faults)
+    protocol: str | None = None  # answer only this protocol ("3.0" or "3.1"); None: both
+    clock: callable = time.time
+
+    def __post_init__(self):
+        self.requests: list[dict] = []
+        self.events: list[dict] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # -- lifecycle
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 20)
+        for path in ("/update", "/update/", "/v1/update", "/v1/update/", "/service/update2"):
+            app.router.add_post(path, self.handle_update)
+        app.router.add_get("/packages/{name}", self.handle_payload)
+        return app
+
+    async def start(self) -> str:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{self.port}/v1/update/"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # -- records
+    def _log(self, record: dict) -> None:
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def event_codes(self) -> list[str]:
+        return [f"{e['eventtype']}/{e['eventresult']}" for e in self.events]
+
+    # -- update checks and events
+    def _daystart(self) -> DayStart:
+        now = self.clock()
+        return DayStart(elapsed_seconds=int(now % 86400), elapsed_days=int((now - EPOCH_2007) // 86400))
+
+    def _image_for(self, appid: str, track: str | None) -> Image | None:
+        for image in self.images:
+            if image.appid.lower() == appid.lower() and (not image.track or image.track == (track or "")):
+                return image
+        return None
+
+    def _updatecheck(self, image: Image | None, version: str) -> ResponseUpdateCheck:
+        f = self.faults
+        if image is None:
+            return ResponseUpdateCheck(status="noupdate")
+        if not f.always_offer and not versions.is_newer(image.version, version):
+            return ResponseUpdateCheck(status="noupdate")
+        sha256 = hashlib.sha256(b"wrong").digest() if f.wrong_hash else image.sha256
+        sha1 = hashlib.sha1(b"wrong").digest() if f.wrong_hash else image.sha1
+        size = image.size + f.size_lie
+        urls = tuple(Url(codebase=cb) for cb in f.extra_urls) + (Url(codebase=f"{self.base}/packages/"),)
+        sha256_b64 = base64.b64encode(sha256).decode()
+        if self.dialect == "flatcar":  # go-omaha / Nebraska: SHA-1 base64 in hash, SHA-256 base64 in the action
+            package = Package(name=image.name, size=size, required=True, hash=base64.b64encode(sha1).decode())
+            action = Action(event="postinstall", extra=(("sha256", sha256_b64), ("DisablePayloadBackoff", "true")))
+            actions = (action,)
+        else:  # Chrome OS nebraska: upper-case hex hash_sha256 and fp, plus the postinstall action
+            hexd = sha256.hex().upper()
+            package = Package(name=image.name, size=size, required=True, hash_sha256=hexd, fp=f"1.{hexd}")
+            actions = (Action(event="update", run=image.name),
+                       Action(event="postinstall", extra=(("ChromeOSVersion", image.version), ("sha256", sha256_b64),
+                                                          ("IsDeltaPayload", "false"), ("MaxDaysToScatter", "14"))))
+        return ResponseUpdateCheck(status="ok", urls=urls,
+                                   manifest=Manifest(version=image.version, packages=(package,), actions=actions))
+
+    def _fault(self, status_attr: str, count_attr: str) -> int:
+        status = getattr(self.faults, status_attr)
+        if not status:
+            return 0
+        count = getattr(self.faults, count_attr)
+        if count:
+            setattr(self.faults, count_attr, count - 1)
+            if count == 1:
+                setattr(self.faults, status_attr, 0)
+        return status
+
+    async def handle_update(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            req = decode_request(body)
+        except ProtocolError as exc:
+            return web.Response(status=400, text=f"Bad Omaha Request: {exc}\n")
+        if self.protocol and not req.protocol.startswith(self.protocol):
+            return web.Response(status=400, text=f"Bad Omaha Request: this server speaks protocol {self.protocol}\n")
+        is_check = any(app.updatecheck is not None for app in req.apps)
+        headers = {}
+        if is_check:
+            if self.faults.retry_after:
+                headers["X-Retry-After"] = self.faults.retry_after
+            status = self._fault("check_status", "check_failures")
+            if status:
+                return web.Response(status=status, text="injected failure\n", headers=headers)
+            if self.faults.malformed is not None:
+                return web.Response(body=self.faults.malformed, content_type="text/xml", headers=headers)
+        else:
+            status = self._fault("event_status", "event_failures")
+            if status:
+                return web.Response(status=status, text="injected failure\n")
+        record = {"time": self.clock(), "protocol": req.protocol, "requestid": req.requestid,
+                  "sessionid": req.sessionid, "installsource": req.installsource,
+                  "interactivity": request.headers.get("X-Goog-Update-Interactivity"),
+                  "request_age": request.headers.get("X-Request-Age"), "apps": []}
+        apps = []
+        for app in req.apps:
+            image = self._image_for(app.appid, app.track)
+            rec = {"appid": app.appid, "version": app.version, "track": app.track, "board": app.board,
+                   "machineid": app.machineid, "updatecheck": app.updatecheck is not None,
+                   "ping": None if app.ping is None else {"a": app.ping.a, "r": app.ping.r, "ad": app.ping.ad,
+                                                          "rd": app.ping.rd}}
+            record["apps"].append(rec)
+            for event in app.events:
+                ev = {"appid": app.appid, "version": app.version, "eventtype": event.eventtype,
+                      "eventresult": event.eventresult, "errorcode": event.errorcode, "errorcat": event.errorcat,
+                      "previousversion": event.previousversion, "nextversion": event.nextversion,
+                      "requestid": req.requestid, "request_age": request.headers.get("X-Request-Age")}
+                self.events.append(ev)
+                self._log({"kind": "event", **ev})
+            known = image is not None or any(i.appid.lower() == app.appid.lower() for i in self.images)
+            if not known and self.images:
+                apps.append(ResponseApp(appid=app.appid, status="error-unknownApplication"))
+                continue
+            apps.append(ResponseApp(
+                appid=app.appid, status="ok", ping_status="ok" if app.ping is not None else None,
+                updatecheck=self._updatecheck(image, app.version) if app.updatecheck is not None else None,
+                event_statuses=tuple("ok" for _ in app.events)))
+        self.requests.append(record)
+        self._log({"kind": "request", **record})
+        resp = Response(protocol=req.protocol or "3.0", server="omaha-agent-devserver",
+                        daystart=self._daystart(), apps=tuple(apps))
+        ctype = "application/json" if req.protocol.startswith("3.1") else "text/xml"
+        return web.Response(body=encode_response(resp), content_type=ctype, charset="utf-8", headers=headers)
+
+    # -- payloads
+    async def handle_payload(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        image = next((i for i in self.images if i.name == name), None)
+        if image is None:
+            raise web.HTTPNotFound(text="no such package\n")
+        status = self._fault("payload_status", "payload_failures")
+        if status:
+            return web.Response(status=status, text="injected failure\n")
+        start = 0
+        rng = request.headers.get("Range", "")
+        if rng.startswith("bytes=") and not self.faults.ignore_range:
+            try:
+                start = int(rng[6:].split("-", 1)[0])
+            except ValueError:
+                start = 0
+            if not 0 <= start < image.size:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{image.size}"})
+        length = image.size - start
+        resp = web.StreamResponse(status=206 if start else 200)
+        resp.content_length = length
+        resp.content_type = "application/octet-stream"
+        resp.headers["Accept-Ranges"] = "bytes"
+        if start:
+            resp.headers["Content-Range"] = f"bytes {start}-{image.size - 1}/{image.size}"
+        await resp.prepare(request)
+        self._log({"kind": "download", "name": name, "start": start, "session": request.headers.get(
+            "X-Goog-Update-SessionId")})
+        f = self.faults
+        limit = length
+        if f.short_body:
+            f.short_body = False
+            limit = length // 2
+        cut = f.reset_after if f.resets and f.reset_after else 0
+        sent = 0
+        with open(image.path, "rb") as fh:
+            fh.seek(start)
+            while sent < limit:
+                piece = fh.read(min(1 << 16, limit - sent))
+                if not piece:
+                    break
+                if cut and sent + len(piece) >= cut:
+                    await resp.write(piece[: cut - sent])
+                    f.resets -= 1
+                    request.transport.abort() if request.transport else None
+                    return resp
+                if f.stall_after and sent + len(piece) >= f.stall_after:
+                    f.stall_after = 0
+                    await resp.write(piece)
+                    await asyncio.sleep(3600)
+                await resp.write(piece)
+                sent += len(piece)
+                if f.drip_delay:
+                    await asyncio.sleep(f.drip_delay)
+        if limit < length:
+            request.transport.abort() if request.transport else None
+            return resp
+        await resp.write_eof()
+        return resp
+
+
+async def serve(args) -> int:
+    """``omaha-agent devserver``: serve one image until interrupted."""
+    image = Image(args.payload, args.version, args.appid, track=args.track or "")
+    server = DevServer([image], dialect=args.dialect, host=args.host, port=args.port, log_path=args.log,
+                       faults=Faults(always_offer=args.always_offer), protocol=args.protocol)
+    url = await server.start()
+    print(f"devserver: serving {image.name} version {image.version} ({image.size} bytes, sha256 "
+          f"{image.sha256.hex()}) for app {image.appid}", flush=True)
+    print(f"devserver: update URL {url} (dialect {server.dialect}; XML or JSON as the client asks)", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
+    return 0
+

@@ -1,0 +1,261 @@
+"""The streaming installer: download → hash → write → fsync → verify, then hand the slot to the bootloader.
+
+Order, and nothing else: mark the target ``bad`` → stream the payload onto it (hashing as bytes arrive,
+writing in aligned 1 MiB chunks from a worker thread) → fsync → verify size and every hash (and optionally
+re-read the slot) → set the target for a trial boot. A failure at any step leaves the target ``bad`` and
+the booted slot untouched.
+
+URLs are tried in the server's order; a TCP/HTTP error, a short body, or a size/hash mismatch moves to the
+next one. A transfer cut in the middle resumes with an HTTP Range request from the bytes already written;
+across a daemon restart it resumes from the last durable checkpoint, rebuilding the hash state by reading
+back the prefix already on the slot. A server that ignores Range (answers 200) restarts cleanly from 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from typing import Awaitable, Callable
+
+from .boot import BootControl
+from .omaha.outcome import PackageOffer
+from .payload import PayloadError, SlotWriter
+
+CHUNK = 1 << 20
+CHECKPOINT_EVERY = 16 << 20
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What survives a restart: which payload, how far it is durable on the slot."""
+
+    version: str
+    slot: str
+    sha256: str
+    size: int
+    received: int
+    compressed: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data) -> "Checkpoint | None":
+        try:
+            cp = cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        except (TypeError, KeyError):
+            return None
+        types_ok = (isinstance(cp.version, str) and isinstance(cp.slot, str) and isinstance(cp.sha256, str)
+                    and isinstance(cp.size, int) and isinstance(cp.received, int) and 0 <= cp.received <= cp.size)
+        return cp if types_ok else None
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+    rate: float  # bytes per second over this attempt
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    version: str
+    url: str
+    received: int
+    written: int
+    compression: str | None
+    download_ms: int
+    resumed_from: int
+
+
+class InstallError(Exception):
+    """The update could not be installed; ``kind`` says which step failed (transfer, size, hash, readback,
+    decompress, device, boot) so the daemon can report the right error code."""
+
+    def __init__(self, message: str, kind: str = "transfer"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class _TransferFailed(Exception):
+    pass
+
+
+OnProgress = Callable[[Progress], None]
+OnCheckpoint = Callable[[Checkpoint], Awaitable[None] | None]
+
+
+async def _maybe_await(value) -> None:
+    if asyncio.iscoroutine(value):
+        await value
+
+
+class Installer:
+    def __init__(self, session, *, sessionid: str = "", read_timeout: float = 60.0, readback: bool = False,
+                 on_progress: OnProgress | None = None, on_checkpoint: OnCheckpoint | None = None,
+                 chunk: int = CHUNK, checkpoint_every: int = CHECKPOINT_EVERY):
+        self.session = session
+        self.sessionid = sessionid
+        self.read_timeout = read_timeout
+        self.readback = readback
+        self.on_progress = on_progress or (lambda p: None)
+        self.on_checkpoint = on_checkpoint
+        self.chunk = chunk
+        self.checkpoint_every = checkpoint_every
+
+    async def install(self, boot: BootControl, slot: str, path: str, capacity: int, pkg: PackageOffer,
+                      version: str, tries: int, resume: Checkpoint | None = None) -> InstallResult:
+        """The whole ordered sequence onto ``slot`` (already checked by ``slots.check_target``)."""
+        try:
+            await asyncio.to_thread(boot.mark_bad, slot)
+        except Exception as exc:
+            raise InstallError(f"could not mark slot {slot} bad before writing: {exc}", "boot") from None
+        result = await self.stream(slot, path, capacity, pkg, version, resume)
+        try:
+            await asyncio.to_thread(boot.set_trial, slot, tries, version)
+        except Exception as exc:
+            raise InstallError(f"could not set slot {slot} for a trial boot: {exc}", "boot") from None
+        return result
+
+    async def stream(self, slot: str, path: str, capacity: int, pkg: PackageOffer, version: str,
+                     resume: Checkpoint | None = None) -> InstallResult:
+        """Download ``pkg`` onto ``path`` and verify it; raises ``InstallError``."""
+        if pkg.size > capacity:
+            raise InstallError(f"payload of {pkg.size} bytes is larger than slot {slot} ({capacity} bytes)", "device")
+        writer = SlotWriter(path, capacity, pkg.sha256, pkg.sha1, readback=self.readback)
+        try:
+            await asyncio.to_thread(writer.open)
+        except PayloadError as exc:
+            raise InstallError(str(exc), exc.kind) from None
+        try:
+            resumed_from = await self._resume(writer, slot, pkg, version, resume)
+            return await self._fetch_all(writer, slot, pkg, version, resumed_from)
+        finally:
+            writer.close()
+
+    async def _resume(self, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str,
+                      cp: Checkpoint | None) -> int:
+        if (cp is None or cp.compressed or cp.slot != slot or cp.version != version or cp.size != pkg.size
+                or cp.sha256 != pkg.sha256_hex or cp.received <= 0):
+            return 0
+        try:
+            await asyncio.to_thread(writer.rehash_prefix, cp.received)
+        except (PayloadError, OSError):
+            writer.reset()
+            return 0
+        return cp.received
+
+    async def _checkpoint(self, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str) -> None:
+        await asyncio.to_thread(writer.flush)
+        if self.on_checkpoint is not None:
+            cp = Checkpoint(version, slot, pkg.sha256_hex, pkg.size, writer.received, writer.compression is not None)
+            await _maybe_await(self.on_checkpoint(cp))
+
+    async def _fetch_all(self, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str,
+                         resumed_from: int) -> InstallResult:
+        errors: list[str] = []
+        kinds: list[str] = []
+        started = time.monotonic()
+        attempts = [url for url in pkg.urls] * 2  # every URL, then each once more (resuming where possible)
+        for url in attempts:
+            try:
+                await self._fetch(url, writer, slot, pkg, version)
+                await asyncio.to_thread(writer.flush)
+                await asyncio.to_thread(writer.verify, pkg.size)
+                if self.readback:
+                    await asyncio.to_thread(writer.verify_readback)
+                return InstallResult(version, url, writer.received, writer.written, writer.compression,
+                                     int((time.monotonic() - started) * 1000), resumed_from)
+            except PayloadError as exc:
+                errors.append(f"{url}: {exc}")
+                kinds.append(exc.kind)
+                if exc.kind == "device":
+                    break
+                writer.reset()  # what came from this URL cannot be trusted: start over from byte 0
+            except _TransferFailed as exc:
+                errors.append(f"{url}: {exc}")
+                kinds.append("transfer")
+        kind = kinds[-1] if kinds and all(k == kinds[-1] for k in kinds) else "transfer"
+        raise InstallError("download failed from every URL: " + "; ".join(errors[-4:]), kind)
+
+    async def _fetch(self, url: str, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str) -> None:
+        import aiohttp
+
+        offset = writer.received
+        headers = {"X-Goog-Update-SessionId": self.sessionid} if self.sessionid else {}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.read_timeout)
+        buffer = bytearray()
+        since_checkpoint = 0
+        attempt_start, attempt_base = time.monotonic(), offset
+        try:
+            async with self.session.get(url, headers=headers, timeout=timeout) as resp:
+                if resp.status == 206 and offset:
+                    start = _content_range_start(resp.headers.get("Content-Range", ""))
+                    if start != offset:
+                        raise _TransferFailed(f"server resumed at byte {start}, asked for {offset}")
+                elif resp.status == 200:
+                    if offset:  # Range ignored: the body starts at byte 0
+                        writer.reset()
+                        attempt_base = 0
+                else:
+                    raise _TransferFailed(f"HTTP {resp.status} {resp.reason or ''}".strip())
+                async for data in resp.content.iter_chunked(1 << 16):
+                    buffer += data
+                    if writer.received + len(buffer) > pkg.size:
+                        raise PayloadError(f"server sent more than the promised {pkg.size} bytes", "size")
+                    if len(buffer) >= self.chunk:
+                        await asyncio.to_thread(writer.feed, bytes(buffer))
+                        since_checkpoint += len(buffer)
+                        buffer.clear()
+                        if since_checkpoint >= self.checkpoint_every:
+                            await self._checkpoint(writer, slot, pkg, version)
+                            since_checkpoint = 0
+                        self._progress(writer, pkg, attempt_start, attempt_base)
+        except asyncio.CancelledError:
+            await self._save_partial(writer, buffer, slot, pkg, version)
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            await self._save_partial(writer, buffer, slot, pkg, version)
+            raise _TransferFailed(_describe(exc)) from None
+        if buffer:
+            await asyncio.to_thread(writer.feed, bytes(buffer))
+        self._progress(writer, pkg, attempt_start, attempt_base)
+        if writer.received < pkg.size:
+            await self._checkpoint(writer, slot, pkg, version)
+            raise _TransferFailed(f"short body: {writer.received} of {pkg.size} bytes")
+
+    async def _save_partial(self, writer, buffer, slot, pkg, version) -> None:
+        """Keep what arrived before a cut (or a cancel), durable, so the next attempt resumes after it."""
+        try:
+            if buffer:
+                await asyncio.to_thread(writer.feed, bytes(buffer))
+                buffer.clear()
+            await self._checkpoint(writer, slot, pkg, version)
+        except PayloadError:
+            writer.reset()
+
+    def _progress(self, writer: SlotWriter, pkg: PackageOffer, start: float, base: int) -> None:
+        elapsed = max(1e-6, time.monotonic() - start)
+        self.on_progress(Progress(writer.received, pkg.size, (writer.received - base) / elapsed))
+
+
+def _content_range_start(value: str) -> int | None:
+    # "bytes 100-199/200"
+    try:
+        unit, _, rest = value.strip().partition(" ")
+        return int(rest.split("-", 1)[0]) if unit == "bytes" else None
+    except ValueError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out waiting for data"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
