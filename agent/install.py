@@ -23,6 +23,7 @@ from .payload import PayloadError, SlotWriter
 
 CHUNK = 1 << 20
 CHECKPOINT_EVERY = 16 << 20
+MAX_ATTEMPTS = 64
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,13 @@ class Installer:
         errors: list[str] = []
         kinds: list[str] = []
         started = time.monotonic()
-        attempts = [url for url in pkg.urls] * 2  # every URL, then each once more (resuming where possible)
-        for url in attempts:
+        # Cycle through the URLs. An attempt that moved the download forward does not count against the
+        # budget (a flaky link resumes as long as it makes progress); two rounds without progress end it.
+        budget, attempt = 2 * len(pkg.urls), 0
+        while budget > 0 and attempt < MAX_ATTEMPTS:
+            url = pkg.urls[attempt % len(pkg.urls)]
+            attempt += 1
+            before = writer.received
             try:
                 await self._fetch(url, writer, slot, pkg, version)
                 await asyncio.to_thread(writer.flush)
@@ -176,9 +182,12 @@ class Installer:
                 if exc.kind == "device":
                     break
                 writer.reset()  # what came from this URL cannot be trusted: start over from byte 0
+                budget -= 1
             except _TransferFailed as exc:
                 errors.append(f"{url}: {exc}")
                 kinds.append("transfer")
+                if writer.received <= before:
+                    budget -= 1
         kind = kinds[-1] if kinds and all(k == kinds[-1] for k in kinds) else "transfer"
         raise InstallError("download failed from every URL: " + "; ".join(errors[-4:]), kind)
 
@@ -205,6 +214,7 @@ class Installer:
                         attempt_base = 0
                 else:
                     raise _TransferFailed(f"HTTP {resp.status} {resp.reason or ''}".strip())
+                complete_body = resp.content_length is not None  # aiohttp raises if it is not satisfied
                 async for data in resp.content.iter_chunked(1 << 16):
                     buffer += data
                     if writer.received + len(buffer) > pkg.size:
@@ -227,6 +237,8 @@ class Installer:
             await asyncio.to_thread(writer.feed, bytes(buffer))
         self._progress(writer, pkg, attempt_start, attempt_base)
         if writer.received < pkg.size:
+            if complete_body:  # the server sent all it meant to: its payload is smaller than it said
+                raise PayloadError(f"server sent {writer.received} bytes, it promised {pkg.size}", "size")
             await self._checkpoint(writer, slot, pkg, version)
             raise _TransferFailed(f"short body: {writer.received} of {pkg.size} bytes")
 

@@ -1,0 +1,175 @@
+import os
+import subprocess
+
+import pytest
+
+from agent.boot import BootError, SlotState, SlotStatus
+from agent.boot.gpt import GptBoot
+from agent.boot.grubenv import GrubEnvBoot, parse
+from agent.boot.sim import PANIC_MAGIC, SimBoot
+from agent.boot.uboot import UBootBoot
+
+from .conftest import need_tool
+
+
+def editenv_list(path):
+    out = subprocess.run(["grub-editenv", path, "list"], check=True, capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_grubenv_cross_checked_with_grub_editenv(tmp_path):
+    need_tool("grub-editenv")
+    path = str(tmp_path / "grubenv")
+    subprocess.run(["grub-editenv", path, "create"], check=True)
+    subprocess.run(["grub-editenv", path, "set", "saved_entry=0", "KEEP=me"], check=True)
+    boot = GrubEnvBoot(path)
+    boot.initialize("a")
+    assert editenv_list(path) == {"saved_entry": "0", "KEEP": "me", "ORDER": "A B", "A_OK": "1", "A_TRY": "0",
+                                  "B_OK": "0", "B_TRY": "0"}
+    assert os.path.getsize(path) == 1024
+    boot.mark_bad("b")
+    boot.set_trial("b", 3)
+    env = editenv_list(path)
+    assert (env["ORDER"], env["B_OK"], env["B_TRY"], env["A_OK"]) == ("B A", "0", "3", "1")
+    assert boot.status() == {"a": SlotStatus(SlotState.GOOD), "b": SlotStatus(SlotState.TRIAL, 3)}
+    # GRUB counts a try down with save_env; grub-editenv stands in for it here
+    subprocess.run(["grub-editenv", path, "set", "B_TRY=2"], check=True)
+    assert boot.status()["b"] == SlotStatus(SlotState.TRIAL, 2)
+    boot.mark_good("b")
+    env = editenv_list(path)
+    assert (env["ORDER"], env["B_OK"], env["B_TRY"]) == ("B A", "1", "0")
+    assert env["KEEP"] == "me"
+    subprocess.run(["grub-editenv", path, "set", "B_OK=0", "B_TRY=0"], check=True)
+    assert boot.status()["b"].state is SlotState.BAD
+
+
+def test_grubenv_rejects_garbage_and_missing(tmp_path):
+    with pytest.raises(BootError, match="not found"):
+        GrubEnvBoot(str(tmp_path / "nope")).status()
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"hello")
+    with pytest.raises(BootError, match="not a GRUB environment block"):
+        GrubEnvBoot(str(bad)).status()
+    assert parse(b"# GRUB Environment Block\nA=1\n####") == {"A": "1"}
+
+
+def test_grub_cfg_counts_down_with_an_if_chain():
+    cfg = open(os.path.join(os.path.dirname(__file__), "..", "config", "grub", "grub.cfg")).read()
+    for n in range(2, 10):
+        assert f'[ "${{try}}" = "{n}" ]; then set left={n - 1}' in cfg
+    assert "save_env B_TRY" in cfg and "root=PARTLABEL=${partlabel}" in cfg
+
+
+def make_gpt(path, size_mib=16):
+    need_tool("sfdisk")
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    script = "label: gpt\nsize=2MiB, type=U, name=EFI\nsize=5MiB, name=ROOT-A\nsize=5MiB, name=ROOT-B\n"
+    subprocess.run(["sfdisk", "-q", path], input=script, text=True, check=True, capture_output=True)
+
+
+def sfdisk_attrs(path):
+    dump = subprocess.run(["sfdisk", "--dump", path], check=True, capture_output=True, text=True).stdout
+    attrs = {}
+    for line in dump.splitlines():
+        if "name=" in line:
+            name = line.split('name="')[1].split('"')[0]
+            attrs[name] = line.split('attrs="')[1].split('"')[0] if 'attrs="' in line else ""
+    return attrs
+
+
+def test_gpt_bits_on_a_real_sfdisk_image(tmp_path):
+    disk = str(tmp_path / "disk.img")
+    make_gpt(disk)
+    boot = GptBoot(disk)
+    boot.initialize("a")
+    assert boot.status() == {"a": SlotStatus(SlotState.GOOD), "b": SlotStatus(SlotState.BAD)}
+    attrs = sfdisk_attrs(disk)
+    assert attrs["ROOT-A"] == "GUID:49,56" and attrs["ROOT-B"] == ""  # priority 2 = bit 49; successful = 56
+    boot.mark_bad("b")
+    boot.set_trial("b", 5)
+    attrs = sfdisk_attrs(disk)
+    # b: priority 2 (bit 49), tries 5 (bits 52, 54); a keeps priority 1 (bit 48) and successful
+    assert attrs["ROOT-B"] == "GUID:49,52,54" and attrs["ROOT-A"] == "GUID:48,56"
+    assert boot.status()["b"] == SlotStatus(SlotState.TRIAL, 5)
+    boot.mark_good("b")
+    assert sfdisk_attrs(disk)["ROOT-B"] == "GUID:49,56"
+    # sfdisk still accepts both tables (CRCs right): verify reports no problem
+    verify = subprocess.run(["sfdisk", "--verify", disk], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_gpt_survives_a_corrupt_primary_via_the_backup_written_first(tmp_path):
+    disk = str(tmp_path / "disk.img")
+    make_gpt(disk)
+    boot = GptBoot(disk)
+    boot.initialize("a")
+    with open(disk, "r+b") as f:  # a power cut while the primary header was being written
+        f.seek(512 + 20)
+        f.write(b"\xff\xff")
+    with pytest.raises(BootError, match="CRC"):
+        boot.status()
+    dump = subprocess.run(["sfdisk", "--dump", disk], capture_output=True, text=True)
+    assert "ROOT-A" in dump.stdout  # sfdisk falls back to the backup, which has the same content
+
+
+def test_gpt_refuses_a_disk_without_gpt(tmp_path):
+    disk = tmp_path / "blank.img"
+    disk.write_bytes(bytes(1 << 20))
+    with pytest.raises(BootError, match="no GPT"):
+        GptBoot(str(disk)).status()
+
+
+def test_uboot_env_through_fw_env_config(tmp_path):
+    need_tool("fw_setenv")
+    env = tmp_path / "uboot.env"
+    env.write_bytes(bytes(0x4000))
+    config = tmp_path / "fw_env.config"
+    config.write_text(f"{env}\t0x0\t0x4000\n")
+    defaults = tmp_path / "defaults.txt"
+    defaults.write_text("bootdelay=0\n")
+    boot = UBootBoot(str(config))
+    boot.initialize("a", defaults=str(defaults))
+    assert boot.status() == {"a": SlotStatus(SlotState.GOOD), "b": SlotStatus(SlotState.BAD)}
+    boot.mark_bad("b")
+    boot.set_trial("b", 3)
+    printed = subprocess.run(["fw_printenv", "-c", str(config)], capture_output=True, text=True, check=True).stdout
+    assert "BOOT_ORDER=B A" in printed and "BOOT_B_LEFT=3" in printed and "bootdelay=0" in printed
+    assert boot.status()["b"] == SlotStatus(SlotState.TRIAL, 3)
+    subprocess.run(["fw_setenv", "-c", str(config), "BOOT_B_LEFT", "2"], check=True)  # U-Boot's countdown
+    assert boot.status()["b"] == SlotStatus(SlotState.TRIAL, 2)
+    boot.mark_good("b")
+    assert boot.status()["b"] == SlotStatus(SlotState.GOOD)
+
+
+def test_uboot_missing_tool_is_a_clear_error(tmp_path):
+    with pytest.raises(BootError, match="not found: install libubootenv-tool"):
+        UBootBoot(None, printenv="fw_printenv-does-not-exist").status()
+
+
+def test_sim_reboot_follows_bootloader_rules(device):
+    boot, slots = device
+    assert boot.booted_slot() == "a"
+    boot.mark_bad("b")
+    boot.set_trial("b", 2, "2.0.0")
+    assert boot.reboot() == "b"
+    assert boot.status()["b"] == SlotStatus(SlotState.TRIAL, 1, "2.0.0")
+    assert boot.reboot() == "b"  # not confirmed: the last try
+    assert boot.reboot() == "a"  # tries gone: fallback to the good slot
+    assert boot.status()["b"].state is SlotState.BAD
+
+
+def test_sim_panicking_image_falls_back(device):
+    boot, slots = device
+    with open(slots["b"], "r+b") as f:
+        f.write(PANIC_MAGIC)
+    boot.set_trial("b", 3, "3.0.0")
+    assert boot.reboot() == "a"
+    assert boot.status()["b"].state is SlotState.BAD and boot.status()["a"].state is SlotState.GOOD
+
+
+def test_sim_bricked_device_is_reported(device):
+    boot, _ = device
+    boot.mark_bad("a")
+    with pytest.raises(BootError, match="bricked"):
+        boot.reboot()
