@@ -1,0 +1,149 @@
+"""``omaha-agent``: the daemon and the commands that need no daemon (slots, config check, devserver, demo)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+from .config import DEFAULT_PATH, ConfigError, load
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"omaha-agent: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_config_check(args) -> int:
+    config = load(args.config)
+    print(f"{args.config}: ok (server {config.server.url}, protocol {config.server.protocol}, "
+          f"backend {config.boot.backend}, slots {config.slots['a'].describe()} / {config.slots['b'].describe()})")
+    return 0
+
+
+def _agent(args):
+    from .daemon import Agent
+    return Agent(load(args.config))
+
+
+def cmd_slots(args) -> int:
+    agent = _agent(args)
+    agent.state, _ = agent.store.load()
+    agent.detect()
+    slots = agent.slot_status()
+    if "error" in slots:
+        return _fail(slots["error"])
+    if args.json:
+        print(json.dumps({"booted": agent.booted, "version": agent.version, "slots": slots}, sort_keys=True))
+        return 0
+    print(f"{'slot':<5}{'state':<8}{'tries':<7}{'version':<20}")
+    for name, s in slots.items():
+        mark = "*" if name == agent.booted else " "
+        print(f"{mark}{name:<4}{s['state']:<8}{s.get('tries_left', 0):<7}{s.get('version') or '-':<20}")
+    print("(* booted)")
+    return 0
+
+
+def cmd_sim_reboot(args) -> int:
+    config = load(args.config)
+    if config.boot.backend != "sim":
+        return _fail(f"sim-reboot works with the sim backend only (this config uses {config.boot.backend})")
+    from .daemon import make_boot
+    print(make_boot(config).reboot())
+    return 0
+
+
+def cmd_daemon(args) -> int:
+    from . import log as logsetup
+    from .daemon import Agent, AgentError
+    logsetup.setup(args.verbose)
+    agent = Agent(load(args.config))
+
+    async def once() -> int:
+        try:
+            print(await agent.run_once())
+            return 0
+        except AgentError as exc:
+            return _fail(str(exc))
+
+    async def forever() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run_forever(stop)
+        return 0
+
+    return asyncio.run(once() if args.once else forever())
+
+
+def cmd_devserver(args) -> int:
+    from .devserver import serve
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+    return demo_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omaha-agent", description="A/B update agent speaking the Omaha protocol")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
+        return sp
+
+    d = with_config(sub.add_parser("daemon", help="run the update agent"))
+    d.add_argument("--once", action="store_true", help="deliver events, post-boot work, one check, then exit")
+    d.add_argument("-v", "--verbose", action="store_true")
+    d.set_defaults(func=cmd_daemon)
+    s = with_config(sub.add_parser("slots", help="show the A/B slots and their states"))
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_slots)
+    with_config(sub.add_parser("sim-reboot", help="emulate a reboot through the simulated bootloader")).set_defaults(
+        func=cmd_sim_reboot)
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    with_config(csub.add_parser("check", help="validate a configuration file")).set_defaults(func=cmd_config_check)
+    v = sub.add_parser("devserver", help="run the development Omaha server")
+    v.add_argument("--payload", required=True)
+    v.add_argument("--version", required=True)
+    v.add_argument("--appid", required=True)
+    v.add_argument("--track", default="")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8080)
+    v.add_argument("--dialect", choices=["chromeos", "flatcar"], default="chromeos")
+    v.add_argument("--protocol", choices=["3.0", "3.1"], default=None, help="answer only this protocol")
+    v.add_argument("--log", default=None, help="write requests and events as JSON lines here")
+    v.add_argument("--always-offer", action="store_true", help="offer even to clients already at the version")
+    v.set_defaults(func=cmd_devserver)
+    m = sub.add_parser("demo", help="the whole A/B cycle on a simulated device, no root needed")
+    m.add_argument("--dir", default=None, help="keep the simulated device here (default: a temp dir)")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        return _fail(f"config: {exc}", 2)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the last line of defence: one line, not a traceback
+        from .boot import BootError
+        from .slots import SlotError
+        if isinstance(exc, (BootError, SlotError, OSError)):
+            return _fail(str(exc))
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

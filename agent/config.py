@@ -1,0 +1,286 @@
+"""Configuration: YAML loaded into typed, frozen objects, validated; every error names the key and line.
+
+``load(path)`` raises ``ConfigError("agent.yaml:3: server.url: missing")`` style errors. See
+``config/agent.yaml`` for the documented defaults.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import yaml
+
+from .slots import KINDS, SlotSpec
+
+DEFAULT_PATH = "/etc/omaha-agent/agent.yaml"
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    url: str
+    protocol: str = "3.0"
+    insecure_http: bool = False
+    ca_file: str | None = None
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    id: str
+    version: str | None = None
+    version_file: str | None = "/etc/os-release"
+    track: str = "stable"
+    board: str = ""
+    hardware_class: str = ""
+    send_machine_id: bool = False
+    targetversionprefix: str = ""
+    rollback_allowed: bool = False
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    backend: str
+    tries: int = 3
+    env: str | None = None  # grubenv and sim: the env file
+    disk: str | None = None  # gpt: the whole disk
+    labels: tuple[tuple[str, str], ...] = (("a", "ROOT-A"), ("b", "ROOT-B"))  # gpt: partition names
+    fw_config: str | None = None  # uboot: fw_env.config
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    interval: int = 5 * 3600  # coprime with a day: checks drift around the clock
+    initial_delay: int = 600  # the first check comes after a random delay up to this
+    backoff_cap: int = 4 * 3600
+    backoff_base: int = 60
+
+
+@dataclass(frozen=True)
+class RebootConfig:
+    policy: str = "manual"
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    commands: tuple[str, ...] = ()
+    timeout: int = 300
+
+
+@dataclass(frozen=True)
+class InstallConfig:
+    verify: str = "hash"  # hash | readback
+    read_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class DbusConfig:
+    enabled: bool = True
+    flatcar_compat: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    server: ServerConfig
+    app: AppConfig
+    slots: dict[str, SlotSpec]
+    boot: BootConfig
+    state_dir: str = "/var/lib/omaha-agent"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    reboot: RebootConfig = field(default_factory=RebootConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    install: InstallConfig = field(default_factory=InstallConfig)
+    dbus: DbusConfig = field(default_factory=DbusConfig)
+
+
+class _Reader:
+    """Typed access to the parsed YAML with the line of every key, for messages like ``agent.yaml:3: ...``."""
+
+    def __init__(self, path: str, text: str):
+        self.name = os.path.basename(path)
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            self.data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{self.name}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        self.lines: dict[str, int] = {}
+        if node is not None:
+            self._index(node, "")
+        if self.data is None:
+            self.data = {}
+        if not isinstance(self.data, dict):
+            raise ConfigError(f"{self.name}:1: the top level must be a mapping of keys")
+
+    def _index(self, node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = f"{prefix}.{key.value}" if prefix else str(key.value)
+                self.lines[name] = key.start_mark.line + 1
+                self._index(value, name)
+
+    def fail(self, key: str, message: str):
+        line = self.lines.get(key)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        while line is None and parent:
+            line = self.lines.get(parent)
+            parent = parent.rsplit(".", 1)[0] if "." in parent else ""
+        raise ConfigError(f"{self.name}{':' + str(line) if line else ''}: {key}: {message}")
+
+    def get(self, key: str, default=..., kind=None):
+        value = self.data
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value or value[part] is None:
+                if default is ...:
+                    self.fail(key, "missing")
+                return default
+            value = value[part]
+        if kind is not None and not _is(value, kind):
+            self.fail(key, f"must be {_kind_name(kind)}, not {value!r}")
+        return value
+
+    def section(self, key: str) -> dict:
+        value = self.data.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, "must be a mapping")
+        return value
+
+    def unknown(self, key: str, allowed: set[str]) -> None:
+        for name in self.section(key) if key else self.data:
+            if name not in allowed:
+                full = f"{key}.{name}" if key else name
+                self.fail(full, f"unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _is(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if kind is list:
+        return isinstance(value, list)
+    return isinstance(value, kind)
+
+
+def _kind_name(kind) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+            list: "a list"}.get(kind, kind.__name__)
+
+
+def _positive(r: _Reader, key: str, default, kind=int, minimum=1, maximum=None):
+    value = r.get(key, default, kind)
+    if value < minimum or (maximum is not None and value > maximum):
+        r.fail(key, f"must be between {minimum} and {maximum}" if maximum is not None else f"must be at least {minimum}")
+    return value
+
+
+def parse(text: str, path: str = "agent.yaml") -> Config:
+    r = _Reader(path, text)
+    r.unknown("", {"server", "app", "slots", "boot", "state_dir", "schedule", "reboot", "health", "install", "dbus"})
+    for sec, keys in {"server": {"url", "protocol", "insecure_http", "ca_file", "timeout"},
+                      "app": {"id", "version", "version_file", "track", "board", "hardware_class", "send_machine_id",
+                              "targetversionprefix", "rollback_allowed"},
+                      "boot": {"backend", "tries", "env", "disk", "labels", "fw_config"},
+                      "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
+                      "reboot": {"policy"}, "health": {"commands", "timeout"}, "install": {"verify", "read_timeout"},
+                      "dbus": {"enabled", "flatcar_compat"}}.items():
+        r.unknown(sec, keys)
+
+    url = str(r.get("server.url", kind=str))
+    parts = urlsplit(url)
+    insecure = r.get("server.insecure_http", False, bool)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        r.fail("server.url", f"{url!r} is not an http(s) URL")
+    if parts.scheme == "http" and not insecure:
+        r.fail("server.url", "plain http is refused; use https, or set server.insecure_http: true for a lab setup")
+    protocol = str(r.get("server.protocol", "3.0", str))
+    if protocol not in ("3.0", "3.1"):
+        r.fail("server.protocol", f"must be \"3.0\" (XML) or \"3.1\" (JSON), not {protocol!r}")
+    ca_file = r.get("server.ca_file", None, str)
+    if ca_file is not None and not os.path.isfile(ca_file):
+        r.fail("server.ca_file", f"{ca_file} does not exist")
+    server = ServerConfig(url, protocol, insecure, ca_file, float(_positive(r, "server.timeout", 30, float)))
+
+    version = r.get("app.version", None, str)
+    version_file = r.get("app.version_file", "/etc/os-release", str)
+    app = AppConfig(
+        id=str(r.get("app.id", kind=str)), version=None if version is None else str(version),
+        version_file=version_file or None, track=str(r.get("app.track", "stable", str)),
+        board=str(r.get("app.board", "", str)), hardware_class=str(r.get("app.hardware_class", "", str)),
+        send_machine_id=r.get("app.send_machine_id", False, bool),
+        targetversionprefix=str(r.get("app.targetversionprefix", "", str)),
+        rollback_allowed=r.get("app.rollback_allowed", False, bool))
+    if not app.id.strip():
+        r.fail("app.id", "must not be empty")
+
+    slots_raw = r.get("slots", kind=dict)
+    slots = {}
+    for name in ("a", "b"):
+        spec = slots_raw.get(name)
+        if not isinstance(spec, dict) or len(spec) != 1:
+            r.fail(f"slots.{name}" if name in slots_raw else "slots",
+                   f"slot {name} must be one of " + ", ".join("{%s: ...}" % k for k in KINDS))
+        (kind, value), = spec.items()
+        if kind not in KINDS or not isinstance(value, str) or not value:
+            r.fail(f"slots.{name}", f"slot {name} must be one of " + ", ".join("{%s: ...}" % k for k in KINDS))
+        slots[name] = SlotSpec(kind, value)
+    for extra in slots_raw:
+        if extra not in ("a", "b"):
+            r.fail(f"slots.{extra}", "only slots a and b exist")
+
+    backend = str(r.get("boot.backend", kind=str))
+    if backend not in ("grubenv", "gpt", "uboot", "sim"):
+        r.fail("boot.backend", f"must be grubenv, gpt, uboot or sim, not {backend!r}")
+    labels = r.get("boot.labels", {"a": "ROOT-A", "b": "ROOT-B"}, dict)
+    boot = BootConfig(backend, _positive(r, "boot.tries", 3, int, 1, 9 if backend == "grubenv" else 15),
+                      r.get("boot.env", None, str), r.get("boot.disk", None, str),
+                      tuple((k, str(labels.get(k, f"ROOT-{k.upper()}"))) for k in ("a", "b")),
+                      r.get("boot.fw_config", None, str))
+    if backend in ("grubenv", "sim") and not boot.env:
+        r.fail("boot.env", f"missing (the {backend} backend needs the path of its env file)")
+    if backend == "gpt" and not boot.disk:
+        r.fail("boot.disk", "missing (the gpt backend needs the whole disk, e.g. /dev/sda)")
+
+    schedule = ScheduleConfig(_positive(r, "schedule.interval", 18000, int, 60),
+                              _positive(r, "schedule.initial_delay", 600, int, 0),
+                              _positive(r, "schedule.backoff_cap", 14400, int, 60),
+                              _positive(r, "schedule.backoff_base", 60, int, 1))
+    policy = str(r.get("reboot.policy", "manual", str))
+    if policy not in ("manual", "immediate"):
+        r.fail("reboot.policy", f"must be manual or immediate, not {policy!r}")
+    commands = r.get("health.commands", [], list)
+    if not all(isinstance(c, str) and c.strip() for c in commands):
+        r.fail("health.commands", "must be a list of shell command strings")
+    verify = str(r.get("install.verify", "hash", str))
+    if verify not in ("hash", "readback"):
+        r.fail("install.verify", f"must be hash or readback, not {verify!r}")
+    state_dir = str(r.get("state_dir", "/var/lib/omaha-agent", str))
+    return Config(
+        path=path, server=server, app=app, slots=slots, boot=boot, state_dir=state_dir, schedule=schedule,
+        reboot=RebootConfig(policy),
+        health=HealthConfig(tuple(commands), _positive(r, "health.timeout", 300, int, 1)),
+        install=InstallConfig(verify, float(_positive(r, "install.read_timeout", 60, float))),
+        dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)))
+
+
+def load(path: str = DEFAULT_PATH) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(1 << 20)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (copy config/agent.yaml there, or pass --config)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text, path)

@@ -1,0 +1,71 @@
+"""When to check next (pure: time and randomness are arguments).
+
+Following "Timing & Backoff" of the Omaha 3.1 text: the first check after a random initial delay; a
+period coprime with a day (default 5 h); a 20 % chance to postpone a check by 0-20 % of the period; random
+sub-minute and sub-second offsets so no fleet hits the server on the same second; full-jitter exponential
+backoff after failures, capped; ``X-Retry-After`` honoured for background checks (capped at a day); a
+check missed while offline or suspended runs soon after recovery, spread over a few minutes, not at once.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+RETRY_AFTER_CAP = 86400
+RECOVERY_SPREAD = 300
+
+
+@dataclass(frozen=True)
+class Policy:
+    interval: int = 5 * 3600
+    initial_delay: int = 600
+    backoff_base: int = 60
+    backoff_cap: int = 4 * 3600
+    postpone_chance: float = 0.2
+    postpone_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class NextCheck:
+    at: float
+    reason: str  # what a user sees in status and the log
+
+
+def _offsets(rng: random.Random) -> float:
+    return rng.uniform(0, 60)  # a random second within the minute and millisecond within the second
+
+
+def first_check(now: float, rng: random.Random, policy: Policy) -> NextCheck:
+    return NextCheck(now + rng.uniform(0, policy.initial_delay) + _offsets(rng), "first check after start-up")
+
+
+def next_check(now: float, rng: random.Random, policy: Policy, failures: int = 0,
+               retry_after: int | None = None) -> NextCheck:
+    if failures > 0:
+        ceiling = min(policy.backoff_cap, policy.backoff_base * 2 ** min(failures - 1, 30))
+        delay = rng.uniform(0, ceiling) + rng.uniform(0, 1)
+        reason = f"backoff after {failures} failed check(s), up to {ceiling} s"
+    else:
+        delay = policy.interval
+        reason = "regular interval"
+        if rng.random() < policy.postpone_chance:
+            delay += rng.uniform(0, policy.postpone_fraction * policy.interval)
+            reason = "regular interval, postponed to desynchronise the fleet"
+        delay += _offsets(rng)
+    if retry_after:
+        wait = min(retry_after, RETRY_AFTER_CAP)
+        if wait > delay:
+            delay, reason = wait + rng.uniform(0, 1), f"server asked to wait {wait} s (X-Retry-After)"
+    return NextCheck(now + delay, reason)
+
+
+def after_wakeup(scheduled: float, now: float, rng: random.Random) -> NextCheck:
+    """A check whose time passed while the device slept or was offline: soon, but spread out."""
+    if now <= scheduled:
+        return NextCheck(scheduled, "as scheduled")
+    return NextCheck(now + rng.uniform(0, RECOVERY_SPREAD), "missed while offline or asleep; catching up")
+
+
+def background_allowed(now: float, retry_after_until: float | None) -> bool:
+    """X-Retry-After binds background checks only; a user's request always goes through."""
+    return retry_after_until is None or now >= retry_after_until
