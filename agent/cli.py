@@ -57,7 +57,8 @@ def cmd_sim_reboot(args) -> int:
 def cmd_daemon(args) -> int:
     from . import log as logsetup
     from .daemon import Agent, AgentError
-    logsetup.setup(args.verbose)
+    # --once keeps stderr for warnings and its one-line verdict unless -v asks for the whole story
+    logsetup.setup(args.verbose, quiet=args.once and not args.verbose)
     agent = Agent(load(args.config))
 
     async def once() -> int:

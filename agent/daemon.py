@@ -162,8 +162,18 @@ class Agent:
         trial = self.state.trial
         if trial and not trial.get("armed"):
             trial = await self._settle_unarmed(trial)
-        outcome = engine.after_boot(trial, self.booted)
-        if outcome is AfterBoot.CONFIRM:
+        bootable = False
+        if trial:
+            try:
+                status = await asyncio.to_thread(self.boot.status)
+                bootable = status[trial["slot"]].state is SlotState.TRIAL
+            except (BootError, KeyError):
+                bootable = False
+        outcome = engine.after_boot(trial, self.booted, bootable)
+        if outcome is AfterBoot.WAITING:
+            self.new_version = trial.get("version", "")
+            self.flow.to(Operation.NEED_REBOOT)
+        elif outcome is AfterBoot.CONFIRM:
             await self._confirm(trial)
         elif outcome is AfterBoot.FELL_BACK:
             await self._fell_back(trial)
@@ -283,11 +293,13 @@ class Agent:
             req = build.event_report(self.client_info(), (event,), requestid=record["requestid"],
                                      sessionid=record.get("sessionid", ""), version=record.get("version"),
                                      installdate=self._installdate(), cohort=self._cohort())
-            age = int(self.clock() - float(record.get("created", self.clock())))
-            try:
+            age = max(0, int(self.clock() - float(record.get("created", self.clock()))))
+            try:  # a resend says how old it is, and keeps its request id so the server can deduplicate
                 await post(await self._session(), self.config.server.url, req, interactive=None,
-                           request_age=age if age > 0 else None, timeout=self.config.server.timeout)
+                           request_age=age if record.get("attempts") else None, timeout=self.config.server.timeout)
             except OmahaHttpError as exc:
+                record["attempts"] = int(record.get("attempts", 0)) + 1
+                await asyncio.to_thread(self.save)
                 log.warning("event %s not delivered (%s); kept for later", event_label(event.eventtype,
                                                                                         event.eventresult), exc)
                 return False
@@ -487,9 +499,6 @@ class Agent:
         try:
             await self.start()
             delivered = await self.flush_events()
-            if self.state.trial and self.state.trial.get("slot") != self.booted:
-                self.new_version = self.state.trial.get("version", "")
-                self.flow.to(Operation.NEED_REBOOT)
             result = await self.check(interactive=True)
             if not delivered and self.state.events:
                 delivered = await self.flush_events()
@@ -510,9 +519,6 @@ class Agent:
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         await self.start()
-        if self.state.trial and self.state.trial.get("slot") != self.booted:
-            self.new_version = self.state.trial.get("version", "")
-            self.flow.to(Operation.NEED_REBOOT)
         policy = self._schedule_policy()
         now = self.clock()
         planned = self.state.next_check

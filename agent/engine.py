@@ -82,13 +82,18 @@ def may_install(offer: str, current: str, *, trial_version: str | None, blocked:
 class AfterBoot(str, Enum):
     NOTHING = "nothing"  # no trial was pending
     CONFIRM = "confirm"  # the trial slot booted: run the health step
-    FELL_BACK = "fell-back"  # a trial was pending but the old slot runs: the bootloader fell back
+    WAITING = "waiting"  # the trial slot still has its tries: no reboot yet
+    FELL_BACK = "fell-back"  # a trial was pending but the old slot runs and the trial's tries are gone
 
 
-def after_boot(trial: dict | None, booted: str | None) -> AfterBoot:
+def after_boot(trial: dict | None, booted: str | None, trial_still_bootable: bool) -> AfterBoot:
+    """What to do on start-up. The bootloader is the authority: the old slot running while the trial slot
+    still has tries means no reboot happened yet, not a fallback."""
     if not trial:
         return AfterBoot.NOTHING
-    return AfterBoot.CONFIRM if booted == trial.get("slot") else AfterBoot.FELL_BACK
+    if booted == trial.get("slot"):
+        return AfterBoot.CONFIRM
+    return AfterBoot.WAITING if trial_still_bootable else AfterBoot.FELL_BACK
 
 
 BLOCK_BACKOFF = 24 * 3600

@@ -13,7 +13,7 @@ class _JournalFormatter(logging.Formatter):
         return f"<{_PRIORITY.get(record.levelno, 6)}>{record.getMessage()}"
 
 
-def setup(verbose: bool = False) -> logging.Logger:
+def setup(verbose: bool = False, quiet: bool = False) -> logging.Logger:
     logger = logging.getLogger("omaha-agent")
     logger.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
@@ -22,6 +22,6 @@ def setup(verbose: bool = False) -> logging.Logger:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
     return logger
