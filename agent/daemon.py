@@ -523,6 +523,14 @@ class Agent:
         now = self.clock()
         planned = self.state.next_check
         nxt = schedule.after_wakeup(planned, now, self.rng) if planned else schedule.first_check(now, self.rng, policy)
+
+        async def stop_wakes_the_loop():
+            await stop.wait()
+            self.wakeup.set()
+            if self._task is not None:
+                self._task.cancel()  # a download in progress keeps its checkpoint and resumes next time
+
+        watcher = asyncio.create_task(stop_wakes_the_loop())
         try:
             while not stop.is_set():
                 self.state.next_check = nxt.at
@@ -550,6 +558,7 @@ class Agent:
                     retry = max(0, int(self.state.retry_after_until - self.clock()))
                 nxt = schedule.next_check(self.clock(), self.rng, policy, self.state.failures, retry)
         finally:
+            watcher.cancel()
             await asyncio.to_thread(self.save)
             await self.close()
 

@@ -36,7 +36,8 @@ def _offsets(rng: random.Random) -> float:
 
 
 def first_check(now: float, rng: random.Random, policy: Policy) -> NextCheck:
-    return NextCheck(now + rng.uniform(0, policy.initial_delay) + _offsets(rng), "first check after start-up")
+    spread = rng.uniform(0, policy.initial_delay) + rng.uniform(0, min(60, policy.initial_delay))
+    return NextCheck(now + spread, "first check after start-up")
 
 
 def next_check(now: float, rng: random.Random, policy: Policy, failures: int = 0,
