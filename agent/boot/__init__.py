@@ -64,3 +64,16 @@ def check_tries(tries: int, maximum: int = 15) -> int:
     if not isinstance(tries, int) or isinstance(tries, bool) or not 1 <= tries <= maximum:
         raise BootError(f"tries must be a whole number from 1 to {maximum}, not {tries!r}")
     return tries
+
+
+def reorder(order: str, first: str | None = None, last: str | None = None) -> str:
+    """A boot order string like ``"B A"`` with ``first`` moved to the front or ``last`` to the back."""
+    names = [x for x in order.split() if x in ("A", "B")]
+    names += [x for x in ("A", "B") if x not in names]
+    if first:
+        names.remove(first.upper())
+        names.insert(0, first.upper())
+    if last:
+        names.remove(last.upper())
+        names.append(last.upper())
+    return " ".join(names)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from ..atomic import write_atomic
-from . import BootError, SlotState, SlotStatus, check_slot, check_tries, other
+from . import BootError, SlotState, SlotStatus, check_slot, check_tries, other, reorder
 
 HEADER = b"# GRUB Environment Block\n"
 SIZE = 1024
@@ -105,33 +105,21 @@ class GrubEnvBoot:
                 out[slot] = SlotStatus(SlotState.BAD)
         return out
 
-    @staticmethod
-    def _order(env: dict[str, str], first: str | None = None, last: str | None = None) -> str:
-        order = [s for s in env.get("ORDER", "A B").split() if s in ("A", "B")]
-        order += [s for s in ("A", "B") if s not in order]
-        if first:
-            order.remove(first.upper())
-            order.insert(0, first.upper())
-        if last:
-            order.remove(last.upper())
-            order.append(last.upper())
-        return " ".join(order)
-
     def mark_bad(self, slot: str) -> None:
         x = check_slot(slot).upper()
         env = self._read()
-        env.update({f"{x}_OK": "0", f"{x}_TRY": "0", "ORDER": self._order(env, last=slot)})
+        env.update({f"{x}_OK": "0", f"{x}_TRY": "0", "ORDER": reorder(env.get("ORDER", "A B"), last=slot)})
         self._write(env)
 
     def set_trial(self, slot: str, tries: int, version: str | None = None) -> None:
         x = check_slot(slot).upper()
         check_tries(tries, MAX_TRIES)
         env = self._read()
-        env.update({f"{x}_OK": "0", f"{x}_TRY": str(tries), "ORDER": self._order(env, first=slot)})
+        env.update({f"{x}_OK": "0", f"{x}_TRY": str(tries), "ORDER": reorder(env.get("ORDER", "A B"), first=slot)})
         self._write(env)
 
     def mark_good(self, slot: str) -> None:
         x = check_slot(slot).upper()
         env = self._read()
-        env.update({f"{x}_OK": "1", f"{x}_TRY": "0", "ORDER": self._order(env, first=slot)})
+        env.update({f"{x}_OK": "1", f"{x}_TRY": "0", "ORDER": reorder(env.get("ORDER", "A B"), first=slot)})
         self._write(env)

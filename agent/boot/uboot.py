@@ -12,7 +12,7 @@ import os
 import subprocess
 import tempfile
 
-from . import BootError, SlotState, SlotStatus, check_slot, check_tries, other
+from . import BootError, SlotState, SlotStatus, check_slot, check_tries, other, reorder
 
 GOOD_ATTEMPTS = 3
 
@@ -64,18 +64,6 @@ class UBootBoot:
         self._set({"BOOT_ORDER": f"{g} {o}", f"BOOT_{g}_LEFT": str(GOOD_ATTEMPTS), f"BOOT_{g}_OK": "1",
                    f"BOOT_{o}_LEFT": "0", f"BOOT_{o}_OK": "0"}, defaults)
 
-    @staticmethod
-    def _order(env, first=None, last=None) -> str:
-        order = [s for s in env.get("BOOT_ORDER", "A B").split() if s in ("A", "B")]
-        order += [s for s in ("A", "B") if s not in order]
-        if first:
-            order.remove(first.upper())
-            order.insert(0, first.upper())
-        if last:
-            order.remove(last.upper())
-            order.append(last.upper())
-        return " ".join(order)
-
     def status(self) -> dict[str, SlotStatus]:
         env = self._env()
         out = {}
@@ -94,16 +82,16 @@ class UBootBoot:
     def mark_bad(self, slot: str) -> None:
         x = check_slot(slot).upper()
         env = self._env()
-        self._set({f"BOOT_{x}_LEFT": "0", f"BOOT_{x}_OK": "0", "BOOT_ORDER": self._order(env, last=slot)})
+        self._set({f"BOOT_{x}_LEFT": "0", f"BOOT_{x}_OK": "0", "BOOT_ORDER": reorder(env.get("BOOT_ORDER", "A B"), last=slot)})
 
     def set_trial(self, slot: str, tries: int, version: str | None = None) -> None:
         x = check_slot(slot).upper()
         check_tries(tries, 15)
         env = self._env()
-        self._set({f"BOOT_{x}_OK": "0", f"BOOT_{x}_LEFT": str(tries), "BOOT_ORDER": self._order(env, first=slot)})
+        self._set({f"BOOT_{x}_OK": "0", f"BOOT_{x}_LEFT": str(tries), "BOOT_ORDER": reorder(env.get("BOOT_ORDER", "A B"), first=slot)})
 
     def mark_good(self, slot: str) -> None:
         x = check_slot(slot).upper()
         env = self._env()
         self._set({f"BOOT_{x}_OK": "1", f"BOOT_{x}_LEFT": str(GOOD_ATTEMPTS),
-                   "BOOT_ORDER": self._order(env, first=slot)})
+                   "BOOT_ORDER": reorder(env.get("BOOT_ORDER", "A B"), first=slot)})
