@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Debian packages whose tools the tests use for real (grub-editenv, sfdisk, fw_setenv, dbus-daemon, systemd-analyze)
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd xz:xz-utils
 
-.PHONY: test demo bench system-deps venv clean
+.PHONY: test demo system-deps venv clean
 
 venv: $(STAMP)
 
@@ -31,9 +31,6 @@ test: system-deps $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/omaha-agent demo
-
-bench: $(STAMP)
-	$(PY) -m tests.bench
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
