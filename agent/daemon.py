@@ -160,15 +160,19 @@ class Agent:
 
     async def after_boot(self) -> None:
         trial = self.state.trial
-        if trial and not trial.get("armed"):
-            trial = await self._settle_unarmed(trial)
         bootable = False
         if trial:
             try:
                 status = await asyncio.to_thread(self.boot.status)
                 bootable = status[trial["slot"]].state is SlotState.TRIAL
             except (BootError, KeyError):
-                bootable = False
+                bootable = not trial.get("armed")  # unknown: keep an unarmed trial rather than drop it
+        if trial and not trial.get("armed"):
+            # a crash between recording the trial and arming it: the bootloader says which happened
+            # (booting the slot, or its tries left, prove set_trial ran; otherwise the install did not finish)
+            armed = bootable or self.booted == trial.get("slot")
+            self.state.trial = trial = dict(trial, armed=True) if armed else None
+            await asyncio.to_thread(self.save)
         outcome = engine.after_boot(trial, self.booted, bootable)
         if outcome is AfterBoot.WAITING:
             self.new_version = trial.get("version", "")
@@ -177,20 +181,6 @@ class Agent:
             await self._confirm(trial)
         elif outcome is AfterBoot.FELL_BACK:
             await self._fell_back(trial)
-
-    async def _settle_unarmed(self, trial: dict) -> dict | None:
-        """A crash between recording the trial and arming it: the bootloader says which happened."""
-        try:
-            status = await asyncio.to_thread(self.boot.status)
-        except BootError:
-            return trial
-        if status[trial["slot"]].state is SlotState.TRIAL:
-            self.state.trial = dict(trial, armed=True)
-            await asyncio.to_thread(self.save)
-            return self.state.trial
-        self.state.trial = None  # never armed: the install did not finish; the download resumes later
-        await asyncio.to_thread(self.save)
-        return None
 
     async def _confirm(self, trial: dict) -> None:
         ok, reason = await self.run_health()
