@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 
 from .config import DEFAULT_PATH, ConfigError, load
@@ -59,9 +58,10 @@ def cmd_daemon(args) -> int:
     from .daemon import Agent, AgentError
     # --once keeps stderr for warnings and its one-line verdict unless -v asks for the whole story
     logsetup.setup(args.verbose, quiet=args.once and not args.verbose)
-    agent = Agent(load(args.config))
+    config = load(args.config)
 
     async def once() -> int:
+        agent = Agent(config)
         try:
             print(await agent.run_once())
             return 0
@@ -69,11 +69,12 @@ def cmd_daemon(args) -> int:
             return _fail(str(exc))
 
     async def forever() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await agent.run_forever(stop)
+        from .dbus import DbusUnavailable
+        from .service import serve
+        try:
+            await serve(config)
+        except DbusUnavailable as exc:
+            return _fail(str(exc))
         return 0
 
     return asyncio.run(once() if args.once else forever())
@@ -90,6 +91,18 @@ def cmd_devserver(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import main as demo_main
     return demo_main(args)
+
+
+def cmd_client(args) -> int:
+    from . import console
+    if args.command == "status":
+        return console.run(console.status(args.json))
+    if args.command == "check":
+        return console.run(console.check(args.wait, args.timeout))
+    if args.command == "watch":
+        return console.run(console.watch(args.limit))
+    member = {"mark-good": "MarkGood", "reboot": "Reboot", "confirm-boot": "ConfirmBoot"}[args.command]
+    return console.run(console.simple(member))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     with_config(csub.add_parser("check", help="validate a configuration file")).set_defaults(func=cmd_config_check)
+    st = sub.add_parser("status", help="the running daemon's status (over D-Bus)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_client)
+    ch = sub.add_parser("check", help="ask the daemon to check for an update now")
+    ch.add_argument("--wait", action="store_true", help="follow the check (and its download) until it settles")
+    ch.add_argument("--timeout", type=float, default=3600, help="give up waiting after this many seconds")
+    ch.set_defaults(func=cmd_client)
+    w = sub.add_parser("watch", help="print the daemon's status changes as they happen")
+    w.add_argument("--limit", type=float, default=None, help=argparse.SUPPRESS)
+    w.set_defaults(func=cmd_client)
+    for name, text in (("mark-good", "confirm the booted trial slot as good (an external health check)"),
+                       ("reboot", "reboot into an installed update"),
+                       ("confirm-boot", "tell the daemon boot-complete.target is reached (omaha-agent-confirm.service)")):
+        sub.add_parser(name, help=text).set_defaults(func=cmd_client)
     v = sub.add_parser("devserver", help="run the development Omaha server")
     v.add_argument("--payload", required=True)
     v.add_argument("--version", required=True)

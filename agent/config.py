@@ -69,6 +69,8 @@ class RebootConfig:
 class HealthConfig:
     commands: tuple[str, ...] = ()
     timeout: int = 300
+    after: str = "boot-complete"  # boot-complete: wait for ConfirmBoot from omaha-agent-confirm.service | start
+    boot_complete_timeout: int = 900
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                               "targetversionprefix", "rollback_allowed"},
                       "boot": {"backend", "tries", "env", "disk", "labels", "fw_config"},
                       "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
-                      "reboot": {"policy"}, "health": {"commands", "timeout"}, "install": {"verify", "read_timeout"},
+                      "reboot": {"policy"}, "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout"},
                       "dbus": {"enabled", "flatcar_compat"}}.items():
         r.unknown(sec, keys)
 
@@ -263,6 +265,9 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     commands = r.get("health.commands", [], list)
     if not all(isinstance(c, str) and c.strip() for c in commands):
         r.fail("health.commands", "must be a list of shell command strings")
+    after = str(r.get("health.after", "boot-complete", str))
+    if after not in ("boot-complete", "start"):
+        r.fail("health.after", f"must be boot-complete or start, not {after!r}")
     verify = str(r.get("install.verify", "hash", str))
     if verify not in ("hash", "readback"):
         r.fail("install.verify", f"must be hash or readback, not {verify!r}")
@@ -270,7 +275,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     return Config(
         path=path, server=server, app=app, slots=slots, boot=boot, state_dir=state_dir, schedule=schedule,
         reboot=RebootConfig(policy),
-        health=HealthConfig(tuple(commands), _positive(r, "health.timeout", 300, int, 1)),
+        health=HealthConfig(tuple(commands), _positive(r, "health.timeout", 300, int, 1), after,
+                            _positive(r, "health.boot_complete_timeout", 900, int, 1)),
         install=InstallConfig(verify, float(_positive(r, "install.read_timeout", 60, float))),
         dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)))
 

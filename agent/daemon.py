@@ -19,7 +19,7 @@ from .boot import BootControl, BootError, SlotState, other
 from .config import Config
 from .engine import AfterBoot, Operation
 from .install import Checkpoint, InstallError, Installer, Progress
-from .omaha import AppMissing, AppRejected, NoUpdate, ServerError, Unusable, UpdateOffer, interpret
+from .omaha import NoUpdate, UpdateOffer, interpret
 from .omaha import pings, request as build
 from .omaha.events import ErrorCategory, ErrorCode, event_label
 from .omaha.model import Event
@@ -81,16 +81,36 @@ class Agent:
         self.new_version = ""
         self.new_size = 0
         self.listeners: list = []  # callables(snapshot) - the D-Bus service subscribes here
+        self.slots: dict = {}  # the bootloader's view, re-read off the event loop when the operation changes
+        self.boot_complete = asyncio.Event()  # set by ConfirmBoot (omaha-agent-confirm.service)
+        self.wait_for_boot_complete = False  # the service mode sets this when health.after is boot-complete
+        self.confirming: dict | None = None  # a trial boot waiting for boot-complete.target
+        self._background: set[asyncio.Task] = set()
         self.session = None
         self.wakeup = asyncio.Event()
         self.interactive_request = False
         self._lock = asyncio.Lock()
+        self._flush_lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ state and status
     def _changed(self, old: Operation, new: Operation) -> None:
         log.info("operation: %s -> %s%s", old.value, new.value,
                  f" ({self.version} -> {self.new_version})" if self.new_version else "")
+        self.notify()
+        self._spawn(self.refresh_slots())
+
+    def _spawn(self, coro) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:  # no loop (a synchronous caller): nothing to refresh in the background
+            coro.close()
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def refresh_slots(self) -> None:
+        self.slots = await asyncio.to_thread(self.slot_status)
         self.notify()
 
     def notify(self) -> None:
@@ -129,8 +149,8 @@ class Agent:
             "current_version": self.version, "new_version": self.new_version, "new_size": self.new_size,
             "bytes_downloaded": p.done if p else 0, "rate": p.rate if p else 0.0,
             "last_check": self.state.last_check or 0, "next_check": self.state.next_check or 0,
-            "booted_slot": self.booted or "", "last_error": self.state.last_error, "slots": self.slot_status(),
-            "pending_events": len(self.state.events),
+            "booted_slot": self.booted or "", "last_error": self.state.last_error, "slots": self.slots,
+            "pending_events": len(self.state.events), "waiting_for_boot_complete": self.confirming is not None,
         }
 
     # ------------------------------------------------------------------ start-up
@@ -149,14 +169,20 @@ class Agent:
             version = os_release_version(self.config.app.version_file)
         self.version = version or self.config.app.version or "0.0.0"
 
-    async def start(self) -> None:
+    async def start(self, on_ready=None) -> None:
+        """Loads the state, finds the booted slot, then (after ``on_ready``: the service is reachable) settles
+        the last update: confirm a trial boot, report a fallback, or keep waiting for a reboot."""
         self.state, warning = await asyncio.to_thread(self.store.load)
         if warning:
             log.warning("%s", warning)
         await asyncio.to_thread(self.detect)
+        self.slots = await asyncio.to_thread(self.slot_status)
         log.info("started: version %s, booted slot %s, backend %s", self.version, self.booted or "unknown",
                  self.config.boot.backend)
+        if on_ready is not None:
+            await on_ready()
         await self.after_boot()
+        await self.refresh_slots()
 
     async def after_boot(self) -> None:
         trial = self.state.trial
@@ -178,12 +204,40 @@ class Agent:
             self.new_version = trial.get("version", "")
             self.flow.to(Operation.NEED_REBOOT)
         elif outcome is AfterBoot.CONFIRM:
-            await self._confirm(trial)
+            if self.wait_for_boot_complete:
+                self.confirming = trial
+                self._spawn(self._confirm_after_boot_complete(trial))
+                log.info("slot %s boots on trial: its health check runs once boot-complete.target is reached",
+                         self.booted)
+            else:
+                await self._confirm(trial)
         elif outcome is AfterBoot.FELL_BACK:
             await self._fell_back(trial)
 
-    async def _confirm(self, trial: dict) -> None:
-        ok, reason = await self.run_health()
+    async def _confirm_after_boot_complete(self, trial: dict) -> None:
+        timeout = self.config.health.boot_complete_timeout
+        try:
+            await asyncio.wait_for(self.boot_complete.wait(), timeout)
+            failure = None
+        except asyncio.TimeoutError:
+            failure = f"boot-complete.target was not reached within {timeout} s"
+        async with self._lock:
+            if self.confirming is not trial:  # MarkGood settled it meanwhile
+                return
+            self.confirming = None
+            await self._confirm(trial, failure)
+            await self.refresh_slots()
+        await self.flush_events()
+
+    def confirm_boot(self) -> str:
+        """``ConfirmBoot`` on D-Bus: the system reached boot-complete.target, run the trial's health check."""
+        if self.confirming is None:
+            return "no trial boot waits for confirmation"
+        self.boot_complete.set()
+        return f"boot complete: checking the health of slot {self.booted}"
+
+    async def _confirm(self, trial: dict, failure: str | None = None) -> None:
+        ok, reason = (False, failure) if failure else await self.run_health()
         previous, new = trial.get("previous_version", "0.0.0.0"), trial.get("version", self.version)
         if ok:
             await asyncio.to_thread(self.boot.mark_good, self.booted)
@@ -271,7 +325,12 @@ class Agent:
                  event.previousversion, event.nextversion)
 
     async def flush_events(self) -> bool:
-        """Send queued events oldest first; each leaves the queue once acknowledged. False if any is left."""
+        """Send queued events oldest first; each leaves the queue once acknowledged. False if any is left.
+        One flush at a time: the post-boot confirmation and the check loop may both ask for one."""
+        async with self._flush_lock:
+            return await self._flush_events()
+
+    async def _flush_events(self) -> bool:
         from .http import OmahaHttpError, post
         while self.state.events:
             record = self.state.events[0]
@@ -457,8 +516,8 @@ class Agent:
         raise AgentError(self.state.last_error)
 
     # ------------------------------------------------------------------ reboot and mark-good
-    async def reboot(self, why: str) -> None:
-        if self.config.reboot.policy != "immediate":
+    async def reboot(self, why: str, force: bool = False) -> None:
+        if self.config.reboot.policy != "immediate" and not force:
             log.info("reboot needed (%s); policy is manual", why)
             return
         log.info("rebooting: %s", why)
@@ -472,16 +531,18 @@ class Agent:
     async def mark_good(self) -> str:
         """External health confirmation (``MarkGood`` on D-Bus): the booted trial slot is good."""
         trial = self.state.trial
+        self.confirming = None  # an external health check replaces the wait for boot-complete.target
         if trial and trial.get("slot") == self.booted:
             previous, new = trial.get("previous_version", "0.0.0.0"), trial.get("version", self.version)
             await asyncio.to_thread(self.boot.mark_good, self.booted)
             self._queue(engine.updated_and_rebooted(previous, new), new)
             self.state.trial = None
             await asyncio.to_thread(self.save)
-            self.notify()
+            await self.refresh_slots()
+            self._spawn(self.flush_events())  # the 3/2 goes out now; the caller does not wait for the server
             return f"slot {self.booted} marked good"
         await asyncio.to_thread(self.boot.mark_good, self.booted)
-        self.notify()
+        await self.refresh_slots()
         return f"slot {self.booted} marked good"
 
     # ------------------------------------------------------------------ the two ways to run
@@ -503,12 +564,32 @@ class Agent:
         return schedule.Policy(interval=s.interval, initial_delay=s.initial_delay, backoff_base=s.backoff_base,
                                backoff_cap=s.backoff_cap)
 
-    def request_check(self, interactive: bool) -> None:
+    def request_check(self, interactive: bool) -> bool:
+        """Wakes the loop for a check now; False when a check (or its download) is already running."""
+        if self._task is not None:
+            return False
         self.interactive_request = self.interactive_request or interactive
         self.wakeup.set()
+        return True
 
-    async def run_forever(self, stop: asyncio.Event) -> None:
-        await self.start()
+    def reset_status(self) -> str:
+        """Flatcar's ResetStatus: back to idle from a finished update or a reported error. An installed update
+        stays armed in the bootloader and still boots on the next reboot."""
+        if self.flow.operation in (Operation.NEED_REBOOT, Operation.REPORTING_ERROR):
+            self.flow.to(Operation.IDLE)
+        elif self.flow.operation is not Operation.IDLE:
+            raise AgentError(f"cannot reset while {self.flow.operation.value}")
+        return "idle"
+
+    async def reboot_now(self) -> str:
+        """``Reboot`` on D-Bus: only when an installed update waits for it."""
+        if self.flow.operation is not Operation.NEED_REBOOT:
+            raise AgentError(f"no update waits for a reboot (the agent is {self.flow.operation.value})")
+        await self.reboot(f"asked to boot {self.new_version}", force=True)
+        return f"rebooting into {self.new_version}"
+
+    async def run_forever(self, stop: asyncio.Event, on_ready=None) -> None:
+        await self.start(on_ready)
         policy = self._schedule_policy()
         now = self.clock()
         planned = self.state.next_check
@@ -549,6 +630,8 @@ class Agent:
                 nxt = schedule.next_check(self.clock(), self.rng, policy, self.state.failures, retry)
         finally:
             watcher.cancel()
+            for task in list(self._background):
+                task.cancel()
             await asyncio.to_thread(self.save)
             await self.close()
 

@@ -6,7 +6,7 @@ import pytest
 from agent.boot import BootError, SlotState, SlotStatus
 from agent.boot.gpt import GptBoot
 from agent.boot.grubenv import GrubEnvBoot, parse
-from agent.boot.sim import PANIC_MAGIC, SimBoot
+from agent.boot.sim import PANIC_MAGIC
 from agent.boot.uboot import UBootBoot
 
 from .conftest import need_tool

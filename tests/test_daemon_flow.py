@@ -1,66 +1,15 @@
 """The whole flow on the sim backend against the real development server, driven through the CLI."""
 import asyncio
-import json
 import os
 import signal
 import sys
 
 import pytest
 
-from agent.boot.sim import PANIC_MAGIC, SimBoot
-from agent.devserver import DevServer, Faults, Image
+from agent.boot.sim import PANIC_MAGIC
+from agent.devserver import DevServer
 
-APP = "{0a0b0c0d-1111-4222-8333-444455556666}"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Device:
-    def __init__(self, tmp_path, url, policy="manual", health="true", protocol="3.0"):
-        self.dir = tmp_path
-        self.slots = {s: str(tmp_path / f"slot-{s}.img") for s in "ab"}
-        for p in self.slots.values():
-            with open(p, "wb") as f:
-                f.truncate(8 << 20)
-        self.boot = SimBoot(str(tmp_path / "bootenv.json"), self.slots)
-        self.boot.initialize("a", "1.0.0")
-        self.config = str(tmp_path / "agent.yaml")
-        with open(self.config, "w") as f:
-            f.write(f"""server: {{url: "{url}", insecure_http: true, protocol: "{protocol}", timeout: 5}}
-app: {{id: "{APP}", version: "1.0.0"}}
-slots:
-  a: {{file: {self.slots['a']}}}
-  b: {{file: {self.slots['b']}}}
-boot: {{backend: sim, env: {tmp_path}/bootenv.json, tries: 2}}
-state_dir: {tmp_path}/state
-reboot: {{policy: {policy}}}
-health: {{commands: ["{health}"], timeout: 10}}
-""")
-
-    async def cli(self, *args, timeout=60):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.cli", *args, "--config", self.config, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        return proc.returncode, out.decode(), err.decode()
-
-    async def once(self):
-        return await self.cli("daemon", "--once")
-
-    async def slots_json(self):
-        rc, out, err = await self.cli("slots", "--json")
-        assert rc == 0, err
-        return json.loads(out)
-
-    def state(self):
-        with open(self.dir / "state" / "state.json") as f:
-            return json.load(f)
-
-
-def image(tmp_path, version, head=b"IMAGE", size=3 << 20):
-    path = tmp_path / f"v{version}.img"
-    path.write_bytes(head + os.urandom(size - len(head)))
-    return Image(str(path), version, APP)
-
+from .simdevice import APP, ROOT, Device, image
 
 @pytest.fixture
 async def server(tmp_path):
@@ -203,7 +152,7 @@ async def test_killed_at_every_transition_then_restarted_finishes(tmp_path, serv
 async def test_daemon_runs_forever_and_stops_cleanly_on_sigterm(tmp_path, server):
     dev = Device(tmp_path, server.url)
     with open(dev.config, "a") as f:
-        f.write("schedule: {initial_delay: 0, interval: 3600}\n")
+        f.write("schedule: {initial_delay: 0, interval: 3600}\ndbus: {enabled: false}\n")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent.cli", "daemon", "--config", dev.config,
                                                 env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -8,7 +8,6 @@ order with tries left is booted and loses a try; a slot whose image cannot boot 
 from __future__ import annotations
 
 import json
-import os
 
 from ..atomic import write_atomic
 from . import BootError, SlotState, SlotStatus, check_slot, check_tries, other

@@ -1,0 +1,78 @@
+"""The command-line client's side of the bus: calls on org.omaha_agent.Agent1 and its StatusChanged signal."""
+from __future__ import annotations
+
+import asyncio
+
+from dbus_next import BusType, Message, MessageType
+from dbus_next.aio import MessageBus
+
+from . import convert
+from .agent1 import NAME, PATH
+
+_DENIED = ("org.freedesktop.DBus.Error.AccessDenied",)
+_ABSENT = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner",
+           "org.freedesktop.DBus.Error.Spawn.ServiceNotFound", "org.freedesktop.DBus.Error.NoReply")
+
+
+class ClientError(Exception):
+    """One line for the user; the CLI prints it and exits non-zero."""
+
+
+class Client:
+    def __init__(self, bus: MessageBus):
+        self.bus = bus
+        self.signals: asyncio.Queue = asyncio.Queue(maxsize=1000)
+
+    @classmethod
+    async def connect(cls) -> "Client":
+        try:
+            bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        except (OSError, EOFError) as exc:
+            raise ClientError(f"cannot reach the system bus ({exc}); is dbus running?") from None
+        return cls(bus)
+
+    async def call(self, member: str, signature: str = "", body=(), timeout: float = 10):
+        msg = Message(destination=NAME, path=PATH, interface=NAME, member=member, signature=signature,
+                      body=list(body))
+        try:
+            reply = await asyncio.wait_for(self.bus.call(msg), timeout)
+        except asyncio.TimeoutError:
+            raise ClientError(f"omaha-agent did not answer {member} within {timeout:.0f} s") from None
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body else reply.error_name
+            if reply.error_name in _ABSENT:
+                raise ClientError("omaha-agent is not running (nobody owns org.omaha_agent.Agent1 on the system "
+                                  "bus); start it with: systemctl start omaha-agent")
+            if reply.error_name in _DENIED:
+                raise ClientError(f"not allowed to call {member}: run it as root or as a member of group "
+                                  f"omaha-agent")
+            raise ClientError(text)
+        return convert.unwrap(reply.body[0]) if reply.body else None
+
+    async def status(self) -> dict:
+        return await self.call("GetStatus")
+
+    async def subscribe(self) -> None:
+        """StatusChanged signals go to ``self.signals`` from now on."""
+        rule = f"type='signal',sender='{NAME}',path='{PATH}',interface='{NAME}',member='StatusChanged'"
+        reply = await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                                            body=[rule]))
+        if reply.message_type == MessageType.ERROR:
+            raise ClientError(f"cannot subscribe to status signals: {reply.body[0] if reply.body else ''}")
+
+        def handler(msg: Message):
+            if msg.message_type == MessageType.SIGNAL and msg.member == "StatusChanged" and msg.path == PATH:
+                if not self.signals.full():
+                    self.signals.put_nowait(convert.unwrap(msg.body[0]))
+
+        self.bus.add_message_handler(handler)
+
+    async def next_status(self, timeout: float) -> dict | None:
+        try:
+            return await asyncio.wait_for(self.signals.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def close(self) -> None:
+        self.bus.disconnect()
