@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Debian packages whose tools the tests use for real (grub-editenv, sfdisk, fw_setenv, dbus-daemon, systemd-analyze)
-SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd xz:xz-utils
+# Debian packages whose tools the tests use for real (grub-editenv, sfdisk, fw_setenv, dbus-daemon, busctl, ...)
+SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
+	busctl:systemd setpriv:util-linux xz:xz-utils
 
-.PHONY: test demo system-deps venv clean
+.PHONY: test demo system-deps venv clean install
 
 venv: $(STAMP)
 
@@ -34,3 +35,23 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
+
+# Puts the agent, its units, D-Bus files and default config in place (DESTDIR for an image's root).
+# Runtime dependencies come from the distribution: python3-aiohttp python3-defusedxml python3-yaml
+# python3-dbus-next python3-pyudev (Debian names). Then: systemctl enable omaha-agent omaha-agent-confirm
+DESTDIR ?=
+PREFIX ?= /usr
+PYTHONDIR ?= $(PREFIX)/lib/python3/dist-packages
+install:
+	install -d $(DESTDIR)$(PYTHONDIR)/agent $(DESTDIR)$(PREFIX)/bin
+	cd agent && find . -name '*.py' -exec install -D -m 0644 {} $(DESTDIR)$(PYTHONDIR)/agent/{} \;
+	printf '#!/usr/bin/python3\nimport sys\nfrom agent.cli import main\nsys.exit(main())\n' > $(DESTDIR)$(PREFIX)/bin/omaha-agent
+	chmod 0755 $(DESTDIR)$(PREFIX)/bin/omaha-agent
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/lib/systemd/system systemd/omaha-agent.service systemd/omaha-agent-confirm.service
+	install -D -m 0644 systemd/org.omaha_agent.Agent1.service $(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.omaha_agent.Agent1.service
+	install -D -m 0644 config/dbus/org.omaha_agent.Agent1.conf $(DESTDIR)$(PREFIX)/share/dbus-1/system.d/org.omaha_agent.Agent1.conf
+	install -D -m 0644 systemd/omaha-agent.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/omaha-agent.conf
+	install -D -m 0644 systemd/omaha-agent.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/omaha-agent.conf
+	install -D -m 0644 config/grub/grub.cfg $(DESTDIR)$(PREFIX)/share/omaha-agent/grub.cfg
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/omaha-agent/README.md
+	test -e $(DESTDIR)/etc/omaha-agent/agent.yaml || install -D -m 0644 config/agent.yaml $(DESTDIR)/etc/omaha-agent/agent.yaml

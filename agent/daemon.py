@@ -179,9 +179,12 @@ class Agent:
         self.slots = await asyncio.to_thread(self.slot_status)
         log.info("started: version %s, booted slot %s, backend %s", self.version, self.booted or "unknown",
                  self.config.boot.backend)
+        if self.wait_for_boot_complete:  # settling is quick then: a trial only starts waiting for ConfirmBoot
+            await self.after_boot()
         if on_ready is not None:
             await on_ready()
-        await self.after_boot()
+        if not self.wait_for_boot_complete:  # health commands may be slow: the service is ready before
+            await self.after_boot()
         await self.refresh_slots()
 
     async def after_boot(self) -> None:
@@ -231,9 +234,9 @@ class Agent:
 
     def confirm_boot(self) -> str:
         """``ConfirmBoot`` on D-Bus: the system reached boot-complete.target, run the trial's health check."""
+        self.boot_complete.set()
         if self.confirming is None:
             return "no trial boot waits for confirmation"
-        self.boot_complete.set()
         return f"boot complete: checking the health of slot {self.booted}"
 
     async def _confirm(self, trial: dict, failure: str | None = None) -> None:

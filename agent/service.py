@@ -29,13 +29,15 @@ async def serve(config: Config, stop: asyncio.Event | None = None, notifier: Not
         if config.dbus.enabled:
             from .dbus import publish
             service = await publish(agent, config.dbus.flatcar_compat)
-            agent.wait_for_boot_complete = config.health.after == "boot-complete"
-        elif config.health.after == "boot-complete":
-            log.warning("health.after is boot-complete but D-Bus is disabled: nothing can send ConfirmBoot, so "
-                        "a trial boot is checked as soon as the daemon starts")
         notifier.ready(status_line(agent.snapshot()))
         log.info("ready%s", " on the system bus" if service else "")
 
+    if config.health.after == "boot-complete":
+        if config.dbus.enabled:
+            agent.wait_for_boot_complete = True  # omaha-agent-confirm.service sends ConfirmBoot over D-Bus
+        else:
+            log.warning("health.after is boot-complete but D-Bus is disabled: nothing can send ConfirmBoot, so "
+                        "a trial boot is checked as soon as the daemon starts")
     agent.listeners.append(lambda snapshot: notifier.status(status_line(snapshot)))
     watchdog = asyncio.create_task(notifier.watchdog())
     try:
