@@ -378,3 +378,28 @@ async def test_client_commands_without_a_daemon_say_so_in_one_line(system_bus):
     env = dict(os.environ, PYTHONPATH=ROOT, DBUS_SYSTEM_BUS_ADDRESS="unix:path=/nonexistent/bus")
     rc, out, err = await cli("status", env=env)
     assert rc == 1 and "cannot reach the system bus" in err and "Traceback" not in err
+
+
+async def test_example_ui_client_updates_and_restarts(running, server):
+    dev, daemon, client = running
+    proc = await asyncio.create_subprocess_exec(sys.executable, os.path.join(ROOT, "examples", "ui_client.py"),
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        proc.stdin.write(b"u\n")  # "Update now"
+        await proc.stdin.drain()
+        await wait_status(client, lambda s: s["operation"] == "updated-need-reboot")
+        await asyncio.sleep(0.5)  # let the last StatusChanged reach the UI
+        proc.stdin.write(b"r\n")  # "Restart"
+        await proc.stdin.drain()
+        await wait_status(client, lambda s: dev.boot.booted_slot() == "b")
+        proc.stdin.close()
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    screen = out.decode()
+    assert proc.returncode == 0, err.decode()
+    assert "Up to date: 1.0.0" in screen and "Version 2.0.0 is ready. Type 'r' to restart now." in screen
+    assert "rebooting into 2.0.0" in screen
