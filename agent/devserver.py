@@ -135,7 +135,7 @@ class DevServer:
                 return image
         return None
 
-    def _updatecheck(self, image: Image | None, version: str) -> ResponseUpdateCheck:
+    def _updatecheck(self, image: Image | None, version: str, base: str) -> ResponseUpdateCheck:
         f = self.faults
         if image is None:
             return ResponseUpdateCheck(status="noupdate")
@@ -144,7 +144,7 @@ class DevServer:
         sha256 = hashlib.sha256(b"wrong").digest() if f.wrong_hash else image.sha256
         sha1 = hashlib.sha1(b"wrong").digest() if f.wrong_hash else image.sha1
         size = image.size + f.size_lie
-        urls = tuple(Url(codebase=cb) for cb in f.extra_urls) + (Url(codebase=f"{self.base}/packages/"),)
+        urls = tuple(Url(codebase=cb) for cb in f.extra_urls) + (Url(codebase=f"{base}/packages/"),)
         sha256_b64 = base64.b64encode(sha256).decode()
         if self.dialect == "flatcar":  # go-omaha / Nebraska: SHA-1 base64 in hash, SHA-256 base64 in the action
             package = Package(name=image.name, size=size, required=True, hash=base64.b64encode(sha1).decode())
@@ -179,6 +179,8 @@ class DevServer:
         if self.protocol and not req.protocol.startswith(self.protocol):
             return web.Response(status=400, text=f"Bad Omaha Request: this server speaks protocol {self.protocol}\n")
         is_check = any(app.updatecheck is not None for app in req.apps)
+        # payload URLs use the address the client reached us at (a VM sees the host as 10.0.2.2)
+        base = f"http://{request.host}" if request.host else self.base
         headers = {}
         if is_check:
             if self.faults.retry_after:
@@ -217,7 +219,7 @@ class DevServer:
                 continue
             apps.append(ResponseApp(
                 appid=app.appid, status="ok", ping_status="ok" if app.ping is not None else None,
-                updatecheck=self._updatecheck(image, app.version) if app.updatecheck is not None else None,
+                updatecheck=self._updatecheck(image, app.version, base) if app.updatecheck is not None else None,
                 event_statuses=tuple("ok" for _ in app.events)))
         self.requests.append(record)
         self._log({"kind": "request", **record})

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Builds the amd64-generic test image for omaha-agent (needs root; no loop mounts):
+#   build/qemu/disk.img              GPT: ESP (GRUB EFI + grubenv), ROOT-A (version 1.0.0), ROOT-B (empty, bad)
+#   build/qemu/payload-2.0.0.ext4.zst   the same root filesystem with VERSION_ID=2.0.0
+#   build/qemu/payload-3.0.0.ext4.zst   version 3.0.0 whose init fails at once (the kernel panics, panic=5)
+# The Debian root filesystem comes from mmdebstrap with this machine's own apt sources and is cached by a key
+# of its inputs (build/qemu/base-KEY.tar); the agent and its files are laid on top on every build.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(dirname "$HERE")
+OUT=${OUT:-$REPO/build/qemu}
+SOURCES=${APT_SOURCES:-}
+if [ -z "$SOURCES" ]; then
+  for f in /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list; do
+    if [ -s "$f" ]; then SOURCES=$f; break; fi
+  done
+fi
+[ -n "$SOURCES" ] || { echo "build-image: no apt sources found; set APT_SOURCES=FILE" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "build-image: needs root (mmdebstrap --mode=root, files owned by root)" >&2; exit 1; }
+
+PORT=${OMAHA_TEST_PORT:-18080}      # the dev server inside the test's network namespace (guest: 10.0.2.2)
+APPID="{6f3c1a52-9c1e-4d9b-8a57-6d2f0c1e9a11}"
+FS_SIZE=${FS_SIZE:-640M}           # each root filesystem; the partitions are larger (room to grow)
+PART_MIB=${PART_MIB:-800}
+ESP_MIB=64
+
+PACKAGES=systemd-sysv,udev,kmod,initramfs-tools,linux-image-amd64,python3,python3-aiohttp,python3-yaml
+PACKAGES=$PACKAGES,python3-defusedxml,python3-pyudev,python3-dbus-next,python3-zstandard,dbus,grub-common
+PACKAGES=$PACKAGES,util-linux,e2fsprogs
+
+# kernel modules a QEMU guest never loads; dropping them takes the root filesystem from ~750 to ~500 MB
+PRUNE="sound drivers/gpu drivers/media drivers/net/wireless drivers/net/ethernet drivers/infiniband
+drivers/staging drivers/bluetooth drivers/iio drivers/isdn drivers/scsi drivers/usb drivers/hid drivers/input
+drivers/video drivers/mtd drivers/nfc drivers/net/can drivers/net/usb drivers/platform drivers/hwmon
+drivers/misc drivers/md drivers/target drivers/thunderbolt drivers/edac net/wireless net/mac80211
+net/bluetooth net/netfilter net/ipv4/netfilter net/ipv6/netfilter net/sched fs/btrfs fs/xfs fs/ocfs2
+fs/nfs fs/nfsd fs/cifs fs/smb fs/gfs2 fs/f2fs fs/ceph fs/jfs fs/nilfs2 fs/ubifs fs/reiserfs"
+
+mkdir -p "$OUT"
+KEY=$( (echo "$PACKAGES"; echo "$PRUNE"; cat "$SOURCES"; echo v1) | sha256sum | cut -c1-16)
+BASE=$OUT/base-$KEY.tar
+
+if [ ! -s "$BASE" ]; then
+  echo "build-image: building the Debian root filesystem (cache key $KEY)"
+  hook='set -e; for k in "$1"/usr/lib/modules/*; do v=$(basename "$k"); for d in '"$(echo $PRUNE)"'; do
+        rm -rf "$k/kernel/$d"; done; chroot "$1" depmod -a "$v"; done;
+        rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/*'
+  mmdebstrap --mode=root --variant=minbase --include="$PACKAGES" \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+    --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+    --customize-hook="$hook" \
+    bookworm "$OUT/partial-$KEY.tar" "$SOURCES"
+  mv "$OUT/partial-$KEY.tar" "$BASE"
+  find "$OUT" -maxdepth 1 -name 'base-*.tar' ! -name "base-$KEY.tar" -delete
+fi
+
+WORK=$(mktemp -d "$OUT/work.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+TREE=$WORK/root
+mkdir "$TREE"
+tar -C "$TREE" -xf "$BASE"
+
+# ---- the agent, its units and a config for this image
+make -s -C "$REPO" install DESTDIR="$TREE" >/dev/null
+cat > "$TREE/etc/omaha-agent/agent.yaml" <<EOF
+server: {url: "http://10.0.2.2:$PORT/v1/update/", insecure_http: true, timeout: 20}
+app: {id: "$APPID", track: stable, board: amd64-generic}
+slots:
+  a: {partlabel: ROOT-A}
+  b: {partlabel: ROOT-B}
+boot: {backend: grubenv, env: /boot/efi/grubenv, tries: 2}
+state_dir: /var/lib/omaha-agent
+schedule: {initial_delay: 0, interval: 3600, backoff_base: 10, backoff_cap: 60}
+reboot: {policy: immediate}
+health: {commands: ["test -r /etc/os-release"], after: boot-complete, boot_complete_timeout: 300}
+install: {read_timeout: 30}
+EOF
+mkdir -p "$TREE/boot/efi"
+cat > "$TREE/etc/fstab" <<'EOF'
+PARTLABEL=ESP  /boot/efi  vfat  umask=0077,shortname=winnt  0  2
+EOF
+echo omaha-qemu > "$TREE/etc/hostname"
+mkdir -p "$TREE/etc/systemd/network"
+printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n' > "$TREE/etc/systemd/network/50-dhcp.network"
+install -m 0755 "$HERE/guest/omaha-test-report" "$TREE/usr/local/bin/omaha-test-report"
+install -m 0644 "$HERE/guest/omaha-test-report.service" "$TREE/etc/systemd/system/omaha-test-report.service"
+systemctl --root="$TREE" enable systemd-networkd.service omaha-agent.service omaha-agent-confirm.service \
+  omaha-test-report.service >/dev/null 2>&1
+systemctl --root="$TREE" mask apt-daily.timer apt-daily-upgrade.timer e2scrub_reap.service >/dev/null 2>&1 || true
+# the kernel and initrd live in the slot: GRUB loads /vmlinuz and /initrd.img from the chosen partition
+[ -e "$TREE/vmlinuz" ] && [ -e "$TREE/initrd.img" ] || { echo "build-image: no /vmlinuz in the tree" >&2; exit 1; }
+
+os_release() {  # VERSION_ID is what the agent reports as its version
+  rm -f "$TREE/etc/os-release"
+  sed "/^VERSION_ID=/d" "$TREE/usr/lib/os-release" > "$TREE/etc/os-release"
+  echo "VERSION_ID=$1" >> "$TREE/etc/os-release"
+}
+mkfs_root() {
+  rm -f "$2"
+  mkfs.ext4 -q -F -L rootfs -E root_owner=0:0 -d "$TREE" "$2" "$FS_SIZE"
+}
+
+os_release 1.0.0
+mkfs_root 1.0.0 "$WORK/root-1.0.0.ext4"
+os_release 2.0.0
+mkfs_root 2.0.0 "$WORK/root-2.0.0.ext4"
+os_release 3.0.0
+rm -f "$TREE/sbin/init" "$TREE/usr/sbin/init"
+printf '#!/bin/sh\necho "omaha-test: version 3.0.0 has a broken init" >&2\nexit 1\n' > "$TREE/usr/sbin/init"
+chmod 0755 "$TREE/usr/sbin/init"
+mkfs_root 3.0.0 "$WORK/root-3.0.0.ext4"
+zstd -q -f -T0 -3 "$WORK/root-2.0.0.ext4" -o "$OUT/payload-2.0.0.ext4.zst"
+zstd -q -f -T0 -3 "$WORK/root-3.0.0.ext4" -o "$OUT/payload-3.0.0.ext4.zst"
+
+# ---- the ESP: a standalone GRUB whose embedded stub hands over to the project's grub.cfg beside the grubenv
+cat > "$WORK/stub.cfg" <<'EOF'
+search --no-floppy --set=esp --file /omaha-agent-esp
+set prefix=($esp)/
+configfile ($esp)/grub.cfg
+EOF
+grub-mkstandalone -O x86_64-efi -o "$WORK/BOOTX64.EFI" \
+  --modules="part_gpt fat ext2 search search_fs_file loadenv test echo linux configfile normal" \
+  --locales= --themes= --fonts= "boot/grub/grub.cfg=$WORK/stub.cfg"
+PYTHONPATH="$REPO" python3 - "$WORK/grubenv" <<'EOF'
+import sys
+from agent.boot.grubenv import GrubEnvBoot
+GrubEnvBoot(sys.argv[1]).initialize("a")   # A good, B bad: the factory state
+EOF
+mkfs.vfat -n ESP -C "$WORK/esp.img" $((ESP_MIB * 1024)) >/dev/null
+mmd -i "$WORK/esp.img" ::/EFI ::/EFI/BOOT
+mcopy -i "$WORK/esp.img" "$WORK/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+mcopy -i "$WORK/esp.img" "$REPO/config/grub/grub.cfg" ::/grub.cfg
+mcopy -i "$WORK/esp.img" "$WORK/grubenv" ::/grubenv
+: > "$WORK/marker" && mcopy -i "$WORK/esp.img" "$WORK/marker" ::/omaha-agent-esp
+
+# ---- the disk
+DISK=$OUT/disk.img
+rm -f "$DISK"
+truncate -s $(( (1 + ESP_MIB + 2 * PART_MIB + 1) * 1024 * 1024 )) "$DISK"
+sfdisk -q "$DISK" <<EOF
+label: gpt
+start=1MiB, size=${ESP_MIB}MiB, type=uefi, name=ESP
+size=${PART_MIB}MiB, type=linux, name=ROOT-A
+size=${PART_MIB}MiB, type=linux, name=ROOT-B
+EOF
+dd if="$WORK/esp.img" of="$DISK" bs=1M seek=1 conv=notrunc,sparse status=none
+dd if="$WORK/root-1.0.0.ext4" of="$DISK" bs=1M seek=$((1 + ESP_MIB)) conv=notrunc,sparse status=none
+echo "$APPID" > "$OUT/appid"
+echo "$PORT" > "$OUT/port"
+ls -l "$DISK" "$OUT"/payload-*.zst
+echo "build-image: done"

@@ -1,0 +1,157 @@
+"""Boots the test image in QEMU, one process per boot (-no-reboot: a guest reboot ends the process, and the
+test decides what happens next, like a power cycle). KVM when it works, TCG otherwise."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.path.join(REPO, "build", "qemu")
+LOGS = os.path.join(BUILD, "logs")
+QEMU = "qemu-system-x86_64"
+
+
+def _first(*paths: str) -> str:
+    for p in paths:
+        if os.path.exists(p):
+            return p
+    raise FileNotFoundError(f"none of {paths} exists (apt-get install ovmf)")
+
+
+def ovmf() -> tuple[str, str]:
+    return (_first("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd"),
+            _first("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd"))
+
+
+_ACCEL: str | None = None
+
+
+def accel() -> str:
+    """``kvm`` if a guest really runs under it (on some hosts /dev/kvm exists and QEMU then stops with a KVM
+    internal error), else ``tcg``."""
+    global _ACCEL
+    if _ACCEL is None:
+        _ACCEL = "tcg"
+        if os.access("/dev/kvm", os.R_OK | os.W_OK):
+            code, vars_template = ovmf()
+            os.makedirs(BUILD, exist_ok=True)
+            vars_copy = os.path.join(BUILD, "probe-vars.fd")
+            shutil.copy(vars_template, vars_copy)
+            proc = subprocess.Popen([QEMU, "-accel", "kvm", "-M", "q35", "-m", "256", "-nodefaults", "-display",
+                                     "none", "-monitor", "none", "-serial", "none",
+                                     "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+                                     "-drive", f"if=pflash,format=raw,file={vars_copy}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                _, err = proc.communicate(timeout=6)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+                if "internal error" not in err and "emulation failure" not in err:
+                    _ACCEL = "kvm"
+    return _ACCEL
+
+
+class Boot:
+    def __init__(self, proc, serial: str, marker: str, started: float):
+        self.proc, self.serial, self.marker, self.started = proc, serial, marker, started
+
+    def lines(self) -> list[str]:
+        try:
+            with open(self.marker, errors="replace") as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def booted_version(self) -> str | None:
+        for line in self.lines():
+            if line.startswith("BOOTED "):
+                return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv).get("version")
+        return None
+
+    def status(self) -> dict | None:
+        """The agent's GetStatus as busctl printed it inside the guest, latest first."""
+        for line in reversed(self.lines()):
+            if line.startswith("BUSCTL {"):
+                try:
+                    data = json.loads(line[len("BUSCTL "):])["data"][0]
+                except (ValueError, KeyError, IndexError):
+                    continue
+                return {k: v.get("data") for k, v in data.items()}
+        return None
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            with open(self.serial, errors="replace") as f:
+                serial = f.read().splitlines()[-n:]
+        except FileNotFoundError:
+            serial = []
+        return ("--- serial console (last lines) ---\n" + "\n".join(serial) +
+                "\n--- marker port (last lines) ---\n" + "\n".join(self.lines()[-8:]))
+
+    async def wait_for(self, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if self.proc.returncode is not None:
+                raise AssertionError(f"the guest stopped before {what}\n{self.tail()}")
+            await asyncio.sleep(1)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.tail()}")
+
+    async def wait_exit(self, timeout: float, what: str) -> float:
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.tail()}") from None
+        return time.monotonic() - self.started
+
+    async def power_off(self) -> None:
+        """Pulls the plug: no shutdown, whatever the guest was writing."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+
+
+class Machine:
+    def __init__(self, name: str, disk_template: str):
+        os.makedirs(LOGS, exist_ok=True)
+        self.name = name
+        self.disk = os.path.join(BUILD, f"{name}.img")
+        subprocess.run(["cp", "--sparse=always", disk_template, self.disk], check=True)
+        self.vars = os.path.join(BUILD, f"{name}-vars.fd")
+        shutil.copy(ovmf()[1], self.vars)
+        self.boots = 0
+
+    async def boot(self) -> Boot:
+        self.boots += 1
+        stem = os.path.join(LOGS, f"{self.name}-boot{self.boots}")
+        serial, marker = f"{stem}.serial.log", f"{stem}.marker.log"
+        for p in (serial, marker):
+            if os.path.exists(p):
+                os.unlink(p)
+        code, _ = ovmf()
+        argv = [QEMU, "-accel", accel(), "-M", "q35", "-cpu", "max", "-smp", "2", "-m", "1024", "-nodefaults",
+                "-display", "none", "-no-reboot", "-monitor", "none",
+                "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+                "-drive", f"if=pflash,format=raw,file={self.vars}",
+                "-drive", f"file={self.disk},format=raw,if=virtio",
+                "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+                "-device", "virtio-serial-pci", "-chardev", f"file,id=m,path={marker}",
+                "-device", "virtserialport,chardev=m,name=marker",
+                "-serial", f"file:{serial}"]
+        stderr = open(f"{stem}.qemu.log", "wb")
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+        stderr.close()
+        return Boot(proc, serial, marker, time.monotonic())
+
+    def read_grubenv(self, dest: str) -> str:
+        """Copies the ESP's grubenv out of the disk image (no mount): the ESP starts at 1 MiB."""
+        subprocess.run(["mcopy", "-o", "-i", f"{self.disk}@@1048576", "::/grubenv", dest], check=True,
+                       env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+        return dest
