@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
 	busctl:systemd setpriv:util-linux xz:xz-utils
 
-.PHONY: test demo system-deps venv clean install
+.PHONY: test demo system-deps venv clean install qemu-deps qemu-image qemu-test
 
 venv: $(STAMP)
 
@@ -29,6 +29,22 @@ system-deps:
 
 test: system-deps $(STAMP)
 	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m pytest $(PYTEST_ARGS)
+
+# The QEMU amd64-generic image and its boot test (root; see README "QEMU test").
+QEMU_PACKAGES := qemu-system-x86 ovmf mmdebstrap grub-efi-amd64-bin grub-common dosfstools mtools fdisk e2fsprogs \
+	zstd iproute2 util-linux
+QEMU_TESTS ?= qemu
+qemu-deps:
+	@missing=""; for pkg in $(QEMU_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+qemu-image: qemu-deps $(STAMP)
+	PATH="$$PATH:/usr/sbin:/sbin" bash qemu/build-image.sh
+
+# Inside a new network namespace with only lo: the dev server and QEMU's user network stay on this machine.
+qemu-test: qemu-image
+	PATH="$$PATH:/usr/sbin:/sbin" unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s $(QEMU_TESTS) $(PYTEST_ARGS)'
 
 demo: $(STAMP)
 	$(VENV)/bin/omaha-agent demo

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the amd64-generic test image for omaha-agent (needs root; no loop mounts):
-#   build/qemu/disk.img              GPT: ESP (GRUB EFI + grubenv), ROOT-A (version 1.0.0), ROOT-B (empty, bad)
+#   build/qemu/disk.img              GPT: ESP (GRUB EFI + grubenv), ROOT-A (version 1.0.0), ROOT-B (empty, bad),
+#                                    STATE (the agent's state dir, shared by both slots)
 #   build/qemu/payload-2.0.0.ext4.zst   the same root filesystem with VERSION_ID=2.0.0
 #   build/qemu/payload-3.0.0.ext4.zst   version 3.0.0 whose init fails at once (the kernel panics, panic=5)
 # The Debian root filesystem comes from mmdebstrap with this machine's own apt sources and is cached by a key
@@ -24,6 +25,7 @@ APPID="{6f3c1a52-9c1e-4d9b-8a57-6d2f0c1e9a11}"
 FS_SIZE=${FS_SIZE:-640M}           # each root filesystem; the partitions are larger (room to grow)
 PART_MIB=${PART_MIB:-800}
 ESP_MIB=64
+STATE_MIB=32   # the agent's state lives outside the A/B pair: both slots must see the same trial record
 
 PACKAGES=systemd-sysv,udev,kmod,initramfs-tools,linux-image-amd64,python3,python3-aiohttp,python3-yaml
 PACKAGES=$PACKAGES,python3-defusedxml,python3-pyudev,python3-dbus-next,python3-zstandard,dbus,grub-common
@@ -78,8 +80,11 @@ health: {commands: ["test -r /etc/os-release"], after: boot-complete, boot_compl
 install: {read_timeout: 30}
 EOF
 mkdir -p "$TREE/boot/efi"
+# / comes from root=PARTLABEL=ROOT-X (the kernel mounts it ro); this entry only makes systemd remount it rw
 cat > "$TREE/etc/fstab" <<'EOF'
-PARTLABEL=ESP  /boot/efi  vfat  umask=0077,shortname=winnt  0  2
+/dev/root        /                     ext4  rw,errors=remount-ro        0  0
+PARTLABEL=ESP    /boot/efi             vfat  umask=0077,shortname=winnt  0  2
+PARTLABEL=STATE  /var/lib/omaha-agent  ext4  rw,nodev,nosuid,noexec      0  2
 EOF
 echo omaha-qemu > "$TREE/etc/hostname"
 mkdir -p "$TREE/etc/systemd/network"
@@ -138,15 +143,18 @@ mcopy -i "$WORK/esp.img" "$WORK/grubenv" ::/grubenv
 # ---- the disk
 DISK=$OUT/disk.img
 rm -f "$DISK"
-truncate -s $(( (1 + ESP_MIB + 2 * PART_MIB + 1) * 1024 * 1024 )) "$DISK"
+truncate -s $(( (1 + ESP_MIB + 2 * PART_MIB + STATE_MIB + 1) * 1024 * 1024 )) "$DISK"
 sfdisk -q "$DISK" <<EOF
 label: gpt
 start=1MiB, size=${ESP_MIB}MiB, type=uefi, name=ESP
 size=${PART_MIB}MiB, type=linux, name=ROOT-A
 size=${PART_MIB}MiB, type=linux, name=ROOT-B
+size=${STATE_MIB}MiB, type=linux, name=STATE
 EOF
 dd if="$WORK/esp.img" of="$DISK" bs=1M seek=1 conv=notrunc,sparse status=none
 dd if="$WORK/root-1.0.0.ext4" of="$DISK" bs=1M seek=$((1 + ESP_MIB)) conv=notrunc,sparse status=none
+mkfs.ext4 -q -F -L state "$WORK/state.ext4" ${STATE_MIB}M
+dd if="$WORK/state.ext4" of="$DISK" bs=1M seek=$((1 + ESP_MIB + 2 * PART_MIB)) conv=notrunc,sparse status=none
 echo "$APPID" > "$OUT/appid"
 echo "$PORT" > "$OUT/port"
 ls -l "$DISK" "$OUT"/payload-*.zst
