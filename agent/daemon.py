@@ -593,6 +593,7 @@ class Agent:
 
     async def run_forever(self, stop: asyncio.Event, on_ready=None) -> None:
         await self.start(on_ready)
+        await self.flush_events()  # a fallback's 3/0 (or anything left from before) goes out now, not at the next check
         policy = self._schedule_policy()
         now = self.clock()
         planned = self.state.next_check
