@@ -243,9 +243,7 @@ class Agent:
         ok, reason = (False, failure) if failure else await self.run_health()
         previous, new = trial.get("previous_version", "0.0.0.0"), trial.get("version", self.version)
         if ok:
-            await asyncio.to_thread(self.boot.mark_good, self.booted)
-            self._queue(engine.updated_and_rebooted(previous, new), new)
-            self.state.trial = None
+            await self._trial_good(trial)
             self.state.blocked = None
             await asyncio.to_thread(self.save)
             log.info("slot %s is good: updated %s -> %s after reboot; reporting 3/2", self.booted, previous, new)
@@ -536,17 +534,20 @@ class Agent:
         trial = self.state.trial
         self.confirming = None  # an external health check replaces the wait for boot-complete.target
         if trial and trial.get("slot") == self.booted:
-            previous, new = trial.get("previous_version", "0.0.0.0"), trial.get("version", self.version)
-            await asyncio.to_thread(self.boot.mark_good, self.booted)
-            self._queue(engine.updated_and_rebooted(previous, new), new)
-            self.state.trial = None
+            await self._trial_good(trial)
             await asyncio.to_thread(self.save)
-            await self.refresh_slots()
             self._spawn(self.flush_events())  # the 3/2 goes out now; the caller does not wait for the server
-            return f"slot {self.booted} marked good"
-        await asyncio.to_thread(self.boot.mark_good, self.booted)
+        else:
+            await asyncio.to_thread(self.boot.mark_good, self.booted)
         await self.refresh_slots()
         return f"slot {self.booted} marked good"
+
+    async def _trial_good(self, trial: dict) -> None:
+        """The booted trial slot is confirmed: mark it good and queue the 3/2 (the caller saves the state)."""
+        previous, new = trial.get("previous_version", "0.0.0.0"), trial.get("version", self.version)
+        await asyncio.to_thread(self.boot.mark_good, self.booted)
+        self._queue(engine.updated_and_rebooted(previous, new), new)
+        self.state.trial = None
 
     # ------------------------------------------------------------------ the two ways to run
     async def run_once(self) -> str:

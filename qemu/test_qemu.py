@@ -53,17 +53,6 @@ def downloads(srv) -> list[dict]:
         return [r for r in map(json.loads, f) if r.get("kind") == "download"]
 
 
-async def wait_until(predicate, timeout: float, what: str, boot=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if boot is not None and boot.proc.returncode is not None:
-            raise AssertionError(f"the guest stopped before {what}\n{boot.tail()}")
-        await asyncio.sleep(1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}" + (f"\n{boot.tail()}" if boot else ""))
-
-
 async def boot_and_report(machine: Machine, expect_version: str, expect_slot: str):
     boot = await machine.boot()
     await boot.wait_for(boot.booted_version, BOOT_TIMEOUT, f"the guest to boot {expect_version}")
@@ -94,7 +83,7 @@ async def test_success_update_reboot_confirm_and_report(image, tmp_path):
         assert srv.event_codes() == ["13/1", "14/1", "3/1"]
 
         second = await boot_and_report(machine, "2.0.0", "B")
-        await wait_until(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report", second)
+        await second.wait_for(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report")
         status = await second.wait_for(
             lambda: (s := second.status()) and s["slots"]["b"]["state"]["data"] == "good" and s, 120,
             "busctl to show slot b good")
@@ -134,12 +123,12 @@ async def test_rollback_when_the_new_version_never_boots(image, tmp_path):
                 assert failed <= 3, "GRUB kept trying the broken slot"
         print(f"rollback: {failed} failed boot(s) of 3.0.0, then slot A again")
         assert failed == 2 and boot.booted_version() == "1.0.0"
-        await wait_until(lambda: "3/0" in srv.event_codes(), BOOT_TIMEOUT, "the 3/0 report", boot)
+        await boot.wait_for(lambda: "3/0" in srv.event_codes(), BOOT_TIMEOUT, "the 3/0 report")
         report = srv.events[-1]
         assert report["errorcode"] == 44 and report["nextversion"] in ("3.0.0", None, "")
         checks = len(srv.requests)
-        await wait_until(lambda: len(srv.requests) > checks or boot.status() and boot.status()["last_error"], 300,
-                         "the agent to settle", boot)
+        await boot.wait_for(lambda: len(srv.requests) > checks or boot.status() and boot.status()["last_error"], 300,
+                            "the agent to settle")
         await asyncio.sleep(10)
         status = boot.status()
         assert status and "3.0.0" in status["last_error"] and status["operation"] == "idle", status
@@ -167,7 +156,7 @@ async def test_power_cut_during_download_then_resume_and_finish(image, tmp_path)
         print(f"after the power cut: downloaded and rebooted after {took:.0f} s; GETs: "
               f"{[d['start'] for d in downloads(srv)]}")
         third = await boot_and_report(machine, "2.0.0", "B")
-        await wait_until(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report", third)
+        await third.wait_for(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report")
         await third.power_off()
     finally:
         await srv.stop()

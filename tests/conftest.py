@@ -16,6 +16,17 @@ def need_tool(name: str):
 
 
 @pytest.fixture
+async def server(tmp_path):
+    """The development server offering a 3 MiB version 2.0.0 to the simulated devices of tests/simdevice.py."""
+    from agent.devserver import DevServer
+    from .simdevice import image
+    srv = DevServer([image(tmp_path, "2.0.0")], log_path=str(tmp_path / "server.jsonl"))
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
 def device(tmp_path):
     """A simulated device: two 8 MiB slot files and a sim bootloader with slot a good at 1.0.0."""
     from agent.boot.sim import SimBoot

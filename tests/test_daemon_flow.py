@@ -7,17 +7,8 @@ import sys
 import pytest
 
 from agent.boot.sim import PANIC_MAGIC
-from agent.devserver import DevServer
 
 from .simdevice import APP, ROOT, Device, image
-
-@pytest.fixture
-async def server(tmp_path):
-    srv = DevServer([image(tmp_path, "2.0.0")], log_path=str(tmp_path / "server.jsonl"))
-    await srv.start()
-    yield srv
-    await srv.stop()
-
 
 @pytest.mark.parametrize("protocol", ["3.0", "3.1"])
 async def test_update_reboot_and_report_3_2(tmp_path, server, protocol):

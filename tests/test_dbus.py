@@ -98,14 +98,6 @@ async def wait_status(client: Client, predicate, timeout: float = 30) -> dict:
 
 
 @pytest.fixture
-async def server(tmp_path):
-    srv = DevServer([image(tmp_path, "2.0.0")], log_path=str(tmp_path / "server.jsonl"))
-    await srv.start()
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
 async def running(tmp_path, server, system_bus):
     dev = Device(tmp_path, server.url, after="boot-complete", extra="schedule: {initial_delay: 3600}\n")
     daemon = Daemon(dev)

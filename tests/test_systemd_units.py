@@ -22,6 +22,13 @@ def installed(tmp_path_factory):
     return dest
 
 
+def read_unit(name: str) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # keys are case-sensitive in unit files
+    unit.read(os.path.join(ROOT, "systemd", name))
+    return unit
+
+
 def run(*argv):
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
@@ -69,26 +76,18 @@ def test_security_exposure_is_below_3(unit):
 
 
 def test_main_unit_is_notify_with_watchdog_and_the_hardening_asked_for():
-    unit = configparser.ConfigParser(strict=False, interpolation=None)
-    unit.optionxform = str
-    unit.read(os.path.join(ROOT, "systemd", "omaha-agent.service"))
-    svc = unit["Service"]
+    svc = read_unit("omaha-agent.service")["Service"]
     assert svc["Type"] == "notify" and int(svc["WatchdogSec"]) > 0 and svc["Restart"] == "on-failure"
     assert svc["ProtectSystem"] == "strict" and "/var/lib/omaha-agent" in svc["ReadWritePaths"]
     assert svc["DevicePolicy"] == "closed" and svc["NoNewPrivileges"] == "yes"
     assert svc["RestrictAddressFamilies"] == "AF_UNIX AF_INET AF_INET6 AF_NETLINK"
-    confirm = configparser.ConfigParser(strict=False, interpolation=None)
-    confirm.optionxform = str
-    confirm.read(os.path.join(ROOT, "systemd", "omaha-agent-confirm.service"))
+    confirm = read_unit("omaha-agent-confirm.service")
     assert "boot-complete.target" in confirm["Unit"]["After"] and "boot-complete.target" in confirm["Unit"]["Requires"]
     assert confirm["Service"]["ExecStart"].endswith("omaha-agent confirm-boot")
 
 
 def test_dbus_activation_starts_the_unit_by_its_alias():
-    act = configparser.ConfigParser(interpolation=None)
-    act.optionxform = str
-    act.read(os.path.join(ROOT, "systemd", "org.omaha_agent.Agent1.service"))
-    entry = act["D-BUS Service"]
+    entry = read_unit("org.omaha_agent.Agent1.service")["D-BUS Service"]
     assert entry["Name"] == "org.omaha_agent.Agent1" and entry["User"] == "root"
     unit = open(os.path.join(ROOT, "systemd", "omaha-agent.service")).read()
     assert f"Alias={entry['SystemdService']}" in unit and "BusName=org.omaha_agent.Agent1" in unit
