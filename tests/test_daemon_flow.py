@@ -10,6 +10,7 @@ from agent.boot.sim import PANIC_MAGIC
 
 from .simdevice import APP, ROOT, Device, image
 
+
 @pytest.mark.parametrize("protocol", ["3.0", "3.1"])
 async def test_update_reboot_and_report_3_2(tmp_path, server, protocol):
     dev = Device(tmp_path, server.url, protocol=protocol)
