@@ -13,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(REPO, "build", "qemu")
 LOGS = os.path.join(BUILD, "logs")
 QEMU = "qemu-system-x86_64"
+ESP_MIB = 64  # build-image.sh: the ESP is the first partition, at 1 MiB
 
 
 def _first(*paths: str) -> str:
@@ -149,6 +150,18 @@ class Machine:
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
         stderr.close()
         return Boot(proc, serial, marker, time.monotonic())
+
+    def fsck_esp(self, scratch: str) -> str:
+        """Checks the ESP's FAT read-only (fsck.vfat -n) on a copy taken out of the disk image; returns its
+        report, or raises AssertionError with it when the filesystem is damaged."""
+        subprocess.run(["dd", f"if={self.disk}", f"of={scratch}", "bs=1M", "skip=1", f"count={ESP_MIB}",
+                        "status=none"], check=True)
+        done = subprocess.run(["fsck.vfat", "-n", scratch], capture_output=True, text=True,
+                              env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"))
+        report = (done.stdout + done.stderr).strip()
+        if done.returncode != 0:
+            raise AssertionError(f"the ESP's FAT is damaged after the power cut:\n{report}")
+        return report
 
     def read_grubenv(self, dest: str) -> str:
         """Copies the ESP's grubenv out of the disk image (no mount): the ESP starts at 1 MiB."""

@@ -43,6 +43,36 @@ def test_grubenv_cross_checked_with_grub_editenv(tmp_path):
     assert boot.status()["b"].state is SlotState.BAD
 
 
+def test_grubenv_rewrites_the_block_in_place_so_a_torn_write_is_old_or_new(tmp_path):
+    need_tool("grub-editenv")
+    path = str(tmp_path / "grubenv")
+    subprocess.run(["grub-editenv", path, "create"], check=True)
+    boot = GrubEnvBoot(path)
+    boot.initialize("a")
+    inode = os.stat(path).st_ino
+    assert [p for p in os.listdir(tmp_path)] == ["grubenv"]
+    before = open(path, "rb").read()
+    boot.set_trial("b", 9)
+    after = open(path, "rb").read()
+    assert os.stat(path).st_ino == inode  # same file, same clusters: no FAT metadata changed
+    # the variables live in the first 512-byte sector; a power cut between the two sectors' writes
+    # leaves either sector set, and both mixes read as the old or the new state
+    assert after[512:] == before[512:] == b"#" * 512
+    torn = tmp_path / "torn"
+    torn.write_bytes(after[:512] + before[512:])
+    assert parse(torn.read_bytes()) == parse(after)
+    torn.write_bytes(before[:512] + after[512:])
+    assert parse(torn.read_bytes()) == parse(before)
+    assert editenv_list(path)["B_TRY"] == "9"
+
+
+def test_grubenv_short_file_is_replaced_by_a_full_block(tmp_path):
+    path = tmp_path / "grubenv"
+    path.write_bytes(b"# GRUB Environment Block\nA_OK=1\n")
+    GrubEnvBoot(str(path)).mark_bad("b")
+    assert len(path.read_bytes()) == 1024 and parse(path.read_bytes())["A_OK"] == "1"
+
+
 def test_grubenv_rejects_garbage_and_missing(tmp_path):
     with pytest.raises(BootError, match="not found"):
         GrubEnvBoot(str(tmp_path / "nope")).status()

@@ -10,12 +10,18 @@ followed by ``NAME=value`` lines, padded with ``#``). Variables, per slot X in A
 State: ``X_OK=1`` good; ``X_OK=0`` and ``X_TRY>0`` trial; otherwise bad. ``config/grub/grub.cfg`` walks
 ``ORDER``, boots the first good slot, or the first trial slot after counting its ``X_TRY`` down and saving.
 
-Writes replace the whole file atomically (temp, fsync, rename, fsync dir), so a power cut leaves the old
-block or the new one.
+Writes rewrite the existing block in place, as GRUB's own ``save_env`` does, then fsync. The block usually
+sits on a FAT ESP, where a rename is not atomic: it allocates a new cluster in the FAT and frees the old one,
+and a power cut soon after can leave the directory pointing at a cluster the FAT calls free (seen in the
+QEMU test). An in-place rewrite changes no FAT metadata; the file keeps its clusters, so GRUB's blocklist
+stays valid too. Our variables fit in the block's first 512-byte sector, and a sector write is atomic on
+disks, so a torn write leaves the old variables or the new ones: the second sector is ``#`` padding in both.
+Only a missing or short file is created with a temp file and a rename.
 """
 from __future__ import annotations
 
 import os
+import stat
 
 from ..atomic import write_atomic
 from . import BootError, SlotState, SlotStatus, check_slot, check_tries, other, reorder
@@ -49,6 +55,14 @@ def render(env: dict[str, str], size: int = SIZE) -> bytes:
     return body + b"#" * (size - len(body))
 
 
+def rewrite_in_place(fd: int, block: bytes) -> None:
+    """Writes ``block`` over the file's first bytes (same length, same clusters) and waits for the disk."""
+    done = 0
+    while done < len(block):
+        done += os.pwrite(fd, block[done:], done)
+    os.fsync(fd)
+
+
 def read(path: str) -> dict[str, str]:
     try:
         with open(path, "rb") as f:
@@ -70,15 +84,24 @@ class GrubEnvBoot:
         return read(self.path)
 
     def _write(self, env: dict[str, str]) -> None:
-        size = SIZE
         try:
-            size = max(SIZE, os.path.getsize(self.path))
-        except OSError:
-            pass
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = None
+        except OSError as exc:
+            raise BootError(f"{self.path}: cannot open the GRUB environment block: {exc.strerror}") from None
         try:
-            write_atomic(self.path, render(env, size))
+            if fd is not None:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size >= SIZE:
+                    rewrite_in_place(fd, render(env, st.st_size))
+                    return
+            write_atomic(self.path, render(env, SIZE))
         except OSError as exc:
             raise BootError(f"{self.path}: cannot write the GRUB environment block: {exc.strerror}") from None
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def initialize(self, good: str = "a") -> None:
         """A fresh block for a factory image: ``good`` is good, the other slot bad."""
