@@ -189,6 +189,8 @@ class Agent:
 
     async def after_boot(self) -> None:
         trial = self.state.trial
+        if not trial:
+            trial = await self._untracked_trial()
         bootable = False
         if trial:
             try:
@@ -216,6 +218,33 @@ class Agent:
                 await self._confirm(trial)
         elif outcome is AfterBoot.FELL_BACK:
             await self._fell_back(trial)
+
+    async def _untracked_trial(self) -> dict | None:
+        """A trial record for a running slot the bootloader does not call good although no record names it
+        (``engine.untracked_boot``); None when there is nothing to settle."""
+        if self.booted is None:
+            return None
+        try:
+            status = await asyncio.to_thread(self.boot.status)
+            booted_good = status[self.booted].state is SlotState.GOOD
+            other_good = status[other(self.booted)].state is SlotState.GOOD
+        except (BootError, KeyError):
+            return None
+        decision = engine.untracked_boot(self.booted, booted_good, other_good)
+        if decision is engine.Untracked.CONFIRM:
+            log.warning("slot %s runs unconfirmed and no trial record names it (was the state lost?): "
+                        "confirming it as a trial of %s", self.booted, self.version)
+            self.state.trial = {"slot": self.booted, "version": self.version, "armed": True, "untracked": True}
+            await asyncio.to_thread(self.save)
+            return self.state.trial
+        if decision is engine.Untracked.ADOPT:
+            log.warning("slot %s runs unconfirmed and no other slot is good: marking it good, it is the "
+                        "system this device boots", self.booted)
+            try:
+                await asyncio.to_thread(self.boot.mark_good, self.booted)
+            except BootError as exc:
+                log.error("could not mark slot %s good: %s", self.booted, exc)
+        return None
 
     async def _confirm_after_boot_complete(self, trial: dict) -> None:
         timeout = self.config.health.boot_complete_timeout

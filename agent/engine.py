@@ -96,6 +96,22 @@ def after_boot(trial: dict | None, booted: str | None, trial_still_bootable: boo
     return AfterBoot.WAITING if trial_still_bootable else AfterBoot.FELL_BACK
 
 
+class Untracked(str, Enum):
+    NOTHING = "nothing"  # the running slot is good (or unknown)
+    CONFIRM = "confirm"  # an unconfirmed slot runs beside a good one: confirm it like a trial, or go back
+    ADOPT = "adopt"  # an unconfirmed slot runs and no other slot is good: it is the device's only system
+
+
+def untracked_boot(booted: str | None, booted_good: bool, other_good: bool) -> Untracked:
+    """Asked when no trial record exists: is the running slot unconfirmed in the bootloader anyway (the state
+    was lost, or another tool armed the slot)? Left alone, it falls back at the next reboot and no update ever
+    starts (updates wait for a good running slot). So it is confirmed like a trial; and when no other slot is
+    good there is nothing to go back to, so it is marked good at once: it is the system that boots."""
+    if booted is None or booted_good:
+        return Untracked.NOTHING
+    return Untracked.CONFIRM if other_good else Untracked.ADOPT
+
+
 BLOCK_BACKOFF = 24 * 3600
 
 

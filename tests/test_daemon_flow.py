@@ -1,6 +1,7 @@
 """The whole flow on the sim backend against the real development server, driven through the CLI."""
 import asyncio
 import os
+import shutil
 import signal
 import sys
 
@@ -59,6 +60,40 @@ async def test_trial_that_never_boots_falls_back_and_reports_3_0(tmp_path, serve
     assert rc == 0, err
     assert server.event_codes() == ["13/1", "14/1", "3/1", "3/0"] and server.events[-1]["errorcode"] == 44
     assert dev.boot.status()["b"].state.value == "bad"
+
+
+async def test_trial_boot_whose_state_was_lost_is_still_confirmed_and_reported(tmp_path, server):
+    dev = Device(tmp_path, server.url)
+    assert (await dev.once())[0] == 0
+    await dev.cli("sim-reboot")
+    shutil.rmtree(tmp_path / "state")  # the trial record and the queued 13/1 14/1 3/1 are gone
+    server.events.clear()
+    assert dev.boot.status()["b"].state.value == "trial"
+    rc, out, err = await dev.once()
+    assert rc == 0, err
+    assert "no trial record names it" in err and "no update (running 2.0.0)" in out
+    assert dev.boot.status()["b"].state.value == "good" and server.event_codes() == ["3/2"]
+    assert server.events[0]["version"] == "2.0.0" and server.events[0]["previousversion"] == "0.0.0.0"
+
+
+async def test_unhealthy_untracked_trial_goes_back_to_the_good_slot(tmp_path, server):
+    dev = Device(tmp_path, server.url, policy="immediate", health="exit 3")
+    assert (await dev.once())[0] == 0
+    assert dev.boot.booted_slot() == "b"
+    shutil.rmtree(tmp_path / "state")
+    server.events.clear()
+    await dev.once()
+    assert dev.boot.booted_slot() == "a" and dev.boot.status()["b"].state.value == "bad"
+    assert server.event_codes() == ["3/0"] and server.events[0]["errorcode"] == 45
+
+
+async def test_running_slot_is_adopted_when_no_slot_is_good(tmp_path, server):
+    dev = Device(tmp_path, server.url)
+    dev.boot.mark_bad("a")  # e.g. a fresh env block that marks nothing good
+    rc, out, err = await dev.once()
+    assert rc == 0, err
+    assert dev.boot.status()["a"].state.value == "good"
+    assert "installed 2.0.0 on slot b" in out  # updates are no longer held back by an unconfirmed slot
 
 
 async def test_events_survive_a_server_outage_and_are_delivered_exactly_once(tmp_path, server):
