@@ -433,6 +433,7 @@ class Agent:
         if isinstance(outcome, NoUpdate):
             self.state.failures = 0
             self.state.last_error = ""
+            self.state.download = None  # a partial download of an update no longer offered is not resumed
             await asyncio.to_thread(self.save)
             self.flow.to(Operation.IDLE)
             return f"no update (running {self.version})"
@@ -474,6 +475,8 @@ class Agent:
         except (SlotError, OSError) as exc:
             return await self._install_failed(offer, InstallError(str(exc), "device"))
         resume = Checkpoint.from_json(self.state.download) if self.state.download else None
+        if resume is None:  # marks the download as started: a restart resumes it soon (schedule.after_restart)
+            self.state.download = Checkpoint(offer.version, target, pkg.sha256_hex, pkg.size, 0, False).to_json()
         self._queue(engine.download_started(previous, offer.version, pkg.size), previous)
         await asyncio.to_thread(self.save)
         await self.flush_events()
@@ -625,9 +628,8 @@ class Agent:
         await self.start(on_ready)
         await self.flush_events()  # a fallback's 3/0 (or anything left from before) goes out now, not at the next check
         policy = self._schedule_policy()
-        now = self.clock()
-        planned = self.state.next_check
-        nxt = schedule.after_wakeup(planned, now, self.rng) if planned else schedule.first_check(now, self.rng, policy)
+        nxt = schedule.after_restart(self.state.next_check, self.clock(), self.rng, policy,
+                                     interrupted_download=self.state.download is not None)
 
         async def stop_wakes_the_loop():
             await stop.wait()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 RETRY_AFTER_CAP = 86400
 RECOVERY_SPREAD = 300
+RESUME_SPREAD = 30
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,18 @@ def after_wakeup(scheduled: float, now: float, rng: random.Random) -> NextCheck:
     if now <= scheduled:
         return NextCheck(scheduled, "as scheduled")
     return NextCheck(now + rng.uniform(0, RECOVERY_SPREAD), "missed while offline or asleep; catching up")
+
+
+def after_restart(scheduled: float | None, now: float, rng: random.Random, policy: Policy,
+                  interrupted_download: bool) -> NextCheck:
+    """The first check after the daemon starts. A download that a restart or a power cut interrupted resumes
+    within half a minute (spread, for a fleet that lost power together) instead of waiting for a catch-up
+    slot of up to five minutes; otherwise the planned check stands, or the initial delay applies."""
+    if interrupted_download:
+        return NextCheck(now + rng.uniform(0, RESUME_SPREAD), "resuming the download a restart interrupted")
+    if scheduled:
+        return after_wakeup(scheduled, now, rng)
+    return first_check(now, rng, policy)
 
 
 def background_allowed(now: float, retry_after_until: float | None) -> bool:

@@ -87,3 +87,15 @@ def test_missed_check_after_sleep_is_spread_not_immediate_for_all():
     late = [schedule.after_wakeup(100, 10_000, rng).at - 10_000 for _ in range(1000)]
     assert 0 <= min(late) and max(late) <= 300 and statistics.pstdev(late) > 50
     assert schedule.after_wakeup(20_000, 10_000, rng).at == 20_000
+
+
+def test_restart_resumes_an_interrupted_download_within_half_a_minute():
+    rng, policy = random.Random(6), schedule.Policy(initial_delay=600)
+    resumed = [schedule.after_restart(100, 10_000, rng, policy, True) for _ in range(500)]
+    assert all(0 <= n.at - 10_000 <= schedule.RESUME_SPREAD for n in resumed)
+    assert "resuming the download" in resumed[0].reason
+    assert schedule.after_restart(20_000, 10_000, rng, policy, False).at == 20_000  # the plan stands
+    late = schedule.after_restart(100, 10_000, rng, policy, False)
+    assert "missed" in late.reason and 10_000 <= late.at <= 10_000 + schedule.RECOVERY_SPREAD
+    first = schedule.after_restart(None, 10_000, rng, policy, False)
+    assert first.reason == "first check after start-up" and first.at <= 10_000 + 660
