@@ -95,6 +95,40 @@ async def _maybe_await(value) -> None:
         await value
 
 
+class _Feeder:
+    """Hands chunks to ``SlotWriter.feed`` in a worker thread while the next chunk downloads: one chunk in
+    flight at most, so memory stays at two chunks and the network and the disk work at the same time.
+
+    A cancelled wait never abandons a running feed (the thread cannot be stopped): it waits for the thread
+    to finish, then re-raises the cancellation, so nobody touches the writer while the thread still does."""
+
+    def __init__(self, writer: SlotWriter):
+        self.writer = writer
+        self.inflight: asyncio.Future | None = None
+        self.broken = False  # a chunk failed while a cancellation waited: the writer was reset
+
+    async def submit(self, data: bytes) -> None:
+        await self.wait()
+        self.inflight = asyncio.get_running_loop().run_in_executor(None, self.writer.feed, data)
+
+    async def wait(self) -> None:
+        fut, cancelled = self.inflight, False
+        if fut is None:
+            return
+        while not fut.done():
+            try:
+                await asyncio.wait({fut})
+            except asyncio.CancelledError:
+                cancelled = True
+        self.inflight = None
+        if cancelled:
+            if fut.exception() is not None:
+                self.writer.reset()  # the failed chunk may be half counted: keep nothing of this attempt
+                self.broken = True
+            raise asyncio.CancelledError
+        fut.result()
+
+
 class Installer:
     def __init__(self, session, *, sessionid: str = "", read_timeout: float = 60.0, readback: bool = False,
                  on_progress: OnProgress | None = None, on_checkpoint: OnCheckpoint | None = None,
@@ -195,12 +229,16 @@ class Installer:
         import aiohttp
 
         offset = writer.received
+        if offset >= pkg.size:  # a checkpoint taken after the last byte: nothing left to fetch, only to verify
+            return
         headers = {"X-Goog-Update-SessionId": self.sessionid} if self.sessionid else {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.read_timeout)
         buffer = bytearray()
         since_checkpoint = 0
+        feeder = _Feeder(writer)
+        fed = offset  # bytes handed to the feeder (the writer's own count lags while a chunk is in flight)
         attempt_start, attempt_base = time.monotonic(), offset
         try:
             async with self.session.get(url, headers=headers, timeout=timeout) as resp:
@@ -211,30 +249,40 @@ class Installer:
                 elif resp.status == 200:
                     if offset:  # Range ignored: the body starts at byte 0
                         writer.reset()
-                        attempt_base = 0
+                        fed = attempt_base = 0
+                elif resp.status == 416 and offset:  # the server cannot resume there: start over from 0
+                    writer.reset()
+                    raise _TransferFailed(f"HTTP 416: the server cannot resume at byte {offset}")
                 else:
                     raise _TransferFailed(f"HTTP {resp.status} {resp.reason or ''}".strip())
                 complete_body = resp.content_length is not None  # aiohttp raises if it is not satisfied
                 async for data in resp.content.iter_chunked(1 << 16):
                     buffer += data
-                    if writer.received + len(buffer) > pkg.size:
+                    if fed + len(buffer) > pkg.size:
                         raise PayloadError(f"server sent more than the promised {pkg.size} bytes", "size")
                     if len(buffer) >= self.chunk:
-                        await asyncio.to_thread(writer.feed, bytes(buffer))
+                        await feeder.submit(bytes(buffer))
+                        fed += len(buffer)
                         since_checkpoint += len(buffer)
                         buffer.clear()
                         if since_checkpoint >= self.checkpoint_every:
+                            await feeder.wait()
                             await self._checkpoint(writer, slot, pkg, version)
                             since_checkpoint = 0
                         self._progress(writer, pkg, attempt_start, attempt_base)
+                if buffer:
+                    await feeder.submit(bytes(buffer))
+                    buffer.clear()
+                await feeder.wait()
         except asyncio.CancelledError:
-            await self._save_partial(writer, buffer, slot, pkg, version)
+            await self._save_partial(feeder, buffer, slot, pkg, version)
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            await self._save_partial(writer, buffer, slot, pkg, version)
+            await self._save_partial(feeder, buffer, slot, pkg, version)
             raise _TransferFailed(_describe(exc)) from None
-        if buffer:
-            await asyncio.to_thread(writer.feed, bytes(buffer))
+        except PayloadError:
+            await _settle(feeder)
+            raise
         self._progress(writer, pkg, attempt_start, attempt_base)
         if writer.received < pkg.size:
             if complete_body:  # the server sent all it meant to: its payload is smaller than it said
@@ -242,9 +290,13 @@ class Installer:
             await self._checkpoint(writer, slot, pkg, version)
             raise _TransferFailed(f"short body: {writer.received} of {pkg.size} bytes")
 
-    async def _save_partial(self, writer, buffer, slot, pkg, version) -> None:
+    async def _save_partial(self, feeder: _Feeder, buffer: bytearray, slot, pkg, version) -> None:
         """Keep what arrived before a cut (or a cancel), durable, so the next attempt resumes after it."""
+        writer = feeder.writer
         try:
+            await feeder.wait()
+            if feeder.broken:
+                return
             if buffer:
                 await asyncio.to_thread(writer.feed, bytes(buffer))
                 buffer.clear()
@@ -255,6 +307,14 @@ class Installer:
     def _progress(self, writer: SlotWriter, pkg: PackageOffer, start: float, base: int) -> None:
         elapsed = max(1e-6, time.monotonic() - start)
         self.on_progress(Progress(writer.received, pkg.size, (writer.received - base) / elapsed))
+
+
+async def _settle(feeder: _Feeder) -> None:
+    """Lets a chunk in flight finish before the caller resets the writer; its own error no longer matters."""
+    try:
+        await feeder.wait()
+    except PayloadError:
+        pass
 
 
 def _content_range_start(value: str) -> int | None:

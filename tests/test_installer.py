@@ -222,6 +222,66 @@ async def test_cancel_then_resume_after_restart_rebuilds_hash_state(device, payl
     assert slot_holds(slots["b"], data) and boot.status()["b"].state is SlotState.TRIAL
 
 
+async def test_cancel_while_a_chunk_is_being_written_keeps_a_true_checkpoint(device, payload, monkeypatch):
+    """Each cancel lands while a chunk is inside the writer thread (its feed has started and takes 50 ms).
+    The checkpoint saved on cancel must describe exactly what is on the slot, and the resumed install must
+    verify."""
+    import time as _time
+    from agent.payload import SlotWriter
+    real_feed = SlotWriter.feed
+    feeds = []
+
+    def slow_feed(self, data):
+        feeds.append(len(data))
+        _time.sleep(0.05)
+        return real_feed(self, data)
+
+    monkeypatch.setattr(SlotWriter, "feed", slow_feed)
+    boot, slots = device
+    path, data = payload
+    server = await with_server([Image(path, "2.0.0", APP)])
+    saved = None
+    try:
+        for _ in range(3):
+            checkpoints, feeds[:] = [], []
+            task = asyncio.create_task(run_install(server, boot, slots, resume=saved,
+                                                   on_checkpoint=checkpoints.append))
+            for _ in range(500):
+                if len(feeds) >= 3:
+                    break
+                await asyncio.sleep(0.002)
+            task.cancel()  # the third chunk is in the thread now
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert checkpoints, "a cancel saves a checkpoint"
+            saved = checkpoints[-1]
+            assert slot_holds(slots["b"], data[:saved.received]), f"checkpoint at {saved.received} is false"
+        assert 0 < saved.received < len(data)
+        monkeypatch.setattr(SlotWriter, "feed", real_feed)
+        result = await run_install(server, boot, slots, resume=saved)
+    finally:
+        await server.stop()
+    assert result.resumed_from == saved.received
+    assert slot_holds(slots["b"], data) and boot.status()["b"].state is SlotState.TRIAL
+
+
+async def test_checkpoint_after_the_last_byte_verifies_without_fetching(device, payload, tmp_path):
+    boot, slots = device
+    path, data = payload
+    server = await with_server([Image(path, "2.0.0", APP)])
+    server.log_path = str(tmp_path / "log.jsonl")
+    try:
+        pkg = (await offer_from(server)).packages[0]
+        with open(slots["b"], "r+b") as f:
+            f.write(data)  # a cancel came after the last chunk was written, before the verify
+        cp = Checkpoint("2.0.0", "b", pkg.sha256_hex, pkg.size, pkg.size, False)
+        result = await run_install(server, boot, slots, resume=cp)
+    finally:
+        await server.stop()
+    assert result.resumed_from == pkg.size and boot.status()["b"].state is SlotState.TRIAL
+    assert not os.path.exists(server.log_path) or '"download"' not in open(server.log_path).read()
+
+
 async def test_resume_with_a_corrupted_prefix_fails_verification(device, payload):
     boot, slots = device
     path, data = payload
