@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
 	busctl:systemd setpriv:util-linux xz:xz-utils
 
-.PHONY: test demo system-deps venv clean install qemu-deps qemu-image qemu-test
+.PHONY: test demo bench system-deps venv clean install qemu-deps qemu-image qemu-test
 
 venv: $(STAMP)
 
@@ -48,6 +48,10 @@ qemu-test: qemu-image
 
 demo: $(STAMP)
 	$(VENV)/bin/omaha-agent demo
+
+# Figures, not pass/fail: update throughput against a raw download, peak and idle RSS (see tests/bench.py).
+bench: system-deps $(STAMP)
+	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m tests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
