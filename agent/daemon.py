@@ -231,6 +231,12 @@ class Agent:
         except (BootError, KeyError):
             return None
         decision = engine.untracked_boot(self.booted, booted_good, other_good)
+        blocked = self.state.blocked or {}
+        if decision is engine.Untracked.CONFIRM and blocked.get("version") == self.version:
+            # this version already failed here (its 3/0 is sent); the slot waits for the reboot back
+            log.warning("slot %s runs %s, which failed here; reboot to go back to slot %s", self.booted,
+                        self.version, other(self.booted))
+            return None
         if decision is engine.Untracked.CONFIRM:
             log.warning("slot %s runs unconfirmed and no trial record names it (was the state lost?): "
                         "confirming it as a trial of %s", self.booted, self.version)

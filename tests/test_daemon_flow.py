@@ -87,6 +87,17 @@ async def test_unhealthy_untracked_trial_goes_back_to_the_good_slot(tmp_path, se
     assert server.event_codes() == ["3/0"] and server.events[0]["errorcode"] == 45
 
 
+async def test_failed_trial_still_running_is_not_reported_again_on_restart(tmp_path, server):
+    dev = Device(tmp_path, server.url, policy="manual", health="exit 3")
+    assert (await dev.once())[0] == 0
+    await dev.cli("sim-reboot")
+    await dev.once()  # health fails: b bad, 3/0; the manual policy leaves the reboot to the operator
+    assert dev.boot.booted_slot() == "b" and server.event_codes().count("3/0") == 1
+    rc, out, err = await dev.once()  # a daemon restart while still on b
+    assert server.event_codes().count("3/0") == 1 and "which failed here" in err, err
+    assert dev.boot.status()["b"].state.value == "bad"
+
+
 async def test_running_slot_is_adopted_when_no_slot_is_good(tmp_path, server):
     dev = Device(tmp_path, server.url)
     dev.boot.mark_bad("a")  # e.g. a fresh env block that marks nothing good
