@@ -37,6 +37,23 @@ def make_session(ca_file: str | None = None, timeout: float = 30.0):
                                                                                    sock_read=timeout))
 
 
+async def _read_body(resp, limit: int) -> bytes:
+    """The whole body, however many pieces it arrives in; more than ``limit`` bytes is refused without reading
+    further (a server that never stops sending cannot make the agent grow)."""
+    declared = resp.content_length
+    if declared is not None and declared > limit:
+        raise OmahaHttpError(f"unusable answer from the update server: its body of {declared} bytes is over "
+                             f"the {limit}-byte limit", resp.status)
+    parts, size = [], 0
+    while piece := await resp.content.read(65536):
+        size += len(piece)
+        if size > limit:
+            raise OmahaHttpError(f"unusable answer from the update server: its body is over the {limit}-byte "
+                                 "limit", resp.status)
+        parts.append(piece)
+    return b"".join(parts)
+
+
 async def post(session, url: str, req: Request, *, interactive: bool | None, request_age: int | None = None,
                timeout: float = 30.0) -> Answer:
     import aiohttp
@@ -46,9 +63,9 @@ async def post(session, url: str, req: Request, *, interactive: bool | None, req
         async with session.post(url, data=encode_request(req), headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout * 2)) as resp:
             retry_after = parse_retry_after(resp.headers.get("X-Retry-After"))
-            body = await resp.content.read(MAX_RESPONSE + 1)
             if resp.status != 200:
                 raise OmahaHttpError(f"server answered HTTP {resp.status}", resp.status, retry_after)
+            body = await _read_body(resp, MAX_RESPONSE)
     except OmahaHttpError:
         raise
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:

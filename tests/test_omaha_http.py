@@ -1,0 +1,145 @@
+"""The Omaha HTTP adapter against real aiohttp servers on 127.0.0.1 that answer the way real networks and
+hostile servers do: in pieces, slowly, too much, or not at all."""
+import asyncio
+import os
+import resource
+
+import pytest
+from aiohttp import web
+
+from agent import http
+from agent.omaha.request import ClientInfo, update_check
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "omaha")
+RESPONSE = open(os.path.join(DATA, "coreos_update_response.xml"), "rb").read()
+APPID = "e96281a6-d1af-4bde-9a0a-97b76e56dc57"
+
+
+async def _serve(handler):
+    app = web.Application()
+    app.router.add_post("/v1/update/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/update/"
+
+
+async def _check(handler, timeout=5.0):
+    runner, url = await _serve(handler)
+    req = update_check(ClientInfo(appid=APPID, version="1.0.0"), requestid="r", sessionid="s", interactive=False,
+                       ping=None)
+    try:
+        async with http.make_session(timeout=timeout) as session:
+            return await asyncio.wait_for(http.post(session, url, req, interactive=False, timeout=timeout), 30)
+    finally:
+        await runner.cleanup()
+
+
+def _pieces(body, sizes, pause=0.05, chunked=True):
+    async def handler(request):
+        await request.read()
+        headers = {"Content-Type": "text/xml"}
+        if not chunked:
+            headers["Content-Length"] = str(len(body))
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        at = 0
+        for size in sizes:
+            await resp.write(body[at:at + size])
+            at += size
+            await asyncio.sleep(pause)
+        await resp.write(body[at:])
+        await resp.write_eof()
+        return resp
+    return handler
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
+async def test_a_response_arriving_in_pieces_is_read_whole(chunked):
+    # a real network delivers a body of a few KiB in several segments; each piece here is a separate write
+    # with a pause between, so the client sees them one at a time
+    sizes = [1, 40, 200, 7] + [100] * 5
+    answer = await _check(_pieces(RESPONSE, sizes, chunked=chunked))
+    app = answer.response.apps[0]
+    assert app.appid == APPID and app.updatecheck.status == "ok"
+    assert app.updatecheck.manifest.version
+
+
+async def test_a_declared_body_over_the_limit_is_refused_without_reading_it():
+    sent = []
+
+    async def handler(request):
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Length": str(50 << 20)})
+        await resp.prepare(request)
+        for _ in range(50):
+            try:
+                await resp.write(b" " * (1 << 20))
+            except (ConnectionError, RuntimeError):
+                break
+            sent.append(1)
+        return resp
+
+    with pytest.raises(http.OmahaHttpError) as info:
+        await _check(handler)
+    assert "over the 1048576-byte limit" in str(info.value) and "52428800 bytes" in str(info.value)
+    assert len(sent) < 50
+
+
+async def test_an_endless_body_is_cut_at_the_limit_with_bounded_memory():
+    async def handler(request):
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/xml"})
+        await resp.prepare(request)
+        await resp.write(b'<response protocol="3.0">')
+        for _ in range(4096):  # 256 MiB if the client read it all
+            try:
+                await resp.write(b"<x/>" * 16384)
+            except (ConnectionError, RuntimeError):
+                break
+        return resp
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(http.OmahaHttpError) as info:
+        await _check(handler)
+    assert "over the 1048576-byte limit" in str(info.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB
+
+
+async def test_a_server_that_stops_mid_body_times_out_with_a_clear_error():
+    async def handler(request):
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Length": str(len(RESPONSE))})
+        await resp.prepare(request)
+        await resp.write(RESPONSE[:100])
+        await asyncio.sleep(3)  # well past the 0.5 s read timeout; short so the server shuts down quickly
+        return resp
+
+    with pytest.raises(http.OmahaHttpError) as info:
+        await _check(handler, timeout=0.5)
+    assert str(info.value) == "cannot reach the update server: timed out"
+
+
+async def test_a_connection_closed_mid_body_is_a_clear_error_not_half_a_response():
+    async def handler(request):
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Length": str(len(RESPONSE))})
+        await resp.prepare(request)
+        await resp.write(RESPONSE[:len(RESPONSE) // 2])
+        request.transport.close()
+        return resp
+
+    with pytest.raises(http.OmahaHttpError) as info:
+        await _check(handler)
+    assert str(info.value).startswith("cannot reach the update server:")
+
+
+async def test_an_error_status_keeps_the_retry_after():
+    async def handler(request):
+        await request.read()
+        return web.Response(status=503, text="busy", headers={"X-Retry-After": "120"})
+
+    with pytest.raises(http.OmahaHttpError) as info:
+        await _check(handler)
+    assert (str(info.value), info.value.status, info.value.retry_after) == ("server answered HTTP 503", 503, 120)
