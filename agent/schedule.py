@@ -75,9 +75,24 @@ def after_restart(scheduled: float | None, now: float, rng: random.Random, polic
     slot of up to five minutes; otherwise the planned check stands, or the initial delay applies."""
     if interrupted_download:
         return NextCheck(now + rng.uniform(0, RESUME_SPREAD), "resuming the download a restart interrupted")
+    if scheduled and scheduled - now > horizon(policy):
+        check = first_check(now, rng, policy)
+        return NextCheck(check.at, "the planned check lay too far ahead (did the clock move back?); planned afresh")
     if scheduled:
         return after_wakeup(scheduled, now, rng)
     return first_check(now, rng, policy)
+
+
+def horizon(policy: Policy) -> float:
+    """The furthest ahead any planned check can lie: a later one means the wall clock moved back (a device
+    without a battery-backed clock that booted in 1970, or a clock set by hand) or the state is damaged."""
+    regular = policy.interval * (1 + policy.postpone_fraction) + 61
+    return max(regular, policy.backoff_cap + 1, RETRY_AFTER_CAP + 1, policy.initial_delay + 60)
+
+
+def within(at: float | None, now: float, limit: float) -> float | None:
+    """``at``, brought back to at most ``limit`` seconds after ``now``."""
+    return None if at is None else min(at, now + limit)
 
 
 def background_allowed(now: float, retry_after_until: float | None) -> bool:

@@ -99,3 +99,18 @@ def test_restart_resumes_an_interrupted_download_within_half_a_minute():
     assert "missed" in late.reason and 10_000 <= late.at <= 10_000 + schedule.RECOVERY_SPREAD
     first = schedule.after_restart(None, 10_000, rng, policy, False)
     assert first.reason == "first check after start-up" and first.at <= 10_000 + 660
+
+
+def test_a_plan_the_clock_can_no_longer_reach_soon_is_made_afresh():
+    # a device without a battery-backed clock boots in 1970 and finds a check planned for 2026 in its state
+    rng, policy = random.Random(7), schedule.Policy()
+    limit = schedule.horizon(policy)
+    assert limit == schedule.RETRY_AFTER_CAP + 1  # the longest legal wait: X-Retry-After's day
+    now, planned_2026 = 1000.0, 1_790_000_000.0
+    nxt = schedule.after_restart(planned_2026, now, rng, policy, False)
+    assert now <= nxt.at <= now + policy.initial_delay + 60 and "clock move back" in nxt.reason
+    # every legal plan is within the horizon, so a plan the daemon made itself is never replaced
+    for failures in range(0, 40):
+        assert schedule.next_check(now, rng, policy, failures, retry_after=10**9).at - now <= limit
+    assert schedule.after_restart(now + limit - 1, now, rng, policy, False).at == now + limit - 1
+    assert schedule.within(now + 10**9, now, 60) == now + 60 and schedule.within(None, now, 60) is None

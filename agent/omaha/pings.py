@@ -8,6 +8,7 @@ rounded down to a week.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from .model import DayStart, Ping
@@ -29,11 +30,17 @@ class PingState:
 
     @classmethod
     def from_json(cls, data: dict) -> "PingState":
-        fields = cls.__dataclass_fields__
+        """Only well-typed values are kept (a day start is a finite number, a day count an integer, the
+        freshness a string); anything else is as if never stored."""
+        kinds = {"active_daystart": (int, float), "rollcall_daystart": (int, float), "active_days": int,
+                 "rollcall_days": int, "freshness": str, "install_date": int}
         clean = {}
-        for k, v in (data or {}).items():
-            if k in fields and (v is None or isinstance(v, (int, float, str))) and not isinstance(v, bool):
-                clean[k] = v
+        for k, v in (data if isinstance(data, dict) else {}).items():
+            if k not in kinds or isinstance(v, bool) or not isinstance(v, kinds[k]):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                continue
+            clean[k] = v
         return cls(**clean)
 
 
