@@ -21,24 +21,15 @@ def cmd_config_check(args) -> int:
     return 0
 
 
-def _agent(args):
-    from .daemon import Agent
-    return Agent(load(args.config))
-
-
 def cmd_slots(args) -> int:
-    agent = _agent(args)
-    agent.state, _ = agent.store.load()
-    agent.detect()
-    slots = agent.slot_status()
-    if "error" in slots:
-        return _fail(slots["error"])
+    from .daemon import read_slots
+    view = asyncio.run(read_slots(load(args.config)))
     if args.json:
-        print(json.dumps({"booted": agent.booted, "version": agent.version, "slots": slots}, sort_keys=True))
+        print(json.dumps(view, sort_keys=True))
         return 0
     print(f"{'slot':<5}{'state':<8}{'tries':<7}{'version':<20}")
-    for name, s in slots.items():
-        mark = "*" if name == agent.booted else " "
+    for name, s in view["slots"].items():
+        mark = "*" if name == view["booted"] else " "
         print(f"{mark}{name:<4}{s['state']:<8}{s.get('tries_left', 0):<7}{s.get('version') or '-':<20}")
     print("(* booted)")
     return 0
@@ -81,7 +72,7 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_devserver(args) -> int:
-    from .devserver import serve
+    from .tools.devserver import serve
     try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:
@@ -89,7 +80,7 @@ def cmd_devserver(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import main as demo_main
+    from .tools.demo import main as demo_main
     return demo_main(args)
 
 

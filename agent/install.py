@@ -14,41 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from .boot import BootControl
+from .boot import BootError
+from .boot.worker import BootWorker
 from .omaha.outcome import PackageOffer
 from .payload import PayloadError, SlotWriter
+from .state import Checkpoint
 
 CHUNK = 1 << 20
 CHECKPOINT_EVERY = 16 << 20
 MAX_ATTEMPTS = 64
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """What survives a restart: which payload, how far it is durable on the slot."""
-
-    version: str
-    slot: str
-    sha256: str
-    size: int
-    received: int
-    compressed: bool
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data) -> "Checkpoint | None":
-        try:
-            cp = cls(**{k: data[k] for k in cls.__dataclass_fields__})
-        except (TypeError, KeyError):
-            return None
-        types_ok = (isinstance(cp.version, str) and isinstance(cp.slot, str) and isinstance(cp.sha256, str)
-                    and isinstance(cp.size, int) and isinstance(cp.received, int) and 0 <= cp.received <= cp.size)
-        return cp if types_ok else None
 
 
 @dataclass(frozen=True)
@@ -80,6 +57,19 @@ class InstallError(Exception):
     def __init__(self, message: str, kind: str = "transfer"):
         super().__init__(message)
         self.kind = kind
+
+
+class InstallHooks:
+    """What runs between the install steps; the daemon's update attempt fills them in."""
+
+    async def before_write(self) -> None:
+        """Before the target is marked bad."""
+
+    async def writing(self) -> None:
+        """The target is marked bad; the download starts."""
+
+    async def verified(self, result: "InstallResult") -> None:
+        """The payload is on the slot and verified; the slot is armed next."""
 
 
 class _TransferFailed(Exception):
@@ -142,17 +132,24 @@ class Installer:
         self.chunk = chunk
         self.checkpoint_every = checkpoint_every
 
-    async def install(self, boot: BootControl, slot: str, path: str, capacity: int, pkg: PackageOffer,
-                      version: str, tries: int, resume: Checkpoint | None = None) -> InstallResult:
-        """The whole ordered sequence onto ``slot`` (already checked by ``slots.check_target``)."""
+    async def install(self, boot: BootWorker, slot: str, path: str, capacity: int, pkg: PackageOffer,
+                      version: str, tries: int, resume: Checkpoint | None = None,
+                      hooks: "InstallHooks | None" = None) -> InstallResult:
+        """The whole ordered sequence onto ``slot`` (already checked by ``slots.check_target``): the one install
+        path, for the daemon and the tests alike. ``hooks`` run between the steps (the daemon records the
+        trial before it is armed, so a crash after arming still finds it)."""
+        hooks = hooks or InstallHooks()
+        await hooks.before_write()
         try:
-            await asyncio.to_thread(boot.mark_bad, slot)
-        except Exception as exc:
+            await boot.mark_bad(slot)
+        except BootError as exc:
             raise InstallError(f"could not mark slot {slot} bad before writing: {exc}", "boot") from None
+        await hooks.writing()
         result = await self.stream(slot, path, capacity, pkg, version, resume)
+        await hooks.verified(result)
         try:
-            await asyncio.to_thread(boot.set_trial, slot, tries, version)
-        except Exception as exc:
+            await boot.set_trial(slot, tries, version)
+        except BootError as exc:
             raise InstallError(f"could not set slot {slot} for a trial boot: {exc}", "boot") from None
         return result
 

@@ -12,8 +12,9 @@ log = logging.getLogger("omaha-agent")
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None, notifier: Notifier | None = None) -> None:
-    """Runs until SIGTERM/SIGINT (or ``stop``). READY=1 goes out once the state is loaded and the D-Bus names are
-    owned; a trial boot is settled after that, so a slow health check never delays the service start."""
+    """Runs until SIGTERM/SIGINT (or ``stop``). READY=1 goes out once the state is loaded, the last update is
+    settled and the D-Bus names are owned; a trial boot's health step runs as a job, so a slow health check never
+    delays the service start."""
     from .daemon import Agent
 
     agent = Agent(config)
@@ -32,16 +33,17 @@ async def serve(config: Config, stop: asyncio.Event | None = None, notifier: Not
         notifier.ready(status_line(agent.snapshot()))
         log.info("ready%s", " on the system bus" if service else "")
 
+    wait = False
     if config.health.after == "boot-complete":
         if config.dbus.enabled:
-            agent.wait_for_boot_complete = True  # omaha-agent-confirm.service sends ConfirmBoot over D-Bus
+            wait = True  # omaha-agent-confirm.service sends ConfirmBoot over D-Bus
         else:
             log.warning("health.after is boot-complete but D-Bus is disabled: nothing can send ConfirmBoot, so "
                         "a trial boot is checked as soon as the daemon starts")
     agent.listeners.append(lambda snapshot: notifier.status(status_line(snapshot)))
     watchdog = asyncio.create_task(notifier.watchdog())
     try:
-        await agent.run_forever(stop, on_ready)
+        await agent.run_forever(stop, on_ready, wait)
     finally:
         notifier.stopping()
         watchdog.cancel()

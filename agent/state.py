@@ -1,29 +1,81 @@
-"""The daemon's durable state: one JSON file, replaced atomically, and the pending-event queue in it.
+"""The daemon's durable state as typed records, one JSON file replaced atomically, and the one way to save it.
 
-Events leave the queue only once the server acknowledged them; a resend keeps its original request id and
-creation time (for ``X-Request-Age``). The queue is bounded: past ``MAX_EVENTS`` the oldest progress events
-(13/1, 14/1) go first, outcomes (3/x) last.
+Records: the trial (``Trial``), the download checkpoint (``Checkpoint``), the blocked version (``Blocked``) and
+the event queue (``EventRecord``). Events leave the queue only once the server acknowledged them; a resend keeps
+its original request id and creation time (for ``X-Request-Age``). The queue is bounded: past ``MAX_EVENTS`` the
+oldest progress events (13/1, 14/1) go first, outcomes (3/x) last.
+
+``Store.commit`` is the one save: it snapshots the state on the event loop and writes in a thread, one write at
+a time; a snapshot older than one already written is never written over it. A file damaged by hand, by a bug or
+by a failing disk never stops the daemon: what is malformed is dropped with a warning that names it.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from .atomic import write_atomic
+from .omaha.model import Event
 
 STATE_FILE = "state.json"
 MAX_EVENTS = 64
+MAX_FILE = 4 << 20
+SLOTS = ("a", "b")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """An installed update: armed once its slot is set for a trial boot."""
+
+    slot: str
+    version: str
+    previous_version: str = "0.0.0.0"
+    armed: bool = False
+    untracked: bool = False  # found running unconfirmed without a record (state lost, or another tool)
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A version that failed here: not installed again before ``until``."""
+
+    version: str
+    until: float
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What survives a restart: which payload, how far it is durable on the slot."""
+
+    version: str
+    slot: str
+    sha256: str
+    size: int
+    received: int
+    compressed: bool
+
+
+@dataclass
+class EventRecord:
+    requestid: str
+    sessionid: str
+    created: float
+    version: str
+    event: Event
+    attempts: int = 0
 
 
 @dataclass
 class State:
     ping: dict = field(default_factory=dict)
     cohort: dict = field(default_factory=dict)
-    events: list = field(default_factory=list)  # {"requestid", "created", "version", "event": {...}}
-    download: dict | None = None  # install.Checkpoint
-    trial: dict | None = None  # {"slot", "version", "previous_version"}
-    blocked: dict | None = None  # {"version", "until"}: do not install this version again before
+    events: list[EventRecord] = field(default_factory=list)
+    download: Checkpoint | None = None
+    trial: Trial | None = None
+    blocked: Blocked | None = None
     failures: int = 0
     last_check: float | None = None
     next_check: float | None = None
@@ -31,47 +83,200 @@ class State:
     last_error: str = ""
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("download", "trial", "blocked"):
+            out[key] = asdict(out[key]) if out[key] is not None else None
+        out["events"] = [dict(asdict(e), event={k: v for k, v in e.event.__dict__.items()}) for e in self.events]
+        return out
+
+    def enqueue(self, record: EventRecord) -> None:
+        self.events.append(record)
+        while len(self.events) > MAX_EVENTS:
+            progress = [i for i, e in enumerate(self.events) if e.event.eventtype in (13, 14)]
+            self.events.pop(progress[0] if progress else 0)
 
 
-def _clean(data: dict) -> State:
-    state = State()
-    expected = {"ping": dict, "cohort": dict, "events": list, "download": (dict, type(None)),
-                "trial": (dict, type(None)), "blocked": (dict, type(None)), "failures": int,
-                "last_check": (int, float, type(None)), "next_check": (int, float, type(None)),
-                "retry_after_until": (int, float, type(None)), "last_error": str}
-    for key, kind in expected.items():
-        if key in data and isinstance(data[key], kind) and not isinstance(data[key], bool):
-            setattr(state, key, data[key])
-    state.events = [e for e in state.events if isinstance(e, dict) and isinstance(e.get("event"), dict)]
-    return state
+# ---------------------------------------------------------------------------------------------- reading
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class StateStore:
+def _kind(value, kinds) -> bool:
+    """``value`` is of ``kinds``: a bool only where bool is asked for, a float only when finite."""
+    if isinstance(value, bool):
+        return kinds is bool
+    return isinstance(value, kinds) and (not isinstance(value, float) or math.isfinite(value))
+
+
+def _record(cls, data, kinds: dict, check=lambda r: True):
+    """``cls(**data)`` when every field present has its kind and the required ones are there; else None."""
+    if not isinstance(data, dict):
+        return None
+    args = {}
+    for name in (f.name for f in fields(cls)):
+        if name in data:
+            if not _kind(data[name], kinds[name]):
+                return None
+            args[name] = data[name]
+    try:
+        record = cls(**args)
+    except TypeError:  # a required field is missing
+        return None
+    return record if check(record) else None
+
+
+def trial_from(data) -> Trial | None:
+    return _record(Trial, data, {"slot": str, "version": str, "previous_version": str, "armed": bool,
+                                 "untracked": bool}, lambda t: t.slot in SLOTS)
+
+
+def blocked_from(data) -> Blocked | None:
+    return _record(Blocked, data, {"version": str, "until": (int, float), "count": int}, lambda b: b.count >= 1)
+
+
+def checkpoint_from(data) -> Checkpoint | None:
+    return _record(Checkpoint, data, {"version": str, "slot": str, "sha256": str, "size": int, "received": int,
+                                      "compressed": bool}, lambda c: 0 <= c.received <= c.size)
+
+
+def _event_kinds() -> dict:
+    out = {}
+    for f in fields(Event):
+        text = str(f.type)
+        out[f.name] = (int, type(None)) if "None" in text and "int" in text else int if "int" in text else str
+    return out
+
+
+def event_record_from(data) -> EventRecord | None:
+    if not isinstance(data, dict) or not isinstance(data.get("event"), dict):
+        return None
+    event, kinds = data["event"], _event_kinds()
+    if not {"eventtype", "eventresult"} <= event.keys() or any(k not in kinds or not _kind(v, kinds[k])
+                                                                  for k, v in event.items()):
+        return None
+    rest = {k: v for k, v in data.items() if k != "event"}
+    rest.setdefault("sessionid", "")
+    rest.setdefault("version", "")
+    record = _record(_EventFields, rest, {"requestid": str, "sessionid": str, "created": (int, float),
+                                          "version": str, "attempts": int},
+                     lambda r: bool(r.requestid) and r.attempts >= 0)
+    if record is None:
+        return None
+    return EventRecord(record.requestid, record.sessionid, record.created, record.version, Event(**event),
+                       record.attempts)
+
+
+@dataclass(frozen=True)
+class _EventFields:
+    requestid: str
+    sessionid: str
+    created: float
+    version: str
+    attempts: int = 0
+
+
+_PLAIN = {"ping": dict, "cohort": dict, "failures": int, "last_check": (int, float, type(None)),
+          "next_check": (int, float, type(None)), "retry_after_until": (int, float, type(None)), "last_error": str}
+_RECORDS = {"trial": trial_from, "blocked": blocked_from, "download": checkpoint_from}
+
+
+def from_json(data: dict) -> tuple[State, list[str]]:
+    """The state ``data`` describes, keeping only what is well-formed, and the names of what was dropped."""
+    state, dropped = State(), []
+    for key, kind in _PLAIN.items():
+        if key in data:
+            value = data[key]
+            ok = _kind(value, kind) and (key != "failures" or 0 <= value <= 1_000_000)
+            if ok:
+                setattr(state, key, value)
+            else:
+                dropped.append(key)
+    for key, parse in _RECORDS.items():
+        if data.get(key) is not None:
+            record = parse(data[key])
+            if record is None:
+                dropped.append(key)
+            setattr(state, key, record)
+    state.cohort = {k: v for k, v in state.cohort.items() if isinstance(k, str) and isinstance(v, str)}
+    raw = data.get("events", [])
+    if not isinstance(raw, list):
+        dropped.append("events")
+        raw = []
+    events = [e for e in map(event_record_from, raw) if e is not None]
+    if len(events) != len(raw):
+        dropped.append(f"{len(raw) - len(events)} malformed event(s)")
+    state.events = events[-MAX_EVENTS:]
+    return state, dropped
+
+
+# ---------------------------------------------------------------------------------------------- the store
+class Store:
+    """The state in memory (``state``) and on disk. ``commit`` is the one way to save it."""
+
     def __init__(self, directory: str):
         self.directory = directory
         self.path = os.path.join(directory, STATE_FILE)
+        self.state = State()
+        self._lock = asyncio.Lock()
+        self._made = 0  # the newest snapshot taken
+        self._latest: tuple[int, bytes] | None = None
+        self._written = 0  # the newest snapshot on disk
 
-    def load(self) -> tuple[State, str | None]:
-        """The stored state, or a fresh one with a warning when the file is missing or unreadable."""
+    def load(self) -> str | None:
+        """Reads the stored state into ``state``; returns a warning for the log when something was dropped.
+        Refuses (``OSError``) a file that exists but cannot be read: starting afresh would overwrite it."""
         try:
             with open(self.path, "rb") as f:
-                data = json.loads(f.read(4 << 20))
+                raw = f.read(MAX_FILE + 1)
         except FileNotFoundError:
-            return State(), None
-        except (OSError, ValueError) as exc:
-            return State(), f"state file {self.path} unreadable ({exc}); starting afresh"
+            self.state = State()
+            return None
+        except OSError as exc:
+            raise OSError(f"state file {self.path} cannot be read ({exc.strerror or exc}): fix its permissions "
+                          f"or move it away; refusing to start and overwrite it") from None
+        try:
+            if len(raw) > MAX_FILE:
+                raise ValueError(f"larger than {MAX_FILE >> 20} MiB")
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            self.state = State()
+            return f"state file {self.path} unreadable ({str(exc)[:200]}); starting afresh{self._keep_damaged()}"
         if not isinstance(data, dict):
-            return State(), f"state file {self.path} is not an object; starting afresh"
-        return _clean(data), None
+            self.state = State()
+            return f"state file {self.path} is not an object; starting afresh{self._keep_damaged()}"
+        self.state, dropped = from_json(data)
+        return f"state file {self.path}: dropped what was malformed ({', '.join(dropped)})" if dropped else None
 
-    def save(self, state: State) -> None:
+    def _keep_damaged(self) -> str:
+        """Moves a damaged state file aside (for whoever investigates) before a fresh one replaces it."""
+        try:
+            os.replace(self.path, self.path + ".damaged")
+        except OSError:
+            return ""
+        return f" (the damaged file is kept as {self.path}.damaged)"
+
+    def _encode(self) -> bytes:
+        return (json.dumps(self.state.to_json(), indent=1, sort_keys=True) + "\n").encode()
+
+    def _write(self, data: bytes) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        write_atomic(self.path, (json.dumps(state.to_json(), indent=1, sort_keys=True) + "\n").encode(), 0o600)
+        write_atomic(self.path, data, 0o600)
 
+    async def commit(self) -> None:
+        """Saves the state as it is now. Saves are serialised; one that finds a newer snapshot already written
+        returns at once, and a waiting one writes the newest snapshot taken. Raises ``OSError``."""
+        self._made += 1
+        self._latest = (self._made, self._encode())
+        mine = self._made
+        async with self._lock:
+            if self._written >= mine:
+                return
+            number, data = self._latest
+            await asyncio.to_thread(self._write, data)
+            self._written = number
 
-def enqueue(state: State, record: dict) -> None:
-    state.events.append(record)
-    while len(state.events) > MAX_EVENTS:
-        progress = [i for i, e in enumerate(state.events) if e["event"].get("eventtype") in (13, 14)]
-        state.events.pop(progress[0] if progress else 0)
+    def commit_now(self) -> None:
+        """The synchronous save, for a process without an event loop (the CLI's offline commands)."""
+        self._made += 1
+        self._write(self._encode())
+        self._written = self._made

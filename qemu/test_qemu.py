@@ -13,7 +13,7 @@ import time
 import pytest
 
 from agent.boot.grubenv import GrubEnvBoot
-from agent.devserver import DevServer, Faults, Image
+from agent.tools.devserver import DevServer, Faults, Image
 
 from .vm import BUILD, LOGS, Machine, accel
 

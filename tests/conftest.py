@@ -18,7 +18,7 @@ def need_tool(name: str):
 @pytest.fixture
 async def server(tmp_path):
     """The development server offering a 3 MiB version 2.0.0 to the simulated devices of tests/simdevice.py."""
-    from agent.devserver import DevServer
+    from agent.tools.devserver import DevServer
     from .simdevice import image
     srv = DevServer([image(tmp_path, "2.0.0")], log_path=str(tmp_path / "server.jsonl"))
     await srv.start()

@@ -5,7 +5,7 @@ import os
 import sys
 
 from agent.boot.sim import SimBoot
-from agent.devserver import Image
+from agent.tools.devserver import Image
 
 APP = "{0a0b0c0d-1111-4222-8333-444455556666}"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

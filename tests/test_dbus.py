@@ -12,7 +12,7 @@ import time
 import pytest
 
 from agent.dbus.client import Client, ClientError
-from agent.devserver import DevServer, Faults
+from agent.tools.devserver import DevServer, Faults
 
 from .conftest import PrivateBus, need_tool
 from .simdevice import ROOT, Device, image

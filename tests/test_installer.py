@@ -1,5 +1,6 @@
 """The streaming installer against the real development server on 127.0.0.1, with faults injected."""
 import asyncio
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -15,8 +16,10 @@ import pytest
 import zstandard
 
 from agent.boot import SlotState
-from agent.devserver import DevServer, Faults, Image
-from agent.install import Checkpoint, Installer, InstallError
+from agent.tools.devserver import DevServer, Faults, Image
+from agent.boot.worker import BootWorker
+from agent.install import Installer, InstallError
+from agent.state import Checkpoint, checkpoint_from
 from agent.omaha import decode_response, encode_request, interpret
 from agent.omaha import request as build
 from agent.slots import SlotError, SlotSpec, check_target
@@ -44,7 +47,7 @@ async def run_install(server, boot, slots, session_kwargs=None, resume=None, **k
     offer = await offer_from(server)
     async with aiohttp.ClientSession() as session:
         inst = Installer(session, sessionid="s", chunk=256 << 10, checkpoint_every=1 << 20, **kw)
-        return await inst.install(boot, "b", slots["b"], 8 << 20, offer.packages[0], offer.version, 3, resume)
+        return await inst.install(BootWorker(boot), "b", slots["b"], 8 << 20, offer.packages[0], offer.version, 3, resume)
 
 
 async def with_server(images, faults=None, dialect="chromeos"):
@@ -210,7 +213,7 @@ async def test_cancel_then_resume_after_restart_rebuilds_hash_state(device, payl
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        saved = Checkpoint.from_json(json.loads(json.dumps(checkpoints[-1].to_json())))
+        saved = checkpoint_from(json.loads(json.dumps(dataclasses.asdict(checkpoints[-1]))))
         assert saved.received >= 2 << 20 and boot.status()["b"].state is SlotState.BAD
         server.faults.drip_delay = 0
         result = await run_install(server, boot, slots, resume=saved)
@@ -347,13 +350,14 @@ POWER_CUT_CHILD = r"""
 import asyncio, json, sys, aiohttp
 from agent.boot.sim import SimBoot
 from agent.install import Installer
+from agent.boot.worker import BootWorker
 from agent.omaha.outcome import PackageOffer
 env, slot_b, url, size, sha = sys.argv[1:6]
 pkg = PackageOffer("v2.img", (url,), int(size), bytes.fromhex(sha), None)
 async def main():
     async with aiohttp.ClientSession() as s:
         await Installer(s, chunk=1 << 18, checkpoint_every=1 << 20).install(
-            SimBoot(env), "b", slot_b, 8 << 20, pkg, "2.0.0", 3)
+            BootWorker(SimBoot(env)), "b", slot_b, 8 << 20, pkg, "2.0.0", 3)
     print("DONE", flush=True)
 asyncio.run(main())
 """

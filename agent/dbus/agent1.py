@@ -6,6 +6,8 @@ from dbus_next import PropertyAccess
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
+from ..machine import Cancel, Check, ConfirmBoot, MarkGood, Reboot, Refuse
+from ..owner import Failed
 from . import convert
 
 NAME = "org.omaha_agent.Agent1"
@@ -89,35 +91,35 @@ class Agent1(ServiceInterface):
         return convert.status_dict(self.agent.snapshot())
 
     @method()
-    def CheckForUpdate(self, interactive: "b") -> "b":
-        """Starts a check and returns at once: true if it started, false if one is already running."""
-        return self.agent.request_check(bool(interactive))
+    async def CheckForUpdate(self, interactive: "b") -> "b":
+        """Starts a check and returns at once: true if it started, false if one is already running or an
+        installed update waits for a reboot; an error when the agent cannot check now (a trial boot)."""
+        reply = await answer(self.agent, Check(bool(interactive)))
+        return reply.acted
 
     @method()
-    def Cancel(self) -> "s":
-        if not self.agent.cancel():
-            raise DBusError(f"{ERROR}.NothingToCancel",
-                            f"no download is running (the agent is {self.agent.flow.operation.value})")
-        return "download cancelled; it resumes from its checkpoint on the next check"
+    async def Cancel(self) -> "s":
+        return (await answer(self.agent, Cancel())).message
 
     @method()
     async def MarkGood(self) -> "s":
-        return await _call(self.agent.mark_good())
+        return (await answer(self.agent, MarkGood())).message
 
     @method()
     async def Reboot(self) -> "s":
-        return await _call(self.agent.reboot_now())
+        return (await answer(self.agent, Reboot())).message
 
     @method()
-    def ConfirmBoot(self) -> "s":
+    async def ConfirmBoot(self) -> "s":
         """Sent by omaha-agent-confirm.service once boot-complete.target is reached."""
-        return self.agent.confirm_boot()
+        return (await answer(self.agent, ConfirmBoot())).message
 
 
-async def _call(coro):
-    from ..boot import BootError
-    from ..daemon import AgentError
-    try:
-        return await coro
-    except (AgentError, BootError, OSError) as exc:
-        raise DBusError(f"{ERROR}.Failed", str(exc)) from None
+async def answer(agent, command):
+    """The owner's answer to ``command``; a refusal or a failure becomes a D-Bus error with its reason."""
+    reply = await agent.submit(command)
+    if isinstance(reply.result, Refuse):
+        raise DBusError(f"{ERROR}.{reply.result.kind}", reply.message)
+    if isinstance(reply.result, Failed):
+        raise DBusError(f"{ERROR}.Failed", reply.message)
+    return reply

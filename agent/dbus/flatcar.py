@@ -4,6 +4,8 @@ Operator and update_engine_client-style scripts work unchanged. Same signatures,
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, method, signal
 
+from ..machine import Act, Check, NoOp, Reset
+
 NAME = "com.coreos.update1"
 PATH = "/com/coreos/update1"
 INTERFACE = "com.coreos.update1.Manager"
@@ -44,16 +46,14 @@ class Manager(ServiceInterface):
         return self._sent or status_tuple(self.agent.snapshot())
 
     @method()
-    def AttemptUpdate(self):
-        self.agent.request_check(True)
+    async def AttemptUpdate(self):
+        await self.agent.submit(Check(True))  # like update_engine: no error when a check already runs
 
     @method()
-    def ResetStatus(self):
-        from ..daemon import AgentError
-        try:
-            self.agent.reset_status()
-        except AgentError as exc:
-            raise DBusError("com.coreos.update1.Error.Failed", str(exc)) from None
+    async def ResetStatus(self):
+        reply = await self.agent.submit(Reset())
+        if not isinstance(reply.result, (Act, NoOp)):
+            raise DBusError("com.coreos.update1.Error.Failed", reply.message)
 
     @method()
     def GetStatus(self) -> "xdssx":

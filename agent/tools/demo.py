@@ -13,9 +13,9 @@ import shutil
 import sys
 import tempfile
 
-from .boot.sim import PANIC_MAGIC, SimBoot
-from .config import load
-from .daemon import Agent, AgentError
+from ..boot.sim import PANIC_MAGIC, SimBoot
+from ..config import load
+from ..daemon import Agent, AgentError, read_slots
 from .devserver import DevServer, Image
 
 APPID = "{5e1f0a3c-7a1d-4c2b-9d57-0a6d2f1e9b10}"
@@ -97,12 +97,10 @@ async def run_agent(config_path: str, bar: ProgressBar | None = None) -> str:
         return f"error: {exc}"
 
 
-def slots_table(config_path: str) -> None:
-    agent = Agent(load(config_path))
-    agent.state, _ = agent.store.load()
-    agent.detect()
-    for name, s in agent.slot_status().items():
-        mark = "*" if name == agent.booted else " "
+async def slots_table(config_path: str) -> None:
+    view = await read_slots(load(config_path))
+    for name, s in view["slots"].items():
+        mark = "*" if name == view["booted"] else " "
         say(f"    {mark} slot {name}: {s['state']:<6} tries left {s.get('tries_left', 0)}  version {s.get('version') or '-'}")
 
 
@@ -131,17 +129,17 @@ async def scenario(work: str) -> bool:
     try:
         say(f"A simulated device in {work}: slot a runs 1.0.0, slot b is empty.")
         say(f"The development server on {url} offers 2.0.0 ({os.path.getsize(v2)} bytes).")
-        slots_table(config_path)
+        await slots_table(config_path)
         say()
         say("== Scenario 1: a good update ==")
         say("1. The agent checks, streams 2.0.0 onto slot b while hashing it, verifies it, sets b for a trial boot:")
         say("    " + await run_agent(config_path, ProgressBar()))
-        slots_table(config_path)
+        await slots_table(config_path)
         say("2. Simulated reboot: the bootloader tries slot b (one try used):")
         say(f"    booted slot {boot.reboot()}")
         say("3. The agent starts on b, runs its health command, marks b good and reports 3/2:")
         say("    " + await run_agent(config_path))
-        slots_table(config_path)
+        await slots_table(config_path)
         codes = server.event_codes()
         say(f"4. The server received events: {' '.join(codes)}")
         ok &= codes == ["13/1", "14/1", "3/1", "3/2"]
@@ -159,7 +157,7 @@ async def scenario(work: str) -> bool:
         say(f"    booted slot {boot.reboot()}")
         say("3. The agent starts on b, sees the failed trial, marks a bad and reports 3/0:")
         say("    " + await run_agent(config_path))
-        slots_table(config_path)
+        await slots_table(config_path)
         codes = server.event_codes()
         say(f"4. The server received events: {' '.join(codes)} (3/0 errorcode {server.events[-1]['errorcode']}: "
             "the bootloader fell back)")

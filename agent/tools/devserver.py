@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from .omaha import decode_request, encode_response, versions
-from .omaha.model import (
+from ..omaha import decode_request, encode_response, versions
+from ..omaha.model import (
     Action, DayStart, Manifest, Package, ProtocolError, Response, ResponseApp, ResponseUpdateCheck, Url,
 )
 

@@ -1,0 +1,272 @@
+"""The update state machine, without I/O: operations, the commands that reach the owner, and the decision for
+every (operation, command) pair.
+
+Every entry point (the schedule, the start-up settle, each D-Bus method, the CLI) becomes a ``Command`` handed
+to the one owner (``owner.py``), which asks ``decide`` and acts on the answer: ``Act`` (do it), ``NoOp`` (nothing
+to do; the reason is the answer) or ``Refuse`` (the caller gets an error with the reason). A command never has
+a side effect the table does not name.
+
+Operations: ``starting`` (before the start-up settle), ``idle``, ``checking``, ``update-available``,
+``downloading``, ``verifying``, ``finalizing`` (the update job), ``reporting-error`` (a job reporting its
+failure), ``updated-need-reboot`` (an armed trial waits for a reboot), ``awaiting-boot-complete`` (the trial
+slot booted; its health step waits for boot-complete.target), ``health-check`` (the health step runs).
+
+================================  =========  ==============  =============  ==============  =============  ========
+operation \\ command              check      cancel          mark-good      reset           reboot         confirm
+================================  =========  ==============  =============  ==============  =============  ========
+starting                          refuse     refuse          refuse         refuse          refuse         refuse
+idle                              ACT job    refuse          ACT running¹   no-op           refuse         no-op
+checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op
+downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op
+verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op
+reporting-error                   no-op      refuse          no-op²         refuse          refuse         no-op
+updated-need-reboot               no-op      refuse          no-op          ACT → idle³     ACT reboot     no-op
+awaiting-boot-complete            refuse     refuse          ACT trial⁴     refuse          refuse         ACT job
+health-check                      refuse     refuse          refuse⁵        refuse          refuse         no-op
+================================  =========  ==============  =============  ==============  =============  ========
+
+The start-up ``settle`` is acted on in ``starting`` only (a no-op anywhere else); ``health-timeout`` (boot-complete
+never came) is acted on in ``awaiting-boot-complete`` only. ``job-done`` (the owner's own command when a job
+ends) always acts: it sets the operation the job ended in.
+
+1. The running slot is marked good (nothing is written when it already is): an operator's override.
+2. Updates run only from a confirmed slot, so the running slot is already good.
+3. Flatcar's ``ResetStatus``: the installed update stays armed and still boots on the next reboot; a later
+   install onto that slot first drops its trial record.
+4. An external health check replaces the wait for boot-complete.target: the trial slot is marked good, 3/2.
+5. The running health step decides; a second, concurrent verdict would report the trial twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .omaha import versions
+
+
+class Operation(str, Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    CHECKING = "checking"
+    UPDATE_AVAILABLE = "update-available"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    FINALIZING = "finalizing"
+    NEED_REBOOT = "updated-need-reboot"
+    REPORTING_ERROR = "reporting-error"
+    AWAITING_BOOT_COMPLETE = "awaiting-boot-complete"
+    HEALTH_CHECK = "health-check"
+
+
+_O = Operation
+UPDATE_JOB = frozenset({_O.CHECKING, _O.UPDATE_AVAILABLE, _O.DOWNLOADING, _O.VERIFYING, _O.FINALIZING,
+                        _O.REPORTING_ERROR})
+JOB = UPDATE_JOB | {_O.HEALTH_CHECK}
+TRIAL_BOOT = frozenset({_O.AWAITING_BOOT_COMPLETE, _O.HEALTH_CHECK})
+
+TRANSITIONS: dict[Operation, frozenset[Operation]] = {
+    _O.STARTING: frozenset({_O.IDLE, _O.NEED_REBOOT, _O.AWAITING_BOOT_COMPLETE, _O.HEALTH_CHECK}),
+    _O.IDLE: frozenset({_O.CHECKING}),
+    _O.CHECKING: frozenset({_O.IDLE, _O.UPDATE_AVAILABLE, _O.REPORTING_ERROR, _O.NEED_REBOOT}),
+    _O.UPDATE_AVAILABLE: frozenset({_O.DOWNLOADING, _O.IDLE, _O.REPORTING_ERROR, _O.NEED_REBOOT}),
+    _O.DOWNLOADING: frozenset({_O.VERIFYING, _O.REPORTING_ERROR, _O.IDLE}),
+    _O.VERIFYING: frozenset({_O.FINALIZING, _O.REPORTING_ERROR, _O.IDLE}),
+    _O.FINALIZING: frozenset({_O.NEED_REBOOT, _O.REPORTING_ERROR}),
+    _O.NEED_REBOOT: frozenset({_O.IDLE}),
+    _O.REPORTING_ERROR: frozenset({_O.IDLE, _O.NEED_REBOOT}),
+    _O.AWAITING_BOOT_COMPLETE: frozenset({_O.HEALTH_CHECK, _O.IDLE}),
+    _O.HEALTH_CHECK: frozenset({_O.IDLE, _O.REPORTING_ERROR}),
+}
+
+
+class Flow:
+    """The current operation; refuses transitions the machine does not have."""
+
+    def __init__(self, on_change=None):
+        self.operation = Operation.STARTING
+        self.on_change = on_change
+
+    def to(self, operation: Operation) -> None:
+        if operation == self.operation:
+            return
+        if operation not in TRANSITIONS[self.operation]:
+            raise RuntimeError(f"flow cannot go from {self.operation.value} to {operation.value}")
+        old, self.operation = self.operation, operation
+        if self.on_change:
+            self.on_change(old, operation)
+
+    def end_job(self, operation: Operation, failed: bool) -> None:
+        """``job-done``: a failed job passes through reporting-error (so watchers see it), then ``operation``."""
+        if (failed and operation is Operation.IDLE and self.operation in JOB
+                and Operation.REPORTING_ERROR in TRANSITIONS[self.operation]):
+            self.to(Operation.REPORTING_ERROR)
+        self.to(operation)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+@dataclass(frozen=True)
+class Check:
+    interactive: bool = False
+
+
+@dataclass(frozen=True)
+class Cancel:
+    pass
+
+
+@dataclass(frozen=True)
+class MarkGood:
+    pass
+
+
+@dataclass(frozen=True)
+class Reset:
+    pass
+
+
+@dataclass(frozen=True)
+class Reboot:
+    pass
+
+
+@dataclass(frozen=True)
+class ConfirmBoot:
+    pass
+
+
+@dataclass(frozen=True)
+class Settle:
+    pass
+
+
+@dataclass(frozen=True)
+class HealthTimeout:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class JobDone:
+    operation: Operation  # where the job ended: idle or updated-need-reboot
+    failed: bool = False
+
+
+Command = Check | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | Settle | HealthTimeout | JobDone
+
+
+# ---------------------------------------------------------------------------------------------- decisions
+class Action(str, Enum):
+    START_UPDATE_JOB = "start the update job"
+    CANCEL_JOB = "cancel the running job"
+    MARK_RUNNING_GOOD = "mark the running slot good"
+    CONFIRM_TRIAL = "mark the trial slot good and report 3/2"
+    START_HEALTH_JOB = "run the health step"
+    FAIL_TRIAL = "fail the trial: mark it bad, report 3/0, reboot back"
+    RESET = "back to idle; the armed update stays armed"
+    REBOOT = "reboot into the installed update"
+    SETTLE = "settle the last update"
+    END_JOB = "set the operation the job ended in"
+
+
+@dataclass(frozen=True)
+class Act:
+    action: Action
+
+
+@dataclass(frozen=True)
+class NoOp:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    reason: str
+    kind: str = "Failed"  # the D-Bus error name's last part
+
+
+Decision = Act | NoOp | Refuse
+
+
+def decide(operation: Operation, command: Command, new_version: str = "") -> Decision:
+    """The answer to ``command`` in ``operation``: the table in this module's docstring."""
+    op = operation
+    if isinstance(command, JobDone):
+        return Act(Action.END_JOB)
+    if isinstance(command, Settle):
+        return Act(Action.SETTLE) if op is _O.STARTING else NoOp("the last update is settled already")
+    if op is _O.STARTING:
+        return Refuse("the agent is starting; try again in a moment", "Starting")
+    if isinstance(command, HealthTimeout):
+        return Act(Action.FAIL_TRIAL) if op is _O.AWAITING_BOOT_COMPLETE else NoOp("no trial boot waits")
+    waiting = f"version {new_version} is installed and waits for a reboot"
+    trial = "the running slot boots on trial"
+    if isinstance(command, Check):
+        if op is _O.IDLE:
+            return Act(Action.START_UPDATE_JOB)
+        if op in UPDATE_JOB:
+            return NoOp(f"a check is already running ({op.value})")
+        if op is _O.NEED_REBOOT:
+            return NoOp(waiting)
+        return Refuse(f"{trial}: no update check before it is confirmed ({op.value})", "Busy")
+    if isinstance(command, Cancel):
+        if op in (_O.CHECKING, _O.UPDATE_AVAILABLE, _O.DOWNLOADING):
+            return Act(Action.CANCEL_JOB)
+        if op in (_O.VERIFYING, _O.FINALIZING):
+            return Refuse(f"the update is {op.value}; that step cannot be interrupted", "Busy")
+        if op is _O.NEED_REBOOT:
+            return Refuse(f"no download is running: {waiting}", "NothingToCancel")
+        return Refuse(f"no download is running (the agent is {op.value})", "NothingToCancel")
+    if isinstance(command, MarkGood):
+        if op is _O.IDLE:
+            return Act(Action.MARK_RUNNING_GOOD)
+        if op is _O.AWAITING_BOOT_COMPLETE:
+            return Act(Action.CONFIRM_TRIAL)
+        if op is _O.HEALTH_CHECK:
+            return Refuse("the health check of the running trial is in progress; its result decides", "Busy")
+        if op is _O.NEED_REBOOT:
+            return NoOp(f"the running slot is already good; {waiting}")
+        return NoOp("the running slot is already good (updates start only from a confirmed slot)")
+    if isinstance(command, Reset):
+        if op is _O.NEED_REBOOT:
+            return Act(Action.RESET)
+        if op is _O.IDLE:
+            return NoOp("idle")
+        return Refuse(f"cannot reset while {op.value}", "Busy")
+    if isinstance(command, Reboot):
+        if op is _O.NEED_REBOOT:
+            return Act(Action.REBOOT)
+        return Refuse(f"no update waits for a reboot (the agent is {op.value})", "NothingToReboot")
+    if isinstance(command, ConfirmBoot):
+        if op is _O.AWAITING_BOOT_COMPLETE:
+            return Act(Action.START_HEALTH_JOB)
+        if op is _O.HEALTH_CHECK:
+            return NoOp("the health check of the running trial is in progress")
+        return NoOp("no trial boot waits for confirmation")
+    raise TypeError(f"not a command: {command!r}")
+
+
+# ---------------------------------------------------------------------------------------------- install policy
+@dataclass(frozen=True)
+class Install:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decline:
+    reason: str
+
+
+def may_install(offer: str, current: str, *, trial_version: str | None, blocked_version: str | None,
+                blocked_until: float, rollback_allowed: bool, booted_good: bool, now: float) -> Install | Decline:
+    """Whether an offered version is installed. Never relies on the server to compare versions."""
+    if not booted_good:
+        return Decline("the running slot is not confirmed good yet; no update before it is")
+    if versions.same(offer, current):
+        return Decline(f"version {offer} is already running")
+    if trial_version is not None and versions.same(offer, trial_version):
+        return Decline(f"version {offer} is already installed and waits for a reboot")
+    if blocked_version is not None and versions.same(offer, blocked_version) and now < blocked_until:
+        return Decline(f"version {offer} failed on this device; not retried before the backoff ends")
+    if not versions.is_newer(offer, current) and not rollback_allowed:
+        return Decline(f"version {offer} is older than {current}: a downgrade, refused "
+                       "(set app.rollback_allowed to accept)")
+    return Install(f"update {current} -> {offer}")

@@ -1,0 +1,289 @@
+"""The one owner of every transition: commands from every entry point are executed here, one at a time, in the
+order they arrive; ``machine.decide`` answers each (act, no-op or refuse) and only an ``Act`` has an effect.
+
+Long work runs as the owner's one job (the update attempt, or the health step of a trial boot): a task it starts,
+can cancel, and whose end it hears as its own ``JobDone`` command, which sets the operation the job ended in. While
+a job runs, commands keep being answered at once (from the table), and reads (status, properties) never wait.
+
+Faults are contained: an exception in a command or a job (a bootloader, disk, state-save or network error, or a
+bug) fails that command or job with a one-line reason in ``LastError`` and the journal; the owner goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from .attempt import AttemptFailed
+from .boot import BootError
+from .machine import (
+    Act, Action, Check, Command, ConfirmBoot, Decision, HealthTimeout, JobDone, NoOp, Operation, Refuse, decide,
+)
+from .reboot import reboot
+from .settle import Found
+from .slots import SlotError
+
+log = logging.getLogger("omaha-agent")
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An ``Act`` whose execution failed; ``reason`` is the one line a user sees."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended."""
+
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    result: Act | NoOp | Refuse | Failed
+    message: str
+    job: asyncio.Task | None = None  # the job the command started; awaiting it gives its Outcome
+
+    @property
+    def acted(self) -> bool:
+        return isinstance(self.result, Act)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for ``LastError``: the adapters' own messages as they are, anything else named."""
+    if isinstance(exc, (BootError, SlotError, AttemptFailed)):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+    return f"internal error: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+class Owner:
+    def __init__(self, ctx, settler, attempt, *, wait_for_boot_complete: bool = False):
+        self.ctx = ctx
+        self.settler = settler
+        self.attempt = attempt
+        self.reporter = attempt.reporter
+        self.wait_for_boot_complete = wait_for_boot_complete
+        self.job: asyncio.Task | None = None
+        self.job_ended = asyncio.Event()  # set whenever a job ends (the schedule plans the next check then)
+        self.history: list[tuple[str, str, str]] = []  # (operation, command, answer): the last few, for tests
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._runner: asyncio.Task | None = None
+        self._timer: asyncio.Task | None = None
+        self._closing = False
+
+    @property
+    def flow(self):
+        return self.ctx.status.flow
+
+    # -------------------------------------------------------------- the queue
+    def start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    async def submit(self, command: Command) -> Reply:
+        """Hands ``command`` to the owner and waits for its answer (not for a job it starts: see ``Reply.job``)."""
+        if self._closing or self._runner is None or self._runner.done():
+            return Reply(Refuse("the agent is stopping", "Stopping"), "the agent is stopping")
+        answer = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((command, answer))
+        return await asyncio.shield(answer)
+
+    async def _run(self) -> None:
+        while True:
+            command, answer = await self._queue.get()
+            try:
+                reply = await self._handle(command)
+            except asyncio.CancelledError:
+                if not answer.done():
+                    answer.set_result(Reply(Refuse("the agent is stopping", "Stopping"), "the agent is stopping"))
+                raise
+            except BaseException as exc:  # _handle contains everything; this is the last line of defence
+                log.exception("command %s failed", type(command).__name__)
+                reply = Reply(Failed(describe(exc)), describe(exc))
+            if not answer.done():
+                answer.set_result(reply)
+
+    async def _handle(self, command: Command) -> Reply:
+        operation = self.flow.operation
+        decision: Decision = decide(operation, command, self.ctx.status.new_version)
+        name = type(command).__name__
+        if isinstance(decision, Act):
+            try:
+                message, job = await self._act(decision.action, command)
+                reply = Reply(decision, message, job)
+            except Exception as exc:
+                reason = describe(exc)
+                if not isinstance(exc, (BootError, SlotError, OSError)):
+                    log.exception("%s failed", name)
+                log.error("%s: %s", name, reason)
+                await self._record_error(reason)
+                reply = Reply(Failed(reason), reason)
+        else:
+            reply = Reply(decision, decision.reason)
+            if not isinstance(command, JobDone):
+                log.info("%s in %s: %s (%s)", name, operation.value, type(decision).__name__.lower(), decision.reason)
+        self.history = (self.history + [(operation.value, name, type(reply.result).__name__)])[-200:]
+        return reply
+
+    async def _record_error(self, reason: str) -> None:
+        self.ctx.state.last_error = reason
+        self.ctx.status.notify()
+        try:
+            await self.ctx.store.commit()
+        except OSError as exc:
+            log.error("could not save the state: %s", describe(exc))
+
+    # -------------------------------------------------------------- actions
+    async def _act(self, action: Action, command: Command) -> tuple[str, asyncio.Task | None]:
+        ctx, status = self.ctx, self.ctx.status
+        if action is Action.SETTLE:
+            return await self._settle()
+        if action is Action.END_JOB:
+            return await self._end_job(command), None
+        if action is Action.START_UPDATE_JOB:
+            self.flow.to(Operation.CHECKING)
+            return "checking for an update", self._start_job(self._update_job(command.interactive), "check")
+        if action is Action.CANCEL_JOB:
+            self.job.cancel()
+            return "download cancelled; it resumes from its checkpoint on the next check", None
+        if action is Action.MARK_RUNNING_GOOD:
+            message = await self.settler.mark_running_good()
+            await status.refresh_slots()
+            return message, None
+        if action is Action.CONFIRM_TRIAL:
+            self._stop_timer()
+            trial = ctx.state.trial
+            if trial is not None and trial.slot == ctx.booted:
+                await self.settler.confirm(trial)
+                ctx.spawn(self.reporter.flush(), "sending the 3/2")  # the caller does not wait for the server
+            else:
+                await ctx.boot.mark_good(ctx.booted)
+            self.flow.to(Operation.IDLE)
+            return f"slot {ctx.booted} marked good", None
+        if action is Action.START_HEALTH_JOB:
+            self._stop_timer()
+            self.flow.to(Operation.HEALTH_CHECK)
+            return (f"boot complete: checking the health of slot {ctx.booted}",
+                    self._start_job(self._health_job(None), "health step"))
+        if action is Action.FAIL_TRIAL:
+            self.flow.to(Operation.HEALTH_CHECK)
+            failure = f"boot-complete.target was not reached within {command.seconds:g} s"
+            return failure, self._start_job(self._health_job(failure), "health step")
+        if action is Action.RESET:
+            self.flow.to(Operation.IDLE)
+            status.clear_offer()
+            return "idle", None
+        if action is Action.REBOOT:
+            version = status.new_version
+            await reboot(ctx, f"asked to boot {version}", force=True)
+            return f"rebooting into {version}", None
+        raise AssertionError(f"no execution for {action}")
+
+    async def _settle(self) -> tuple[str, asyncio.Task | None]:
+        ctx = self.ctx
+        try:
+            found = await self.settler.settle()
+        except Exception as exc:
+            self.flow.to(Operation.IDLE)  # the daemon goes on; the next start settles again
+            raise type(exc)(f"start-up could not settle the last update: {describe(exc)}") from None
+        if found is Found.WAITING:
+            self.flow.to(Operation.NEED_REBOOT)
+            return f"version {ctx.status.new_version} is installed and waits for a reboot", None
+        if found is Found.TRIAL_BOOT and self.wait_for_boot_complete:
+            self.flow.to(Operation.AWAITING_BOOT_COMPLETE)
+            timeout = ctx.config.health.boot_complete_timeout
+            self._timer = ctx.spawn(self._boot_complete_timer(timeout), "the boot-complete timer")
+            log.info("slot %s boots on trial: its health check runs once boot-complete.target is reached", ctx.booted)
+            return f"slot {ctx.booted} boots on trial; waiting for boot-complete.target", None
+        if found is Found.TRIAL_BOOT:
+            self.flow.to(Operation.HEALTH_CHECK)
+            return f"checking the health of slot {ctx.booted}", self._start_job(self._health_job(None), "health step")
+        self.flow.to(Operation.IDLE)
+        return "settled", None
+
+    async def _boot_complete_timer(self, timeout: float) -> None:
+        await self.ctx.clock.sleep(timeout)
+        await self.submit(HealthTimeout(timeout))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _end_job(self, done: JobDone) -> str:
+        before = self.flow.operation
+        self.job = None
+        self.flow.end_job(done.operation, done.failed)
+        if done.operation is Operation.NEED_REBOOT and before is Operation.FINALIZING:
+            await reboot(self.ctx, f"update to {self.ctx.status.new_version} installed")
+        if self.flow.operation is Operation.IDLE:
+            self.ctx.status.clear_offer()
+        self.job_ended.set()
+        return done.operation.value
+
+    # -------------------------------------------------------------- jobs
+    def _start_job(self, coro, what: str) -> asyncio.Task:
+        self.job_ended.clear()
+        self.job = asyncio.get_running_loop().create_task(self._job(coro, what))
+        return self.job
+
+    async def _job(self, coro, what: str) -> Outcome:
+        failed, message = False, ""
+        try:
+            message = await coro
+        except AttemptFailed as exc:
+            failed, message = True, str(exc)
+            log.warning("%s failed: %s", what, message)
+        except asyncio.CancelledError:
+            if self._closing:
+                raise
+            asyncio.current_task().uncancel()
+            message = "cancelled"
+        except Exception as exc:  # contained: the job fails, the daemon goes on and backs off
+            failed, message = True, describe(exc)
+            if not isinstance(exc, (BootError, SlotError, OSError)):
+                log.exception("%s failed unexpectedly", what)
+            log.error("%s failed: %s", what, message)
+            self.ctx.state.failures += 1
+            await self._record_error(message)
+        await self.submit(JobDone(self._job_end(), failed))
+        return Outcome(not failed, message)
+
+    def _job_end(self) -> Operation:
+        trial = self.ctx.state.trial
+        if trial is not None and trial.armed and trial.slot != self.ctx.booted:
+            return Operation.NEED_REBOOT
+        return Operation.IDLE
+
+    async def _update_job(self, interactive: bool) -> str:
+        message = await self.attempt.run(interactive)
+        log.info("%s", message)
+        return message
+
+    async def _health_job(self, failure: str | None) -> str:
+        ok = await self.settler.health_step(failure)
+        await self.ctx.status.refresh_slots()
+        await self.reporter.flush()
+        if not ok:
+            raise AttemptFailed(self.ctx.state.last_error)
+        return f"slot {self.ctx.booted} is good"
+
+    # -------------------------------------------------------------- stop
+    async def close(self) -> None:
+        """Stops: a running download is cancelled (its checkpoint is kept), then the queue."""
+        self._closing = True
+        self._stop_timer()
+        for task in (self.job, self._runner):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except BaseException:  # noqa: B036 - stopping: whatever the task ended with is logged by it
+                    pass
+
+
+__all__ = ["Owner", "Reply", "Outcome", "Failed", "Check", "ConfirmBoot"]

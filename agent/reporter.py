@@ -1,0 +1,120 @@
+"""The Omaha client: the update check request, and the event reporter with its durable queue.
+
+Events are queued in the state (``Store``) and leave it only once the server acknowledged them, oldest first;
+a resend keeps its request id and says how old it is (``X-Request-Age``). One flush at a time. aiohttp is
+imported only when the first request goes out.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+
+from . import __version__
+from .omaha import pings, request as build
+from .omaha.events import event_label
+from .omaha.model import Event
+from .state import EventRecord
+
+log = logging.getLogger("omaha-agent")
+
+
+class Reporter:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.session = None
+        self._flush_lock = asyncio.Lock()
+
+    # -------------------------------------------------------------- requests
+    def client_info(self, version: str | None = None) -> build.ClientInfo:
+        app = self.ctx.config.app
+        machineid = None
+        if app.send_machine_id:
+            try:
+                with open("/etc/machine-id") as f:
+                    machineid = f.read(64).strip() or None
+            except OSError:
+                machineid = None
+        return build.ClientInfo(
+            appid=app.id, version=version or self.ctx.version, track=app.track, board=app.board,
+            hardware_class=app.hardware_class, protocol=self.ctx.config.server.protocol, updaterversion=__version__,
+            os_version=platform.release(), arch=platform.machine(), machineid=machineid,
+            targetversionprefix=app.targetversionprefix, rollback_allowed=app.rollback_allowed)
+
+    def installdate(self) -> int | None:
+        return pings.PingState.from_json(self.ctx.state.ping).install_date
+
+    def cohort(self) -> build.Cohort:
+        c = self.ctx.state.cohort
+        return build.Cohort(c.get("cohort", ""), c.get("cohorthint", ""), c.get("cohortname", ""))
+
+    async def http(self):
+        if self.session is None:
+            from .http import make_session
+            self.session = make_session(self.ctx.config.server.ca_file, self.ctx.config.server.timeout)
+        return self.session
+
+    async def check(self, interactive: bool):
+        """Posts an update check; returns (the request, the answer). Raises ``OmahaHttpError``. The ping and
+        cohort state the answer carries are kept in the state (the caller commits it)."""
+        from .http import post
+        state, now = self.ctx.state, self.ctx.now()
+        ping_state = pings.PingState.from_json(state.ping)
+        req = build.update_check(self.client_info(), requestid=self.ctx.guid(), sessionid=self.ctx.guid(),
+                                 interactive=interactive, ping=pings.ping_for(ping_state, now),
+                                 cohort=self.cohort(), installdate=ping_state.install_date)
+        state.last_check = now
+        answer = await post(await self.http(), self.ctx.config.server.url, req, interactive=interactive,
+                            timeout=self.ctx.config.server.timeout)
+        if answer.retry_after:
+            state.retry_after_until = self.ctx.now() + answer.retry_after
+        state.ping = pings.after_reply(ping_state, now, answer.response.daystart, self.ctx.guid()).to_json()
+        app = answer.response.app(self.ctx.config.app.id)
+        if app is not None:
+            for key in ("cohort", "cohorthint", "cohortname"):
+                value = getattr(app, key)
+                if value is not None:
+                    state.cohort[key] = value
+        return req, answer
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    # -------------------------------------------------------------- events
+    def queue(self, event: Event, version: str) -> None:
+        """Adds ``event`` to the durable queue (the caller commits the state)."""
+        self.ctx.state.enqueue(EventRecord(self.ctx.guid(), self.ctx.guid(), self.ctx.now(), version, event))
+        log.info("event %s queued (%s -> %s)", event_label(event.eventtype, event.eventresult),
+                 event.previousversion, event.nextversion)
+
+    async def flush(self) -> bool:
+        """Sends queued events oldest first; each leaves the queue once acknowledged. False if any is left."""
+        async with self._flush_lock:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
+        from .http import OmahaHttpError, post
+        state = self.ctx.state
+        while state.events:
+            record = state.events[0]
+            event = record.event
+            req = build.event_report(self.client_info(), (event,), requestid=record.requestid,
+                                     sessionid=record.sessionid, version=record.version or None,
+                                     installdate=self.installdate(), cohort=self.cohort())
+            age = max(0, int(self.ctx.now() - record.created))
+            label = event_label(event.eventtype, event.eventresult)
+            try:  # a resend says how old it is, and keeps its request id so the server can deduplicate
+                record.attempts += 1
+                await self.ctx.store.commit()  # before sending: a resend after a crash still says its age
+                await post(await self.http(), self.ctx.config.server.url, req, interactive=None,
+                           request_age=age if record.attempts > 1 else None, timeout=self.ctx.config.server.timeout)
+            except OmahaHttpError as exc:
+                log.warning("event %s not delivered (%s); kept for later", label, exc)
+                return False
+            if state.events and state.events[0] is record:
+                state.events.pop(0)
+            await self.ctx.store.commit()
+            log.info("event %s delivered", label)
+        return True

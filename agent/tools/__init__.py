@@ -1,0 +1,1 @@
+"""Development tools (the development Omaha server, the demo): never imported by the daemon."""

@@ -1,0 +1,150 @@
+"""A damaged state file (by hand, by a bug, by a failing disk) never stops the daemon: what is malformed is
+dropped with a warning that names it, the rest is kept, and the update still runs. Also: the daemon keeps
+running when the bootloader state cannot be read during a check."""
+import asyncio
+import json
+import math
+import os
+import signal
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from agent.omaha import encode_request
+from agent.omaha.model import Event
+from agent.omaha.request import ClientInfo, event_report
+from agent.state import State, from_json
+
+from .simdevice import ROOT, Device
+
+DAMAGED = [
+    ({"trial": {"version": "2.0.0"}}, "trial"),  # no slot: it would wait for a reboot forever
+    ({"trial": {"slot": 5, "version": 3}}, "trial"),
+    ({"trial": {"slot": "zz", "armed": True}}, "trial"),
+    ({"blocked": {"version": 5, "until": "soon", "count": "x"}}, "blocked"),
+    ({"blocked": {"version": "2.0.0", "until": 1e18, "count": 0}}, "blocked"),
+    ({"events": [{"event": {"eventtype": "x"}}]}, "1 malformed event(s)"),
+    ({"events": [{"event": {"eventtype": 3, "eventresult": 2}, "created": "yesterday", "requestid": "{r}"}]},
+     "1 malformed event(s)"),
+    ({"events": [{"event": {"eventtype": 3, "eventresult": 2, "bogus": 1}, "created": 1, "requestid": "{r}"}]},
+     "1 malformed event(s)"),
+    ({"events": [{"event": {"eventtype": 3, "eventresult": 2, "errorcode": "a"}, "created": 1, "requestid": "{r}"}]},
+     "1 malformed event(s)"),
+    ({"failures": -5, "last_check": "noon"}, "failures, last_check"),
+    ({"ping": ["not", "a", "dict"], "cohort": 7}, "ping, cohort"),
+]
+
+
+@pytest.mark.parametrize("damaged,named", DAMAGED, ids=[n for n in range(len(DAMAGED))])
+async def test_damaged_parts_are_dropped_named_and_the_update_still_runs(tmp_path, server, damaged, named):
+    dev = Device(tmp_path, server.url)
+    os.makedirs(dev.dir / "state")
+    (dev.dir / "state" / "state.json").write_text(json.dumps(damaged))
+    rc, out, err = await dev.once()
+    assert rc == 0 and "Traceback" not in err, err
+    assert f"dropped what was malformed ({named})" in err
+    assert out.strip() == "installed 2.0.0 on slot b; it boots on trial after a reboot"
+    assert server.event_codes() == ["13/1", "14/1", "3/1"]
+
+
+async def test_junk_the_agent_would_have_sent_is_not_sent(tmp_path, server):
+    # values that parse but have the wrong type: before, the ping's install date went out as "x" and the
+    # server refused the whole request (HTTP 400)
+    dev = Device(tmp_path, server.url)
+    os.makedirs(dev.dir / "state")
+    (dev.dir / "state" / "state.json").write_text(json.dumps(
+        {"ping": {"install_date": "x", "active_days": 1.5, "freshness": 3}, "cohort": {"cohort": 5, "cohortname": "ok"},
+         "download": {"junk": 1}}))
+    rc, out, err = await dev.once()
+    assert rc == 0 and "Traceback" not in err, err
+    assert "dropped what was malformed (download)" in err
+    assert server.event_codes() == ["13/1", "14/1", "3/1"]
+    assert dev.state()["cohort"] == {"cohortname": "ok"}
+
+
+async def test_an_unparseable_state_file_is_kept_aside_and_the_daemon_starts_afresh(tmp_path, server):
+    dev = Device(tmp_path, server.url)
+    os.makedirs(dev.dir / "state")
+    (dev.dir / "state" / "state.json").write_bytes(b'{"events": [{"event": \x00\xff')
+    rc, out, err = await dev.once()
+    assert rc == 0 and "Traceback" not in err, err
+    assert "unreadable" in err and "the damaged file is kept as" in err
+    assert (dev.dir / "state" / "state.json.damaged").read_bytes().startswith(b'{"events"')
+    assert server.event_codes() == ["13/1", "14/1", "3/1"]
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=20)
+_event = st.fixed_dictionaries({"eventtype": st.integers(0, 54) | _json, "eventresult": st.integers(0, 10) | _json},
+                               optional={"errorcode": st.integers() | _json, "url": st.text(max_size=8) | _json,
+                                         "source_url_index": st.none() | st.integers(), "bogus": _json})
+_record = st.fixed_dictionaries({"event": _event | _json}, optional={
+    "requestid": st.text(min_size=1, max_size=8) | _json, "created": st.floats() | st.integers() | _json,
+    "version": st.text(max_size=8) | _json, "attempts": st.integers() | _json})
+_state = st.fixed_dictionaries({}, optional={
+    "events": st.lists(_record, max_size=5) | _json, "trial": st.fixed_dictionaries(
+        {"slot": st.sampled_from(["a", "b", "c"]) | _json, "version": st.text(max_size=8) | _json},
+        optional={"armed": st.booleans() | _json}) | _json,
+    "blocked": st.fixed_dictionaries({"version": st.text(max_size=8) | _json, "until": st.floats() | _json}) | _json,
+    "failures": st.integers() | _json, "next_check": st.floats() | _json, "ping": _json, "cohort": _json,
+    "download": _json, "last_error": _json})
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_state)
+def test_whatever_the_file_holds_what_is_kept_is_usable(data):
+    state, dropped = from_json(data)
+    assert isinstance(state, State) and all(isinstance(d, str) for d in dropped)
+    for key in ("last_check", "next_check", "retry_after_until"):
+        value = getattr(state, key)
+        assert value is None or (isinstance(value, (int, float)) and math.isfinite(value))
+    assert isinstance(state.failures, int) and state.failures >= 0
+    if state.trial is not None:
+        assert state.trial.slot in ("a", "b") and isinstance(state.trial.version, str)
+    if state.blocked is not None:
+        assert isinstance(state.blocked.version, str) and math.isfinite(state.blocked.until)
+    info = ClientInfo(appid="{a}", version="1.0.0")
+    for record in state.events:  # every kept event can be sent as it is, as the daemon does it
+        req = event_report(info, (record.event,), requestid=record.requestid, sessionid=record.sessionid,
+                           version=record.version or None)
+        assert encode_request(req).startswith(b"<?xml")
+        assert math.isfinite(float(record.created))
+
+
+async def test_the_daemon_keeps_running_while_the_bootloader_state_cannot_be_read(tmp_path, server):
+    dev = Device(tmp_path, server.url)
+    with open(dev.config, "a") as f:
+        f.write("schedule: {initial_delay: 3, interval: 3600, backoff_base: 1}\ndbus: {enabled: false}\n")
+    env = dev.dir / "bootenv.json"
+    good = env.read_bytes()
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent.cli", "daemon", "--config", dev.config,
+                                                env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        lines = []
+
+        async def wait_for(text, limit=30):
+            async def scan():
+                while True:
+                    line = (await proc.stderr.readline()).decode()
+                    assert line, "the daemon exited:\n" + "".join(lines)
+                    lines.append(line)
+                    if text in line:
+                        return line
+            return await asyncio.wait_for(scan(), limit)
+
+        await wait_for("next check in")  # the first check comes 0-6 s after start (initial_delay 3)
+        env.write_bytes(b"\x00garbage")  # the bootloader env goes bad while the daemon runs
+        failed = await wait_for("check failed:")
+        assert "simulated bootloader env" in failed
+        await wait_for("backoff after 1 failed check(s)")
+        env.write_bytes(good)
+        await wait_for("installed 2.0.0 on slot b", 60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    assert server.event_codes() == ["13/1", "14/1", "3/1"]
+    assert not any("Traceback" in line for line in lines)
