@@ -1,0 +1,185 @@
+"""The four defects of a core without one owner, each driven the way a user hits it: over D-Bus against a real
+daemon process on a private bus, a simulated device, and the development server."""
+import asyncio
+
+import pytest
+
+from agent.dbus.client import Client, ClientError
+
+from .simdevice import Device, image
+from .test_dbus import Daemon, wait_status
+
+QUIET = "schedule: {initial_delay: 3600}\n"
+
+
+async def installed_and_rebooted(dev: Device) -> None:
+    rc, out, err = await dev.once()
+    assert rc == 0 and "installed 2.0.0" in out, err
+    rc, out, _ = await dev.cli("sim-reboot")
+    assert out.strip() == "b"
+
+
+def trial_reports(server) -> list[str]:
+    """The final reports of the 2.0.0 trial: 3/2, or 3/0 with a trial's error code (44 fell back, 45 unhealthy)."""
+    return [f"{e['eventtype']}/{e['eventresult']}" for e in server.events if e["nextversion"] == "2.0.0"
+            and ((e["eventtype"], e["eventresult"]) == (3, 2)
+                 or ((e["eventtype"], e["eventresult"]) == (3, 0) and e["errorcode"] in (44, 45)))]
+
+
+async def test_mark_good_during_the_start_up_health_step_is_refused_and_3_2_is_sent_once(tmp_path, server,
+                                                                                         system_bus):
+    dev = Device(tmp_path, server.url, health="sleep 2", after="start", extra=QUIET)
+    await installed_and_rebooted(dev)
+    daemon = Daemon(dev)
+    await daemon.start()  # READY comes after the settle: the health step runs now, as the owner's job
+    client = await Client.connect()
+    try:
+        assert (await client.status())["operation"] == "health-check"
+        with pytest.raises(ClientError, match="health check of the running trial is in progress"):
+            await client.call("MarkGood")
+        with pytest.raises(ClientError, match="no update check before it is confirmed"):
+            await client.call("CheckForUpdate", "b", [True])
+        await wait_status(client, lambda s: s["operation"] == "idle" and not s["pending_events"])
+        assert trial_reports(server) == ["3/2"]
+        assert "slot b is already good" in await client.call("MarkGood")  # afterwards: nothing to do
+        assert trial_reports(server) == ["3/2"] and dev.boot.status()["b"].state.value == "good"
+    finally:
+        client.close()
+        await daemon.stop()
+
+
+async def test_mark_good_during_a_failing_health_step_cannot_turn_its_3_0_into_3_2(tmp_path, server, system_bus):
+    dev = Device(tmp_path, server.url, health="sleep 2; exit 3", after="start", extra=QUIET)
+    await installed_and_rebooted(dev)
+    daemon = Daemon(dev)
+    await daemon.start()
+    client = await Client.connect()
+    try:
+        with pytest.raises(ClientError, match="in progress"):
+            await client.call("MarkGood")
+        status = await wait_status(client, lambda s: s["operation"] == "idle" and not s["pending_events"])
+        assert "health check failed on 2.0.0" in status["last_error"]
+        assert trial_reports(server) == ["3/0"] and server.events[-1]["errorcode"] == 45
+        assert dev.boot.status()["b"].state.value == "bad"
+    finally:
+        client.close()
+        await daemon.stop()
+
+
+async def test_mark_good_while_an_update_waits_for_its_reboot_leaves_the_boot_order_alone(tmp_path, server,
+                                                                                         system_bus):
+    dev = Device(tmp_path, server.url, extra=QUIET)
+    daemon = Daemon(dev)
+    await daemon.start()
+    client = await Client.connect()
+    try:
+        assert await client.call("CheckForUpdate", "b", [True]) is True
+        await wait_status(client, lambda s: s["operation"] == "updated-need-reboot")
+        before = dev.boot.status()
+        answer = await client.call("MarkGood")
+        assert "already good" in answer and "2.0.0 is installed and waits for a reboot" in answer
+        assert dev.boot.status() == before and before["b"].state.value == "trial"
+    finally:
+        client.close()
+        await daemon.stop()
+    again = Daemon(dev)  # a restart still waits for the reboot
+    await again.start()
+    client = await Client.connect()
+    try:
+        assert (await client.status())["operation"] == "updated-need-reboot"
+    finally:
+        client.close()
+        await again.stop()
+    rc, out, _ = await dev.cli("sim-reboot")
+    assert out.strip() == "b"  # the trial boots
+
+
+async def test_reset_status_then_a_bad_offer_is_not_reported_as_the_armed_version_failing_to_boot(tmp_path, server,
+                                                                                                  system_bus):
+    dev = Device(tmp_path, server.url, extra=QUIET + "dbus: {flatcar_compat: true}\n")
+    daemon = Daemon(dev)
+    await daemon.start()
+    client = await Client.connect()
+    from dbus_next import BusType, Message, MessageType
+    from dbus_next.aio import MessageBus
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+
+    async def flatcar(member):
+        reply = await bus.call(Message(destination="com.coreos.update1", path="/com/coreos/update1",
+                                       interface="com.coreos.update1.Manager", member=member))
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+
+    try:
+        await flatcar("AttemptUpdate")
+        await wait_status(client, lambda s: s["operation"] == "updated-need-reboot" and not s["pending_events"])
+        await flatcar("ResetStatus")
+        assert (await client.status())["operation"] == "idle"
+        server.images = [image(tmp_path, "3.0.0")]
+        server.faults.wrong_hash = True
+        assert await client.call("CheckForUpdate", "b", [True]) is True
+        status = await wait_status(client, lambda s: s["operation"] == "idle" and s["last_error"]
+                                   and not s["pending_events"])
+        assert "update to 3.0.0 failed" in status["last_error"]
+    finally:
+        bus.disconnect()
+        client.close()
+        await daemon.stop()
+    assert dev.state()["trial"] is None and dev.state()["blocked"]["version"] == "3.0.0"
+    again = Daemon(dev)  # a plain restart, no reboot
+    await again.start()
+    try:
+        await asyncio.sleep(0.5)
+    finally:
+        await again.stop()
+    assert trial_reports(server) == []  # before: 3/0 code 44 for 2.0.0, which never had a chance to boot
+    failures = [e for e in server.events if (e["eventtype"], e["eventresult"]) == (3, 0)]
+    assert [(e["nextversion"], e["errorcode"]) for e in failures] == [("3.0.0", 10)]
+    assert dev.state()["blocked"]["version"] == "3.0.0"
+
+
+async def test_a_bootloader_error_in_a_check_and_in_the_confirm_path_leaves_the_daemon_running(tmp_path, server,
+                                                                                              system_bus):
+    dev = Device(tmp_path, server.url, after="boot-complete", extra=QUIET)
+    env = dev.dir / "bootenv.json"
+    daemon = Daemon(dev)
+    await daemon.start()
+    client = await Client.connect()
+    try:
+        good = env.read_bytes()
+        env.write_bytes(b"{corrupt")
+        assert await client.call("CheckForUpdate", "b", [True]) is True
+        status = await wait_status(client, lambda s: s["operation"] == "idle" and s["last_error"])
+        assert "unreadable simulated bootloader env" in status["last_error"]
+        env.write_bytes(good)
+        assert await client.call("CheckForUpdate", "b", [True]) is True
+        await wait_status(client, lambda s: s["operation"] == "updated-need-reboot" and not s["pending_events"])
+        assert "rebooting into 2.0.0" in await client.call("Reboot")
+    finally:
+        client.close()
+        await daemon.stop()
+    second = Daemon(dev)  # on b, waiting for boot-complete; the env breaks before ConfirmBoot
+    await second.start()
+    client = await Client.connect()
+    try:
+        await wait_status(client, lambda s: s["operation"] == "awaiting-boot-complete")
+        good = env.read_bytes()
+        env.write_bytes(b"{corrupt")
+        assert "checking the health of slot b" in await client.call("ConfirmBoot")
+        status = await wait_status(client, lambda s: s["operation"] == "idle")
+        assert "unreadable simulated bootloader env" in status["last_error"]
+        assert second.proc.returncode is None  # alive
+        env.write_bytes(good)
+        assert trial_reports(server) == []  # nothing reported while the verdict could not be written
+    finally:
+        client.close()
+        await second.stop()
+    third = Daemon(dev)  # the next start settles it: b still boots on trial, its health step runs again
+    await third.start()
+    client = await Client.connect()
+    try:
+        await client.call("ConfirmBoot")
+        await wait_status(client, lambda s: s["operation"] == "idle" and not s["pending_events"])
+        assert trial_reports(server) == ["3/2"] and dev.boot.status()["b"].state.value == "good"
+    finally:
+        client.close()
+        await third.stop()

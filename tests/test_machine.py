@@ -1,0 +1,131 @@
+"""The state machine as pure code: every (operation, command) pair has a typed answer, and the table in the
+module's docstring and in the README is the one the code answers with."""
+import os
+import re
+
+import pytest
+
+from agent import machine
+from agent.machine import (
+    Act, Action, Cancel, Check, ConfirmBoot, Decline, Flow, HealthTimeout, Install, JobDone, MarkGood, NoOp,
+    Operation, Reboot, Refuse, Reset, Settle, decide, may_install,
+)
+
+from .simdevice import ROOT
+
+COLUMNS = {"check": Check(True), "cancel": Cancel(), "mark-good": MarkGood(), "reset": Reset(), "reboot": Reboot(),
+           "confirm": ConfirmBoot()}
+EVERY_COMMAND = list(COLUMNS.values()) + [Settle(), HealthTimeout(900), JobDone(Operation.IDLE)]
+
+
+def kind(cell: str) -> type:
+    cell = cell.strip().strip("*").lower()
+    if cell.startswith("act"):
+        return Act
+    if cell.startswith("no-op"):
+        return NoOp
+    if cell.startswith("refuse"):
+        return Refuse
+    raise AssertionError(f"a table cell that says neither act, no-op nor refuse: {cell!r}")
+
+
+def table_rows(lines):
+    """(operations, {column: cell}) for each row of a table whose header names the command columns."""
+    header = None
+    for line in lines:
+        cells = [c for c in re.split(r"\s{2,}|\s*\|\s*", line.strip()) if c and not set(c) <= set("=-:")]
+        if not cells:
+            continue
+        if "check" in cells and "reboot" in cells:
+            header = cells[1:]
+            continue
+        if header and len(cells) == len(header) + 1:
+            ops = [Operation(o.strip().strip("`")) for o in cells[0].split(",")]
+            yield ops, dict(zip(header, cells[1:]))
+
+
+def check_table(rows) -> int:
+    seen = 0
+    for ops, row in rows:
+        for op in ops:
+            for column, command in COLUMNS.items():
+                got = decide(op, command, "2.0.0")
+                assert isinstance(got, kind(row[column])), (op.value, column, row[column], got)
+                seen += 1
+    return seen
+
+
+def test_every_pair_gets_a_typed_answer_and_none_raises():
+    for op in Operation:
+        for command in EVERY_COMMAND:
+            assert isinstance(decide(op, command, "2.0.0"), (Act, NoOp, Refuse)), (op, command)
+
+
+def test_the_docstring_table_is_what_decide_answers():
+    seen = check_table(table_rows(machine.__doc__.splitlines()))
+    assert seen == len(Operation) * len(COLUMNS)  # every operation appears in a row
+
+
+def test_the_readme_table_is_what_decide_answers():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## The state machine"):]
+    section = section[:section.index("\n## ", 5)]
+    assert check_table(table_rows(section.splitlines())) == len(Operation) * len(COLUMNS)
+
+
+@pytest.mark.parametrize("op", [Operation.CHECKING, Operation.DOWNLOADING, Operation.VERIFYING,
+                                Operation.FINALIZING, Operation.NEED_REBOOT])
+def test_mark_good_never_acts_while_an_update_runs_or_waits_for_its_reboot(op):
+    assert isinstance(decide(op, MarkGood(), "2.0.0"), NoOp)
+
+
+def test_mark_good_during_the_health_step_is_refused_and_confirm_boot_is_a_no_op():
+    assert isinstance(decide(Operation.HEALTH_CHECK, MarkGood()), Refuse)
+    assert isinstance(decide(Operation.HEALTH_CHECK, ConfirmBoot()), NoOp)
+    assert decide(Operation.AWAITING_BOOT_COMPLETE, MarkGood()) == Act(Action.CONFIRM_TRIAL)
+    assert decide(Operation.AWAITING_BOOT_COMPLETE, HealthTimeout(5)) == Act(Action.FAIL_TRIAL)
+    assert isinstance(decide(Operation.IDLE, HealthTimeout(5)), NoOp)
+
+
+def test_only_the_first_settle_acts_and_nothing_else_runs_before_it():
+    assert decide(Operation.STARTING, Settle()) == Act(Action.SETTLE)
+    for op in set(Operation) - {Operation.STARTING}:
+        assert isinstance(decide(op, Settle()), NoOp)
+    for command in COLUMNS.values():
+        assert isinstance(decide(Operation.STARTING, command), Refuse)
+
+
+def test_a_second_check_while_one_runs_is_a_no_op_not_a_second_job():
+    assert decide(Operation.IDLE, Check()) == Act(Action.START_UPDATE_JOB)
+    for op in machine.UPDATE_JOB:
+        assert isinstance(decide(op, Check()), NoOp)
+    assert "waits for a reboot" in decide(Operation.NEED_REBOOT, Check(), "2.0.0").reason
+
+
+def test_a_failed_job_is_seen_in_reporting_error_then_idle():
+    seen = []
+    flow = Flow(lambda old, new: seen.append(new.value))
+    for op in (Operation.IDLE, Operation.CHECKING, Operation.UPDATE_AVAILABLE, Operation.DOWNLOADING):
+        flow.to(op)
+    flow.end_job(Operation.IDLE, failed=True)
+    assert seen[-2:] == ["reporting-error", "idle"]
+    flow.to(Operation.CHECKING)
+    flow.end_job(Operation.NEED_REBOOT, failed=False)  # a check that found the armed update again
+    assert flow.operation is Operation.NEED_REBOOT
+    with pytest.raises(RuntimeError, match="cannot go from updated-need-reboot to downloading"):
+        flow.to(Operation.DOWNLOADING)
+
+
+def test_install_policy_answers_with_types():
+    common = dict(trial_version=None, blocked_version=None, blocked_until=0.0, rollback_allowed=False,
+                  booted_good=True, now=100.0)
+    assert isinstance(may_install("2.0.0", "1.0.0", **common), Install)
+    assert "already running" in may_install("1.0", "1.0.0.0", **common).reason
+    assert "downgrade" in may_install("0.9.0", "1.0.0", **common).reason
+    assert isinstance(may_install("0.9.0", "1.0.0", **dict(common, rollback_allowed=True)), Install)
+    assert "not confirmed good" in may_install("2.0.0", "1.0.0", **dict(common, booted_good=False)).reason
+    assert "waits for a reboot" in may_install("2.0.0", "1.0.0", **dict(common, trial_version="2.0.0")).reason
+    blocked = dict(common, blocked_version="2.0.0", blocked_until=200.0)
+    assert isinstance(may_install("2.0.0", "1.0.0", **blocked), Decline)
+    assert isinstance(may_install("2.0.0", "1.0.0", **dict(blocked, now=201.0)), Install)
