@@ -15,7 +15,7 @@ slot booted; its health step waits for boot-complete.target), ``health-check`` (
 operation \\ command              check      cancel          mark-good      reset           reboot         confirm
 ================================  =========  ==============  =============  ==============  =============  ========
 starting                          refuse     refuse          refuse         refuse          refuse         refuse
-idle                              ACT job    refuse          ACT running¹   no-op           refuse         no-op
+idle                              ACT job    refuse          no-op¹         no-op           refuse         no-op
 checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op
 downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op
 verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op
@@ -29,7 +29,8 @@ The start-up ``settle`` is acted on in ``starting`` only (a no-op anywhere else)
 never came) is acted on in ``awaiting-boot-complete`` only. ``job-done`` (the owner's own command when a job
 ends) always acts: it sets the operation the job ended in.
 
-1. The running slot is marked good (nothing is written when it already is): an operator's override.
+1. The running slot is good, so there is nothing to confirm; refused when it is not (its update failed here and
+   was reported so, or the bootloader could not be read): marking it good would contradict the report.
 2. Updates run only from a confirmed slot, so the running slot is already good.
 3. Flatcar's ``ResetStatus``: the installed update stays armed and still boots on the next reboot; a later
    install onto that slot first drops its trial record.
@@ -157,7 +158,6 @@ Command = Check | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | Settle | He
 class Action(str, Enum):
     START_UPDATE_JOB = "start the update job"
     CANCEL_JOB = "cancel the running job"
-    MARK_RUNNING_GOOD = "mark the running slot good"
     CONFIRM_TRIAL = "mark the trial slot good and report 3/2"
     START_HEALTH_JOB = "run the health step"
     FAIL_TRIAL = "fail the trial: mark it bad, report 3/0, reboot back"
@@ -186,8 +186,9 @@ class Refuse:
 Decision = Act | NoOp | Refuse
 
 
-def decide(operation: Operation, command: Command, new_version: str = "") -> Decision:
-    """The answer to ``command`` in ``operation``: the table in this module's docstring."""
+def decide(operation: Operation, command: Command, new_version: str = "", booted_good: bool = True) -> Decision:
+    """The answer to ``command`` in ``operation``: the table in this module's docstring. ``booted_good`` (the
+    bootloader's word on the running slot) matters to mark-good while idle only."""
     op = operation
     if isinstance(command, JobDone):
         return Act(Action.END_JOB)
@@ -217,7 +218,10 @@ def decide(operation: Operation, command: Command, new_version: str = "") -> Dec
         return Refuse(f"no download is running (the agent is {op.value})", "NothingToCancel")
     if isinstance(command, MarkGood):
         if op is _O.IDLE:
-            return Act(Action.MARK_RUNNING_GOOD)
+            if booted_good:
+                return NoOp("the running slot is already good")
+            return Refuse("the running slot is not good: its update failed here (and was reported so) or its state "
+                          "cannot be read; reboot to go back to the other slot", "NotConfirmable")
         if op is _O.AWAITING_BOOT_COMPLETE:
             return Act(Action.CONFIRM_TRIAL)
         if op is _O.HEALTH_CHECK:

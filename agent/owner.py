@@ -15,9 +15,10 @@ import logging
 from dataclasses import dataclass
 
 from .attempt import AttemptFailed
-from .boot import BootError
+from .boot import BootError, SlotState
 from .machine import (
-    Act, Action, Check, Command, ConfirmBoot, Decision, HealthTimeout, JobDone, NoOp, Operation, Refuse, decide,
+    Act, Action, Check, Command, ConfirmBoot, Decision, HealthTimeout, JobDone, MarkGood, NoOp, Operation, Refuse,
+    decide,
 )
 from .reboot import reboot
 from .settle import Found
@@ -107,9 +108,19 @@ class Owner:
             if not answer.done():
                 answer.set_result(reply)
 
+    async def _booted_good(self, operation: Operation, command: Command) -> bool:
+        """The one fact ``decide`` needs from the bootloader: is the running slot good (mark-good while idle)?"""
+        if not (isinstance(command, MarkGood) and operation is Operation.IDLE):
+            return True
+        try:
+            return (await self.ctx.boot.status())[self.ctx.booted].state is SlotState.GOOD
+        except (BootError, KeyError):
+            return False
+
     async def _handle(self, command: Command) -> Reply:
         operation = self.flow.operation
-        decision: Decision = decide(operation, command, self.ctx.status.new_version)
+        booted_good = await self._booted_good(operation, command)
+        decision: Decision = decide(operation, command, self.ctx.status.new_version, booted_good)
         name = type(command).__name__
         if isinstance(decision, Act):
             try:
@@ -150,18 +161,10 @@ class Owner:
         if action is Action.CANCEL_JOB:
             self.job.cancel()
             return "download cancelled; it resumes from its checkpoint on the next check", None
-        if action is Action.MARK_RUNNING_GOOD:
-            message = await self.settler.mark_running_good()
-            await status.refresh_slots()
-            return message, None
         if action is Action.CONFIRM_TRIAL:
             self._stop_timer()
-            trial = ctx.state.trial
-            if trial is not None and trial.slot == ctx.booted:
-                await self.settler.confirm(trial)
-                ctx.spawn(self.reporter.flush(), "sending the 3/2")  # the caller does not wait for the server
-            else:
-                await ctx.boot.mark_good(ctx.booted)
+            await self.settler.confirm(ctx.state.trial)
+            ctx.spawn(self.reporter.flush(), "sending the 3/2")  # the caller does not wait for the server
             self.flow.to(Operation.IDLE)
             return f"slot {ctx.booted} marked good", None
         if action is Action.START_HEALTH_JOB:
@@ -222,6 +225,8 @@ class Owner:
             await reboot(self.ctx, f"update to {self.ctx.status.new_version} installed")
         if self.flow.operation is Operation.IDLE:
             self.ctx.status.clear_offer()
+        if self.ctx.state.events:  # what a cancelled or failed job left queued goes out now, not at the next check
+            self.ctx.spawn(self.reporter.flush(), "sending the queued events")
         self.job_ended.set()
         return done.operation.value
 

@@ -207,11 +207,3 @@ class Settler:
                 detail = err.decode(errors="replace").strip().splitlines()
                 return False, f"{command!r} exited {proc.returncode}" + (f": {detail[-1][:200]}" if detail else "")
         return True, "healthy"
-
-    async def mark_running_good(self) -> str:
-        """``MarkGood`` while idle: the operator's word that the running slot is good."""
-        ctx = self.ctx
-        if (await ctx.boot.status())[ctx.booted].state is SlotState.GOOD:
-            return f"slot {ctx.booted} is already good"
-        await ctx.boot.mark_good(ctx.booted)
-        return f"slot {ctx.booted} marked good"

@@ -41,7 +41,7 @@ async def test_mark_good_during_the_start_up_health_step_is_refused_and_3_2_is_s
             await client.call("CheckForUpdate", "b", [True])
         await wait_status(client, lambda s: s["operation"] == "idle" and not s["pending_events"])
         assert trial_reports(server) == ["3/2"]
-        assert "slot b is already good" in await client.call("MarkGood")  # afterwards: nothing to do
+        assert "already good" in await client.call("MarkGood")  # afterwards: nothing to do
         assert trial_reports(server) == ["3/2"] and dev.boot.status()["b"].state.value == "good"
     finally:
         client.close()
@@ -61,6 +61,9 @@ async def test_mark_good_during_a_failing_health_step_cannot_turn_its_3_0_into_3
         assert "health check failed on 2.0.0" in status["last_error"]
         assert trial_reports(server) == ["3/0"] and server.events[-1]["errorcode"] == 45
         assert dev.boot.status()["b"].state.value == "bad"
+        with pytest.raises(ClientError, match="the running slot is not good"):  # nor afterwards, on the bad slot
+            await client.call("MarkGood")
+        assert dev.boot.status()["b"].state.value == "bad" and trial_reports(server) == ["3/0"]
     finally:
         client.close()
         await daemon.stop()

@@ -61,16 +61,45 @@ class Service:
         self.bus.disconnect()
 
 
+def _bus_class():
+    """dbus-next's bus, answering an error raised by an ``async`` method without also logging it as an
+    unhandled exception: its reply context manager sends the error but does not swallow it (dbus-next 0.2.3)."""
+    from dbus_next import Message
+    from dbus_next.aio import MessageBus
+    from dbus_next.service import ServiceInterface
+
+    class Bus(MessageBus):
+        def _make_method_handler(self, interface, method):
+            if not asyncio.iscoroutinefunction(method.fn):
+                return super()._make_method_handler(interface, method)
+
+            def handler(msg, send_reply):
+                def done(fut):
+                    try:
+                        result = fut.result()
+                    except Exception as exc:  # a DBusError becomes its error reply, anything else a service error
+                        send_reply.send_error(exc)
+                        return
+                    body, fds = ServiceInterface._fn_result_to_body(result, method.out_signature_tree)
+                    send_reply(Message.new_method_return(msg, method.out_signature, body, fds))
+
+                fut = asyncio.ensure_future(method.fn(interface, *ServiceInterface._msg_body_to_args(msg)))
+                fut.add_done_callback(done)
+
+            return handler
+
+    return Bus
+
+
 async def publish(agent, flatcar_compat: bool = False) -> Service:
     """Connects, exports the objects, then owns the names (so a caller never sees a name without objects)."""
     from dbus_next import BusType, NameFlag, RequestNameReply
-    from dbus_next.aio import MessageBus
     from dbus_next.errors import DBusError
 
     from . import agent1, flatcar
 
     try:
-        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        bus = await _bus_class()(bus_type=BusType.SYSTEM).connect()
     except (OSError, DBusError, EOFError) as exc:
         raise DbusUnavailable(f"cannot connect to the system bus: {exc} (is dbus running? set dbus.enabled: "
                               f"false to run without it)") from None
