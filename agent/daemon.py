@@ -12,7 +12,7 @@ import random
 from . import schedule
 from .attempt import UpdateAttempt
 from .boot import BootControl
-from .boot.worker import BootWorker
+from .boot.worker import TIMEOUT as BOOT_TIMEOUT, BootWorker
 from .clock import SYSTEM, Clock
 from .config import Config
 from .context import Context
@@ -51,7 +51,7 @@ def make_boot(config: Config) -> BootControl:
 class Agent:
     def __init__(self, config: Config, *, clock: Clock = SYSTEM, rng: random.Random | None = None,
                  boot: BootControl | None = None, boot_timeout: float | None = None):
-        worker = BootWorker(boot or make_boot(config), *(() if boot_timeout is None else (boot_timeout,)))
+        worker = BootWorker(boot or make_boot(config), boot_timeout or BOOT_TIMEOUT)
         self.ctx = Context(config, clock, rng or random.SystemRandom(), worker, Store(config.state_dir))
         self.ctx.status = StatusBoard(self.ctx)
         self.reporter = Reporter(self.ctx)

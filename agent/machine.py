@@ -96,12 +96,20 @@ class Flow:
         if self.on_change:
             self.on_change(old, operation)
 
-    def end_job(self, operation: Operation, failed: bool) -> None:
-        """``job-done``: a failed job passes through reporting-error (so watchers see it), then ``operation``."""
+    def end_job(self, operation: Operation, failed: bool) -> bool:
+        """``job-done``: a failed job passes through reporting-error (so watchers see it), then ``operation``.
+        A job never ends where the table has no transition; should it, the operation is set anyway (a daemon
+        stuck in a job's operation would refuse every command) and False says so."""
         if (failed and operation is Operation.IDLE and self.operation in JOB
                 and Operation.REPORTING_ERROR in TRANSITIONS[self.operation]):
             self.to(Operation.REPORTING_ERROR)
-        self.to(operation)
+        if operation == self.operation or operation in TRANSITIONS[self.operation]:
+            self.to(operation)
+            return True
+        old, self.operation = self.operation, operation
+        if self.on_change:
+            self.on_change(old, operation)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- commands

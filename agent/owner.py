@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from .attempt import AttemptFailed
 from .boot import BootError, SlotState
 from .machine import (
-    Act, Action, Check, Command, ConfirmBoot, Decision, HealthTimeout, JobDone, MarkGood, NoOp, Operation, Refuse,
-    decide,
+    Act, Action, Command, Decision, HealthTimeout, JobDone, MarkGood, NoOp, Operation, Refuse, decide,
 )
 from .reboot import reboot
 from .settle import Found
@@ -53,9 +52,13 @@ class Reply:
         return isinstance(self.result, Act)
 
 
+class CommandFailed(Exception):
+    """A command could not be carried out; the message is the one line a user sees."""
+
+
 def describe(exc: BaseException) -> str:
     """One line for ``LastError``: the adapters' own messages as they are, anything else named."""
-    if isinstance(exc, (BootError, SlotError, AttemptFailed)):
+    if isinstance(exc, (BootError, SlotError, AttemptFailed, CommandFailed)):
         return str(exc)
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
@@ -71,7 +74,6 @@ class Owner:
         self.wait_for_boot_complete = wait_for_boot_complete
         self.job: asyncio.Task | None = None
         self.job_ended = asyncio.Event()  # set whenever a job ends (the schedule plans the next check then)
-        self.history: list[tuple[str, str, str]] = []  # (operation, command, answer): the last few, for tests
         self._queue: asyncio.Queue = asyncio.Queue()
         self._runner: asyncio.Task | None = None
         self._timer: asyncio.Task | None = None
@@ -128,8 +130,8 @@ class Owner:
                 reply = Reply(decision, message, job)
             except Exception as exc:
                 reason = describe(exc)
-                if not isinstance(exc, (BootError, SlotError, OSError)):
-                    log.exception("%s failed", name)
+                if not isinstance(exc, (BootError, SlotError, OSError, CommandFailed)):
+                    log.exception("%s failed unexpectedly", name)
                 log.error("%s: %s", name, reason)
                 await self._record_error(reason)
                 reply = Reply(Failed(reason), reason)
@@ -137,7 +139,6 @@ class Owner:
             reply = Reply(decision, decision.reason)
             if not isinstance(command, JobDone):
                 log.info("%s in %s: %s (%s)", name, operation.value, type(decision).__name__.lower(), decision.reason)
-        self.history = (self.history + [(operation.value, name, type(reply.result).__name__)])[-200:]
         return reply
 
     async def _record_error(self, reason: str) -> None:
@@ -192,7 +193,7 @@ class Owner:
             found = await self.settler.settle()
         except Exception as exc:
             self.flow.to(Operation.IDLE)  # the daemon goes on; the next start settles again
-            raise type(exc)(f"start-up could not settle the last update: {describe(exc)}") from None
+            raise CommandFailed(f"start-up could not settle the last update: {describe(exc)}") from None
         if found is Found.WAITING:
             self.flow.to(Operation.NEED_REBOOT)
             return f"version {ctx.status.new_version} is installed and waits for a reboot", None
@@ -220,7 +221,9 @@ class Owner:
     async def _end_job(self, done: JobDone) -> str:
         before = self.flow.operation
         self.job = None
-        self.flow.end_job(done.operation, done.failed)
+        if not self.flow.end_job(done.operation, done.failed):
+            log.error("a job ended in %s after %s, which the state machine has no transition for",
+                      done.operation.value, before.value)
         if done.operation is Operation.NEED_REBOOT and before is Operation.FINALIZING:
             await reboot(self.ctx, f"update to {self.ctx.status.new_version} installed")
         if self.flow.operation is Operation.IDLE:
@@ -290,5 +293,3 @@ class Owner:
                 except BaseException:  # noqa: B036 - stopping: whatever the task ended with is logged by it
                     pass
 
-
-__all__ = ["Owner", "Reply", "Outcome", "Failed", "Check", "ConfirmBoot"]

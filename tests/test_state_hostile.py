@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agent.omaha import encode_request
-from agent.omaha.model import Event
 from agent.omaha.request import ClientInfo, event_report
 from agent.state import State, from_json
 
