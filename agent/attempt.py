@@ -78,12 +78,48 @@ class UpdateAttempt:
         ctx.status.offer(offer.version, offer.size)
         ctx.status.flow.to(Operation.UPDATE_AVAILABLE)
         try:
+            if ctx.config.trust.require_signature:
+                await self._verify_release(offer)
             return await self._install(offer, sessionid)
         except asyncio.CancelledError:
             p = ctx.status.progress
             log.info("download cancelled at %d bytes; it resumes next time", p.done if p else 0)
             ctx.status.clear_offer()
             raise
+
+    async def _verify_release(self, offer: UpdateOffer) -> None:
+        """The release's DSSE envelope (``<payload URL>.sig``, same URLs in the same order) must be signed by a
+        trusted key and describe exactly this offer; checked before the target slot is touched."""
+        from .http import FetchError, fetch_small
+        from .trust import MAX_ENVELOPE, SignatureError, TrustKeyError, check_release, load_public_keys, open_envelope
+        ctx, pkg = self.ctx, offer.packages[0]
+        target = other(ctx.booted)
+        try:
+            keys = await asyncio.to_thread(load_public_keys, ctx.config.trust.keys)
+        except TrustKeyError as exc:
+            raise AttemptFailed(f"update to {offer.version} not installed: {exc}") from None
+        session, missing, errors = await self.reporter.http(), [], []
+        envelope = None
+        for url in pkg.urls:
+            try:
+                envelope = await fetch_small(session, url + ".sig", MAX_ENVELOPE, ctx.config.install.read_timeout)
+                break
+            except FetchError as exc:
+                (missing if exc.missing else errors).append(str(exc))
+        try:
+            if envelope is None and errors and not missing:
+                why = "could not fetch the release signature: " + "; ".join(errors[-2:])
+                await self._failed(offer, InstallError(why, "transfer"), target)
+            if envelope is None:
+                raise SignatureError("no signature for the release (" + "; ".join((missing + errors)[-2:]) + ")")
+            release = await asyncio.to_thread(open_envelope, envelope, keys)
+            app = ctx.config.app
+            check_release(release, appid=app.id, version=offer.version, sha256_hex=pkg.sha256_hex, size=pkg.size,
+                          track=app.track, board=app.board)
+        except SignatureError as exc:
+            await self._failed(offer, InstallError(f"signature refused: {exc}", "signature"), target)
+        log.info("release %s: signature verified (sha256 %s, %d bytes)", offer.version, release.sha256[:16],
+                 release.size)
 
     async def _install(self, offer: UpdateOffer, sessionid: str) -> str:
         ctx, state = self.ctx, self.ctx.state
@@ -137,7 +173,7 @@ class UpdateAttempt:
             state.trial = None  # recorded, but the slot was never armed
         if exc.kind != "transfer":
             state.download = None  # nothing worth resuming
-        if exc.kind in ("hash", "size", "decompress", "readback"):
+        if exc.kind in ("hash", "size", "decompress", "readback", "signature"):
             state.blocked = policy.block_until(ctx.now(), state.blocked, offer.version)
         await ctx.store.commit()
         await self.reporter.flush()

@@ -79,6 +79,45 @@ def cmd_devserver(args) -> int:
         return 0
 
 
+def cmd_sign(args) -> int:
+    from .trust import TrustKeyError, load_private_key, sign_file
+    try:
+        envelope = sign_file(args.payload, load_private_key(args.key), args.appid, args.version, args.track,
+                             args.board)
+    except TrustKeyError as exc:
+        return _fail(str(exc))
+    out = args.output or args.payload + ".sig"
+    with open(out, "wb") as f:
+        f.write(envelope)
+    print(f"signed {args.payload} as {args.appid} {args.version}: {out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Checks the envelope's signature and that its statement names this payload (digest and size)."""
+    import hashlib
+    import os
+
+    from .trust import MAX_ENVELOPE, SignatureError, TrustKeyError, load_public_keys, open_envelope
+    sig_path = args.signature or args.payload + ".sig"
+    try:
+        with open(sig_path, "rb") as f:
+            envelope = f.read(MAX_ENVELOPE + 1)
+        release = open_envelope(envelope, load_public_keys(args.key))
+        h = hashlib.sha256()
+        with open(args.payload, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if release.sha256 != h.hexdigest() or release.size != os.path.getsize(args.payload):
+            raise SignatureError(f"the signed digest and size are not those of {args.payload}")
+    except (SignatureError, TrustKeyError) as exc:
+        return _fail(f"{sig_path}: {exc}")
+    print(json.dumps({"name": release.name, "sha256": release.sha256, "appid": release.appid,
+                      "version": release.version, "size": release.size, "track": release.track,
+                      "board": release.board}, indent=1))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .tools.demo import main as demo_main
     return demo_main(args)
@@ -141,7 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--protocol", choices=["3.0", "3.1"], default=None, help="answer only this protocol")
     v.add_argument("--log", default=None, help="write requests and events as JSON lines here")
     v.add_argument("--always-offer", action="store_true", help="offer even to clients already at the version")
+    v.add_argument("--sign-key", default=None, help="PEM private key: serve <payload>.sig, a signed release envelope")
     v.set_defaults(func=cmd_devserver)
+    g = sub.add_parser("sign", help="sign a release: write its DSSE envelope (PAYLOAD.sig)")
+    g.add_argument("--key", required=True, help="PEM private key (ECDSA P-256 or Ed25519)")
+    g.add_argument("--appid", required=True)
+    g.add_argument("--version", required=True)
+    g.add_argument("--track", default=None)
+    g.add_argument("--board", default=None)
+    g.add_argument("payload")
+    g.add_argument("-o", "--output", default=None, help="where to write the envelope (default PAYLOAD.sig)")
+    g.set_defaults(func=cmd_sign)
+    f = sub.add_parser("verify", help="verify a release's envelope and print its statement")
+    f.add_argument("--key", required=True, action="append", help="PEM public key (repeat for several)")
+    f.add_argument("payload")
+    f.add_argument("signature", nargs="?", default=None, help="the envelope (default PAYLOAD.sig)")
+    f.set_defaults(func=cmd_verify)
     m = sub.add_parser("demo", help="the whole A/B cycle on a simulated device, no root needed")
     m.add_argument("--dir", default=None, help="keep the simulated device here (default: a temp dir)")
     m.set_defaults(func=cmd_demo)

@@ -86,6 +86,12 @@ class DbusConfig:
 
 
 @dataclass(frozen=True)
+class TrustConfig:
+    keys: tuple[str, ...] = ("/etc/omaha-agent/keys/*.pem",)  # PEM public keys (paths or globs)
+    require_signature: bool = True  # a release installs only with a DSSE envelope a trusted key signed
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
@@ -98,6 +104,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     install: InstallConfig = field(default_factory=InstallConfig)
     dbus: DbusConfig = field(default_factory=DbusConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
 
 class _Reader:
@@ -190,14 +197,15 @@ def _positive(r: _Reader, key: str, default, kind=int, minimum=1, maximum=None):
 
 def parse(text: str, path: str = "agent.yaml") -> Config:
     r = _Reader(path, text)
-    r.unknown("", {"server", "app", "slots", "boot", "state_dir", "schedule", "reboot", "health", "install", "dbus"})
+    r.unknown("", {"server", "app", "slots", "boot", "state_dir", "schedule", "reboot", "health", "install", "dbus",
+                   "trust"})
     for sec, keys in {"server": {"url", "protocol", "insecure_http", "ca_file", "timeout"},
                       "app": {"id", "version", "version_file", "track", "board", "hardware_class", "send_machine_id",
                               "targetversionprefix", "rollback_allowed"},
                       "boot": {"backend", "tries", "env", "disk", "labels", "fw_config"},
                       "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
                       "reboot": {"policy"}, "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout"},
-                      "dbus": {"enabled", "flatcar_compat"}}.items():
+                      "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"}}.items():
         r.unknown(sec, keys)
 
     url = str(r.get("server.url", kind=str))
@@ -272,13 +280,17 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     if verify not in ("hash", "readback"):
         r.fail("install.verify", f"must be hash or readback, not {verify!r}")
     state_dir = str(r.get("state_dir", "/var/lib/omaha-agent", str))
+    keys = r.get("trust.keys", list(TrustConfig.keys), list)
+    if not keys or not all(isinstance(k, str) and k.strip() for k in keys):
+        r.fail("trust.keys", "must be a list of PEM public key files or globs")
+    trust = TrustConfig(tuple(keys), r.get("trust.require_signature", True, bool))
     return Config(
         path=path, server=server, app=app, slots=slots, boot=boot, state_dir=state_dir, schedule=schedule,
         reboot=RebootConfig(policy),
         health=HealthConfig(tuple(commands), _positive(r, "health.timeout", 300, int, 1), after,
                             _positive(r, "health.boot_complete_timeout", 900, int, 1)),
         install=InstallConfig(verify, float(_positive(r, "install.read_timeout", 60, float))),
-        dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)))
+        dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust)
 
 
 def load(path: str = DEFAULT_PATH) -> Config:

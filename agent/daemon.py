@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 
 from . import schedule
@@ -46,6 +47,20 @@ def make_boot(config: Config) -> BootControl:
         return GptBoot(b.disk, dict(b.labels))
     from .boot.uboot import UBootBoot
     return UBootBoot(b.fw_config)
+
+
+def trust_line(config: Config) -> str:
+    """What a release must carry to be installed, in words (``GetStatus``'s ``trust``); counts key files only,
+    so an idle daemon never imports the crypto library."""
+    import glob
+    if not config.trust.require_signature:
+        return "unsigned releases accepted (trust.require_signature is false)"
+    files = {p for pattern in config.trust.keys for p in (glob.glob(pattern) if glob.has_magic(pattern) else
+                                                          [pattern] if os.path.exists(pattern) else [])}
+    if not files:
+        return (f"no trusted key in {', '.join(config.trust.keys)}: every update is refused until one is "
+                "installed (or set trust.require_signature: false)")
+    return f"signed releases only ({len(files)} key file{'s' if len(files) != 1 else ''})"
 
 
 class Agent:
@@ -96,6 +111,12 @@ class Agent:
             log.error("cannot tell which slot runs: %s", describe(exc))
         log.info("started: version %s, booted slot %s, backend %s", ctx.version, ctx.booted or "unknown",
                  ctx.config.boot.backend)
+        ctx.status.trust = trust_line(ctx.config)
+        if not ctx.config.trust.require_signature:
+            log.warning("release signatures are not required (trust.require_signature: false): an update is "
+                        "installed on the update server's word")
+        elif ctx.status.trust.startswith("no trusted key"):
+            log.error("%s", ctx.status.trust)
         self.owner.wait_for_boot_complete = wait_for_boot_complete
         self.owner.start()
         settled = await self.owner.submit(Settle())

@@ -75,3 +75,28 @@ async def post(session, url: str, req: Request, *, interactive: bool | None, req
         return Answer(decode_response(body), retry_after)
     except ProtocolError as exc:
         raise OmahaHttpError(f"unusable answer from the update server: {exc}", 200, retry_after) from None
+
+
+class FetchError(Exception):
+    """A small file could not be fetched: ``missing`` when the server answered that it has none (4xx), so
+    trying again later will not help; otherwise a transfer failure worth retrying."""
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
+
+
+async def fetch_small(session, url: str, limit: int, timeout: float = 30.0) -> bytes:
+    """GETs ``url`` (a signature file), at most ``limit`` bytes. Raises ``FetchError``."""
+    import aiohttp
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout * 2, sock_read=timeout),
+                               headers={"Accept-Encoding": "identity"}) as resp:
+            if resp.status != 200:
+                raise FetchError(f"{url}: HTTP {resp.status}", missing=400 <= resp.status < 500)
+            try:
+                return await _read_body(resp, limit)
+            except OmahaHttpError:
+                raise FetchError(f"{url}: larger than {limit} bytes", missing=True) from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise FetchError(f"{url}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None

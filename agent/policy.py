@@ -84,6 +84,7 @@ INSTALL_ERRORS = {
     "transfer": (ErrorCode.DOWNLOAD_TRANSFER, ErrorCategory.DOWNLOAD),
     "size": (ErrorCode.PAYLOAD_SIZE_MISMATCH, ErrorCategory.DOWNLOAD),
     "hash": (ErrorCode.PAYLOAD_HASH_MISMATCH, ErrorCategory.DOWNLOAD),
+    "signature": (ErrorCode.SIGNATURE, ErrorCategory.DOWNLOAD),
     "readback": (ErrorCode.READBACK_MISMATCH, ErrorCategory.INSTALL),
     "decompress": (ErrorCode.DECOMPRESS, ErrorCategory.UNPACK),
     "device": (ErrorCode.INSTALL_DEVICE_OPEN, ErrorCategory.INSTALL),

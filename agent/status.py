@@ -36,6 +36,7 @@ class StatusBoard:
         self.new_size = 0
         self.slots: dict = {}
         self.listeners: list = []  # callables(snapshot)
+        self.trust = ""  # what a release must carry to be installed, in words (set at start-up)
 
     @property
     def operation(self) -> Operation:
@@ -79,4 +80,5 @@ class StatusBoard:
             "booted_slot": self.ctx.booted or "", "last_error": state.last_error, "slots": self.slots,
             "pending_events": len(state.events),
             "waiting_for_boot_complete": self.flow.operation is Operation.AWAITING_BOOT_COMPLETE,
+            "trust": self.trust,
         }

@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Device:
-    def __init__(self, tmp_path, url, policy="manual", health="true", protocol="3.0", after="start", extra="", slot_size=8 << 20):
+    def __init__(self, tmp_path, url, policy="manual", health="true", protocol="3.0", after="start", extra="", slot_size=8 << 20,
+                 trust="trust: {require_signature: false}\n"):
         self.dir = tmp_path
         self.slots = {s: str(tmp_path / f"slot-{s}.img") for s in "ab"}
         for p in self.slots.values():
@@ -31,11 +32,12 @@ boot: {{backend: sim, env: {tmp_path}/bootenv.json, tries: 2}}
 state_dir: {tmp_path}/state
 reboot: {{policy: {policy}}}
 health: {{commands: ["{health}"], timeout: 10, after: {after}}}
-{extra}""")
+{trust}{extra}""")
 
-    async def cli(self, *args, timeout=60):
+    async def cli(self, *args, timeout=60, config=True):
+        extra = ("--config", self.config) if config else ()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.cli", *args, "--config", self.config, stdout=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "agent.cli", *args, *extra, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
         return proc.returncode, out.decode(), err.decode()

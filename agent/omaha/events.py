@@ -79,6 +79,7 @@ class ErrorCode(IntEnum):
     PAYLOAD_SIZE_MISMATCH = 11
     READBACK_MISMATCH = 12  # the slot re-read after writing did not hash right
     DECOMPRESS = 13  # compressed payload is corrupt
+    SIGNATURE = 18  # the release's signature is missing, invalid, or does not describe the offer
     BOOTLOADER_FALLBACK = 44  # a trial boot never came up: the firmware booted the old slot again
     HEALTH_CHECK_FAILED = 45  # the new slot booted but its health commands failed
     CANCELLED = 48

@@ -35,6 +35,7 @@ class Image:
     size: int = 0
     sha256: bytes = b""
     sha1: bytes = b""
+    signature: bytes | None = None  # served as <name>.sig (the DevServer's sign_key fills it in)
 
     def __post_init__(self):
         self.name = self.name or os.path.basename(self.path)
@@ -82,6 +83,7 @@ class DevServer:
     faults: Faults = field(default_factory=Faults)
     protocol: str | None = None  # answer only this protocol ("3.0" or "3.1"); None: both
     clock: callable = time.time
+    sign_key: str | None = None  # a PEM private key: each image gets its DSSE envelope, served as <name>.sig
 
     def __post_init__(self):
         self.requests: list[dict] = []
@@ -97,7 +99,19 @@ class DevServer:
         app.router.add_get("/packages/{name}", self.handle_payload)
         return app
 
+    def sign(self) -> None:
+        """Signs every image that has no envelope yet with ``sign_key`` (its appid, version and track)."""
+        if not self.sign_key:
+            return
+        from ..trust import load_private_key, sign_file
+        key = load_private_key(self.sign_key)
+        for image in self.images:
+            if image.signature is None:
+                image.signature = sign_file(image.path, key, image.appid, image.version, image.track or None,
+                                            name=image.name)
+
     async def start(self) -> str:
+        self.sign()
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -231,6 +245,10 @@ class DevServer:
     # -- payloads
     async def handle_payload(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
+        signed = next((i for i in self.images if i.name + ".sig" == name and i.signature is not None), None)
+        if signed is not None:
+            self._log({"kind": "signature", "name": name})
+            return web.Response(body=signed.signature, content_type="application/json")
         image = next((i for i in self.images if i.name == name), None)
         if image is None:
             raise web.HTTPNotFound(text="no such package\n")
@@ -293,7 +311,8 @@ async def serve(args) -> int:
     """``omaha-agent devserver``: serve one image until interrupted."""
     image = Image(args.payload, args.version, args.appid, track=args.track or "")
     server = DevServer([image], dialect=args.dialect, host=args.host, port=args.port, log_path=args.log,
-                       faults=Faults(always_offer=args.always_offer), protocol=args.protocol)
+                       faults=Faults(always_offer=args.always_offer), protocol=args.protocol,
+                       sign_key=args.sign_key)
     url = await server.start()
     print(f"devserver: serving {image.name} version {image.version} ({image.size} bytes, sha256 "
           f"{image.sha256.hex()}) for app {image.appid}", flush=True)

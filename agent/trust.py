@@ -1,0 +1,245 @@
+"""Signed releases: a DSSE envelope holding an in-toto Statement, signed by a key the update server never holds.
+
+The envelope (fetched from the payload URL with ``.sig`` appended) is JSON::
+
+    {"payloadType": "application/vnd.in-toto+json", "payload": "<base64 statement>",
+     "signatures": [{"keyid": "<optional>", "sig": "<base64 signature>"}]}
+
+Each signature is over DSSE's pre-authentication encoding, ``PAE = "DSSEv1" SP len(type) SP type SP len(body) SP
+body`` (lengths in ASCII decimal; body = the decoded statement bytes), made with an ECDSA P-256 key (SHA-256, DER
+signature) or an Ed25519 key. The statement names the payload's SHA-256 and, in its predicate, the appid, version
+and size of the release (track and board optional). ``cryptography`` is imported only here, when a signature is
+checked or made.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import glob
+import hashlib
+import json
+from dataclasses import dataclass
+
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "urn:omaha-agent:release:v1"
+MAX_ENVELOPE = 64 << 10
+MAX_KEY_FILE = 16 << 10
+
+
+class SignatureError(Exception):
+    """The release's signature or statement does not hold; the message is the one-line reason."""
+
+
+class TrustKeyError(Exception):
+    """A trusted key file cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a verified statement says about a payload."""
+
+    name: str
+    sha256: str
+    appid: str
+    version: str
+    size: int
+    track: str | None = None
+    board: str | None = None
+
+
+def pae(payload_type: str, body: bytes) -> bytes:
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(body), body)
+
+
+# ---------------------------------------------------------------------------------------------- keys
+def load_public_keys(patterns) -> list:
+    """The public keys in the PEM files ``patterns`` (paths or globs) name. Raises ``TrustKeyError``."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    keys = []
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_KEY_FILE + 1)
+            except OSError as exc:
+                raise TrustKeyError(f"trust key {path}: cannot read: {exc.strerror or exc}") from None
+            if len(data) > MAX_KEY_FILE:
+                raise TrustKeyError(f"trust key {path}: larger than {MAX_KEY_FILE >> 10} KiB; not a PEM public key")
+            try:
+                key = load_pem_public_key(data)
+            except (ValueError, TypeError) as exc:
+                raise TrustKeyError(f"trust key {path}: not a PEM public key ({str(exc)[:80]}); make one with "
+                                "'openssl pkey -in PRIVATE.pem -pubout'") from None
+            if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+                keys.append(key)
+            elif isinstance(key, ed25519.Ed25519PublicKey):
+                keys.append(key)
+            else:
+                raise TrustKeyError(f"trust key {path}: only ECDSA P-256 and Ed25519 keys are accepted")
+    return keys
+
+
+def load_private_key(path: str):
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    try:
+        with open(path, "rb") as f:
+            key = load_pem_private_key(f.read(MAX_KEY_FILE), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise TrustKeyError(f"signing key {path}: not an unencrypted PEM private key ({str(exc)[:80]})") from None
+    if not (isinstance(key, ed25519.Ed25519PrivateKey) or
+            (isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1))):
+        raise TrustKeyError(f"signing key {path}: only ECDSA P-256 and Ed25519 keys are accepted")
+    return key
+
+
+def _verifies(key, signature: bytes, message: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        else:
+            key.verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _sign(key, message: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(message, ec.ECDSA(hashes.SHA256()))
+    return key.sign(message)
+
+
+# ---------------------------------------------------------------------------------------------- envelopes
+def _b64(value, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise SignatureError(f"the signature envelope's {what} is not a base64 string")
+    text = value.strip()
+    padded = text + "=" * (-len(text) % 4)  # DSSE allows standard or URL-safe base64, padded or not
+    try:
+        return base64.b64decode(padded, altchars=b"-_" if ("-" in text or "_" in text) else None, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"the signature envelope's {what} is not valid base64") from None
+
+
+def open_envelope(data: bytes, keys: list) -> Release:
+    """The release a DSSE envelope vouches for, once one of its signatures verifies under one of ``keys``.
+    Raises ``SignatureError``."""
+    if len(data) > MAX_ENVELOPE:
+        raise SignatureError(f"the signature file is larger than {MAX_ENVELOPE >> 10} KiB")
+    try:
+        env = json.loads(data)
+    except (ValueError, RecursionError):
+        raise SignatureError("the signature file is not a JSON DSSE envelope") from None
+    if not isinstance(env, dict):
+        raise SignatureError("the signature file is not a JSON DSSE envelope")
+    if env.get("payloadType") != PAYLOAD_TYPE:
+        raise SignatureError(f"the envelope's payloadType is not {PAYLOAD_TYPE}")
+    body = _b64(env.get("payload"), "payload")
+    sigs = env.get("signatures")
+    if not isinstance(sigs, list) or not sigs or len(sigs) > 16:
+        raise SignatureError("the envelope holds no signatures (or more than 16)")
+    if not keys:
+        raise SignatureError("no trusted key is installed (trust.keys)")
+    message = pae(PAYLOAD_TYPE, body)
+    for entry in sigs:
+        if not isinstance(entry, dict):
+            raise SignatureError("an envelope signature is not an object")
+        signature = _b64(entry.get("sig"), "signature")
+        if any(_verifies(key, signature, message) for key in keys):
+            return _statement(body)
+    raise SignatureError("no signature verifies under a trusted key (signed with another key, or altered)")
+
+
+def _statement(body: bytes) -> Release:
+    try:
+        st = json.loads(body)
+    except (ValueError, RecursionError):
+        raise SignatureError("the signed statement is not JSON") from None
+    if not isinstance(st, dict) or st.get("_type") != STATEMENT_TYPE:
+        raise SignatureError(f"the signed statement is not an in-toto Statement ({STATEMENT_TYPE})")
+    if st.get("predicateType") != PREDICATE_TYPE:
+        raise SignatureError(f"the signed statement's predicateType is not {PREDICATE_TYPE}")
+    subject = st.get("subject")
+    if not isinstance(subject, list) or len(subject) != 1 or not isinstance(subject[0], dict):
+        raise SignatureError("the signed statement must name exactly one subject")
+    digest = subject[0].get("digest")
+    sha = digest.get("sha256") if isinstance(digest, dict) else None
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha):
+        raise SignatureError("the signed statement has no sha256 digest for its subject")
+    pred = st.get("predicate")
+    if not isinstance(pred, dict):
+        raise SignatureError("the signed statement has no predicate")
+    fields = {k: pred.get(k) for k in ("appid", "version", "track", "board")}
+    if not isinstance(fields["appid"], str) or not isinstance(fields["version"], str):
+        raise SignatureError("the signed statement's predicate lacks appid or version")
+    size = pred.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise SignatureError("the signed statement's predicate lacks a size")
+    for k in ("track", "board"):
+        if fields[k] is not None and not isinstance(fields[k], str):
+            raise SignatureError(f"the signed statement's {k} is not a string")
+    name = subject[0].get("name")
+    return Release(name if isinstance(name, str) else "", sha.lower(), fields["appid"], fields["version"], size,
+                   fields["track"], fields["board"])
+
+
+def check_release(release: Release, *, appid: str, version: str, sha256_hex: str, size: int, track: str,
+                  board: str) -> None:
+    """The signed statement must describe exactly the offer the device is about to install."""
+    from .omaha import versions
+    if release.sha256 != sha256_hex.lower():
+        raise SignatureError(f"the signed digest {release.sha256[:16]}… is not the offered payload's "
+                             f"{sha256_hex.lower()[:16]}…")
+    if release.size != size:
+        raise SignatureError(f"the signed size {release.size} is not the offered {size}")
+    if release.appid.lower() != appid.lower():
+        raise SignatureError(f"the release is signed for app {release.appid[:60]!r}, not this device's")
+    if not versions.same(release.version, version):
+        raise SignatureError(f"the release is signed as version {release.version[:40]!r}, offered as {version[:40]!r}")
+    if release.track is not None and release.track != track:
+        raise SignatureError(f"the release is signed for track {release.track[:40]!r}, this device follows {track!r}")
+    if release.board is not None and release.board != board:
+        raise SignatureError(f"the release is signed for board {release.board[:40]!r}, this device is {board!r}")
+
+
+# ---------------------------------------------------------------------------------------------- making them
+def statement(name: str, sha256_hex: str, appid: str, version: str, size: int, track: str | None = None,
+              board: str | None = None) -> bytes:
+    predicate = {"appid": appid, "version": version, "size": size}
+    if track:
+        predicate["track"] = track
+    if board:
+        predicate["board"] = board
+    return json.dumps({"_type": STATEMENT_TYPE, "subject": [{"name": name, "digest": {"sha256": sha256_hex}}],
+                       "predicateType": PREDICATE_TYPE, "predicate": predicate}, sort_keys=True).encode()
+
+
+def sign_statement(body: bytes, key, keyid: str = "") -> bytes:
+    sig = _sign(key, pae(PAYLOAD_TYPE, body))
+    entry = {"sig": base64.b64encode(sig).decode()}
+    if keyid:
+        entry["keyid"] = keyid
+    return json.dumps({"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(body).decode(),
+                       "signatures": [entry]}, indent=1).encode() + b"\n"
+
+
+def sign_file(path: str, key, appid: str, version: str, track: str | None = None, board: str | None = None,
+              name: str | None = None) -> bytes:
+    """The envelope for the payload at ``path`` (hashed in 1 MiB reads)."""
+    import os
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    body = statement(name or os.path.basename(path), h.hexdigest(), appid, version, size, track, board)
+    return sign_statement(body, key)
