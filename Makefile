@@ -58,7 +58,7 @@ clean:
 
 # Puts the agent, its units, D-Bus files and default config in place (DESTDIR for an image's root).
 # Runtime dependencies come from the distribution: python3-aiohttp python3-defusedxml python3-yaml
-# python3-dbus-next python3-pyudev (Debian names). Then: systemctl enable omaha-agent omaha-agent-confirm
+# python3-dbus-next python3-pyudev python3-cryptography (Debian names). Then: systemctl enable omaha-agent omaha-agent-confirm
 DESTDIR ?=
 PREFIX ?= /usr
 PYTHONDIR ?= $(PREFIX)/lib/python3/dist-packages
@@ -74,4 +74,5 @@ install:
 	install -D -m 0644 systemd/omaha-agent.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/omaha-agent.conf
 	install -D -m 0644 config/grub/grub.cfg $(DESTDIR)$(PREFIX)/share/omaha-agent/grub.cfg
 	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/omaha-agent/README.md
+	install -d -m 0755 $(DESTDIR)/etc/omaha-agent/keys
 	test -e $(DESTDIR)/etc/omaha-agent/agent.yaml || install -D -m 0644 config/agent.yaml $(DESTDIR)/etc/omaha-agent/agent.yaml
