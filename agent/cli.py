@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--protocol", choices=["3.0", "3.1"], default=None, help="answer only this protocol")
     v.add_argument("--log", default=None, help="write requests and events as JSON lines here")
     v.add_argument("--always-offer", action="store_true", help="offer even to clients already at the version")
+    v.add_argument("--payload-base", default=None, metavar="URL",
+                   help="point payload URLs here (another file server holding the payload under its file name) "
+                        "instead of at this server's /packages/")
     v.set_defaults(func=cmd_devserver)
     m = sub.add_parser("demo", help="the whole A/B cycle on a simulated device, no root needed")
     m.add_argument("--dir", default=None, help="keep the simulated device here (default: a temp dir)")

@@ -94,6 +94,24 @@ async def test_dead_mirror_and_http_500_fall_back_to_the_next_url(device, payloa
     assert slot_holds(slots["b"], data) and result.url.startswith(server.base)
 
 
+async def test_payload_base_points_the_offer_at_another_file_server(device, payload, tmp_path):
+    boot, slots = device
+    path, data = payload
+    files = await with_server([Image(path, "2.0.0", APP)])  # stands in for nginx: serves the file by name
+    server = await with_server([Image(path, "2.0.0", APP)])
+    server.payload_base = f"{files.base}/packages"  # no trailing slash: the server adds it
+    files.log_path = str(tmp_path / "files.jsonl")
+    try:
+        offer = await offer_from(server)
+        result = await run_install(server, boot, slots)
+    finally:
+        await server.stop()
+        await files.stop()
+    assert offer.packages[0].urls == (f"{files.base}/packages/v2.img",)
+    assert result.url == f"{files.base}/packages/v2.img" and slot_holds(slots["b"], data)
+    assert '"download"' in open(files.log_path).read()
+
+
 async def test_connection_reset_mid_stream_resumes_with_range(device, payload, tmp_path):
     boot, slots = device
     path, data = payload
