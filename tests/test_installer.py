@@ -244,20 +244,20 @@ async def test_cancel_then_resume_after_restart_rebuilds_hash_state(device, payl
 
 
 async def test_cancel_while_a_chunk_is_being_written_keeps_a_true_checkpoint(device, payload, monkeypatch):
-    """Each cancel lands while a chunk is inside the writer thread (its feed has started and takes 50 ms).
-    The checkpoint saved on cancel must describe exactly what is on the slot, and the resumed install must
-    verify."""
+    """Each cancel lands while chunks are inside the writing thread (each write has started and takes 50 ms,
+    while hashing runs ahead in its own thread). The checkpoint saved on cancel must describe exactly what is
+    on the slot, and the resumed install must verify."""
     import time as _time
     from agent.payload import SlotWriter
-    real_feed = SlotWriter.feed
+    real_write = SlotWriter.write_plain
     feeds = []
 
-    def slow_feed(self, data):
+    def slow_write(self, data, offset, aligned=False):
         feeds.append(len(data))
         _time.sleep(0.05)
-        return real_feed(self, data)
+        return real_write(self, data, offset, aligned)
 
-    monkeypatch.setattr(SlotWriter, "feed", slow_feed)
+    monkeypatch.setattr(SlotWriter, "write_plain", slow_write)
     boot, slots = device
     path, data = payload
     server = await with_server([Image(path, "2.0.0", APP)])
@@ -278,7 +278,7 @@ async def test_cancel_while_a_chunk_is_being_written_keeps_a_true_checkpoint(dev
             saved = checkpoints[-1]
             assert slot_holds(slots["b"], data[:saved.received]), f"checkpoint at {saved.received} is false"
         assert 0 < saved.received < len(data)
-        monkeypatch.setattr(SlotWriter, "feed", real_feed)
+        monkeypatch.setattr(SlotWriter, "write_plain", real_write)
         result = await run_install(server, boot, slots, resume=saved)
     finally:
         await server.stop()
