@@ -27,8 +27,8 @@ from .payload import PayloadError, SlotWriter
 from .state import Checkpoint
 
 CHUNK = 1 << 20
-RING = 4  # chunks in memory: one being filled, the others hashed and written
-CHECKPOINT_EVERY = 16 << 20
+RING = 3  # chunks in memory: one being filled, the others hashed and written
+CHECKPOINT_EVERY = 64 << 20
 MAX_ATTEMPTS = 64
 
 
