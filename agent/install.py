@@ -1,8 +1,9 @@
 """The streaming installer: download → hash → write → fsync → verify, then hand the slot to the bootloader.
 
-Order, and nothing else: mark the target ``bad`` → stream the payload onto it (hashing as bytes arrive,
-writing in aligned 1 MiB chunks from a worker thread) → fsync → verify size and every hash (and optionally
-re-read the slot) → set the target for a trial boot. A failure at any step leaves the target ``bad`` and
+Order, and nothing else: mark the target ``bad`` → stream the payload onto it (1 MiB chunks in a ring of
+three reused buffers, each hashed and written in two threads while the next downloads; aligned writes
+bypass the page cache) → fsync → verify size and every hash (and optionally re-read the slot) → set the
+target for a trial boot. A failure at any step leaves the target ``bad`` and
 the booted slot untouched.
 
 URLs are tried in the server's order; a TCP/HTTP error, a short body, or a size/hash mismatch moves to the
