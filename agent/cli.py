@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--log", default=None, help="write requests and events as JSON lines here")
     v.add_argument("--always-offer", action="store_true", help="offer even to clients already at the version")
     v.add_argument("--sign-key", default=None, help="PEM private key: serve <payload>.sig, a signed release envelope")
+    v.add_argument("--payload-base", default=None, metavar="URL",
+                   help="point payload URLs here (another file server holding the payload under its file name) "
+                        "instead of at this server's /packages/")
     v.set_defaults(func=cmd_devserver)
     g = sub.add_parser("sign", help="sign a release: write its DSSE envelope (PAYLOAD.sig)")
     g.add_argument("--key", required=True, help="PEM private key (ECDSA P-256 or Ed25519)")

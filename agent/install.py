@@ -1,8 +1,9 @@
 """The streaming installer: download → hash → write → fsync → verify, then hand the slot to the bootloader.
 
-Order, and nothing else: mark the target ``bad`` → stream the payload onto it (hashing as bytes arrive,
-writing in aligned 1 MiB chunks from a worker thread) → fsync → verify size and every hash (and optionally
-re-read the slot) → set the target for a trial boot. A failure at any step leaves the target ``bad`` and
+Order, and nothing else: mark the target ``bad`` → stream the payload onto it (1 MiB chunks in a ring of
+three reused buffers, each hashed and written in two threads while the next downloads; aligned writes
+bypass the page cache) → fsync → verify size and every hash (and optionally re-read the slot) → set the
+target for a trial boot. A failure at any step leaves the target ``bad`` and
 the booted slot untouched.
 
 URLs are tried in the server's order; a TCP/HTTP error, a short body, or a size/hash mismatch moves to the
@@ -13,7 +14,10 @@ back the prefix already on the slot. A server that ignores Range (answers 200) r
 from __future__ import annotations
 
 import asyncio
+import collections
+import mmap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -24,7 +28,8 @@ from .payload import PayloadError, SlotWriter
 from .state import Checkpoint
 
 CHUNK = 1 << 20
-CHECKPOINT_EVERY = 16 << 20
+RING = 3  # chunks in memory: one being filled, the others hashed and written
+CHECKPOINT_EVERY = 64 << 20
 MAX_ATTEMPTS = 64
 
 
@@ -85,38 +90,116 @@ async def _maybe_await(value) -> None:
         await value
 
 
-class _Feeder:
-    """Hands chunks to ``SlotWriter.feed`` in a worker thread while the next chunk downloads: one chunk in
-    flight at most, so memory stays at two chunks and the network and the disk work at the same time.
+class _Pipeline:
+    """Moves the body from the HTTP client into a small ring of reused, page-aligned buffers and hands each
+    filled chunk to the writer: for an uncompressed payload, hashing (one thread, in order) and writing (another
+    thread, O_DIRECT when aligned) of a chunk run at the same time as each other and as the download of the
+    next chunks; a compressed one goes through ``SlotWriter.feed`` in the writing thread. Chunk boundaries lie
+    at multiples of the chunk size in the payload, so after a resume at an odd offset the writes align again.
+    Memory: ``RING`` chunks, whatever the payload's size.
 
-    A cancelled wait never abandons a running feed (the thread cannot be stopped): it waits for the thread
-    to finish, then re-raises the cancellation, so nobody touches the writer while the thread still does."""
+    Waiting never abandons a running thread (it cannot be stopped): a cancelled wait lets every chunk in flight
+    finish, then re-raises the cancellation, so nobody touches the writer while a thread still does. A chunk
+    that failed while a cancellation waited, or with an I/O error, resets the writer (its counts may be ahead
+    of the slot): ``broken`` says so, and nothing of this attempt is checkpointed."""
 
-    def __init__(self, writer: SlotWriter):
+    def __init__(self, writer: SlotWriter, buffers: list, pools: tuple, offset: int):
         self.writer = writer
-        self.inflight: asyncio.Future | None = None
-        self.broken = False  # a chunk failed while a cancellation waited: the writer was reset
+        self.buffers = buffers
+        self.hash_pool, self.write_pool = pools
+        self.fed = offset  # payload bytes handed to the threads
+        self.inflight: collections.deque = collections.deque()  # (buffer index, futures), oldest first
+        self.free = collections.deque(range(len(buffers)))
+        self.current: int | None = None  # the buffer being filled
+        self.fill = 0
+        self.broken = False
+        self.plain = None if offset == 0 else writer.decoder is None  # decided by the first bytes at offset 0
 
-    async def submit(self, data: bytes) -> None:
-        await self.wait()
-        self.inflight = asyncio.get_running_loop().run_in_executor(None, self.writer.feed, data)
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet handed to the threads."""
+        return self.fill
 
-    async def wait(self) -> None:
-        fut, cancelled = self.inflight, False
-        if fut is None:
-            return
-        while not fut.done():
-            try:
-                await asyncio.wait({fut})
-            except asyncio.CancelledError:
-                cancelled = True
-        self.inflight = None
+    async def put(self, data: bytes) -> list[int]:
+        """Copies ``data`` into the ring; returns the sizes of the chunks it handed on."""
+        handed, view, pos = [], memoryview(data), 0
+        while pos < len(view):
+            if self.current is None:
+                self.current = await self._acquire()
+            size = len(self.buffers[self.current])
+            limit = size - (self.fed % size)
+            take = min(limit - self.fill, len(view) - pos)
+            self.buffers[self.current][self.fill:self.fill + take] = view[pos:pos + take]
+            self.fill += take
+            pos += take
+            if self.fill == limit:
+                handed.append(self._submit())
+        return handed
+
+    async def finish(self) -> None:
+        """Hands on the partly filled chunk, and waits for every chunk in flight."""
+        if self.fill:
+            self._submit()
+        await self.drain()
+
+    def _submit(self) -> int:
+        index, n, offset = self.current, self.fill, self.fed
+        buf = self.buffers[index]
+        view = memoryview(buf)[:n]
+        loop = asyncio.get_running_loop()
+        if self.plain is None:
+            self.plain = self.writer.plain(view)
+        if self.plain:
+            aligned = offset % len(buf) == 0
+            futures = (loop.run_in_executor(self.hash_pool, self.writer.hash_plain, view),
+                       loop.run_in_executor(self.write_pool, self.writer.write_plain, view, offset, aligned))
+        else:
+            futures = (loop.run_in_executor(self.write_pool, self.writer.feed, view),)
+        self.inflight.append((index, futures))
+        self.current, self.fill = None, 0
+        self.fed += n
+        return n
+
+    async def _acquire(self) -> int:
+        if not self.free:
+            await self._settle(1)
+        return self.free.popleft()
+
+    async def drain(self) -> None:
+        await self._settle(len(self.inflight))
+
+    async def _settle(self, count: int) -> None:
+        """Waits for the ``count`` oldest chunks in flight (for all of them after a failure or a cancel)."""
+        cancelled = False
+        while True:
+            entries = list(self.inflight)[:count]
+            futures = [f for _, fs in entries for f in fs]
+            while not all(f.done() for f in futures):
+                try:
+                    await asyncio.wait({f for f in futures if not f.done()})
+                except asyncio.CancelledError:
+                    cancelled = True
+            failed = next((f.exception() for f in futures if f.exception() is not None), None)
+            if (cancelled or failed is not None) and count < len(self.inflight):
+                count = len(self.inflight)  # nothing may run in a thread once we give up: wait for the rest too
+                continue
+            break
+        for _ in range(count):
+            index, _ = self.inflight.popleft()
+            self.free.append(index)
         if cancelled:
-            if fut.exception() is not None:
-                self.writer.reset()  # the failed chunk may be half counted: keep nothing of this attempt
-                self.broken = True
+            if failed is not None:
+                self._break()
             raise asyncio.CancelledError
-        fut.result()
+        if failed is not None:
+            if not isinstance(failed, PayloadError):  # an I/O error: the counts may be ahead of the slot
+                self._break()
+            raise failed
+
+    def _break(self) -> None:
+        self.writer.reset()
+        self.broken = True
+        self.current, self.fill = None, 0
 
 
 class Installer:
@@ -158,15 +241,21 @@ class Installer:
         """Download ``pkg`` onto ``path`` and verify it; raises ``InstallError``."""
         if pkg.size > capacity:
             raise InstallError(f"payload of {pkg.size} bytes is larger than slot {slot} ({capacity} bytes)", "device")
-        writer = SlotWriter(path, capacity, pkg.sha256, pkg.sha1, readback=self.readback)
+        writer = SlotWriter(path, capacity, pkg.sha256, pkg.sha1, readback=self.readback, direct=True)
         try:
             await asyncio.to_thread(writer.open)
         except PayloadError as exc:
             raise InstallError(str(exc), exc.kind) from None
+        # page-aligned (anonymous mmap), reused for every chunk of every attempt
+        self._buffers = [mmap.mmap(-1, self.chunk) for _ in range(RING)]
+        self._pools = (ThreadPoolExecutor(1, "omaha-hash"), ThreadPoolExecutor(1, "omaha-write"))
         try:
             resumed_from = await self._resume(writer, slot, pkg, version, resume)
             return await self._fetch_all(writer, slot, pkg, version, resumed_from)
         finally:
+            for pool in self._pools:
+                pool.shutdown(wait=False)  # idle: every chunk was waited for
+            self._buffers = []
             writer.close()
 
     async def _resume(self, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str,
@@ -232,10 +321,8 @@ class Installer:
         if offset:
             headers["Range"] = f"bytes={offset}-"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.read_timeout)
-        buffer = bytearray()
+        pipe: _Pipeline | None = None
         since_checkpoint = 0
-        feeder = _Feeder(writer)
-        fed = offset  # bytes handed to the feeder (the writer's own count lags while a chunk is in flight)
         attempt_start, attempt_base = time.monotonic(), offset
         try:
             async with self.session.get(url, headers=headers, timeout=timeout) as resp:
@@ -246,39 +333,34 @@ class Installer:
                 elif resp.status == 200:
                     if offset:  # Range ignored: the body starts at byte 0
                         writer.reset()
-                        fed = attempt_base = 0
+                        offset = attempt_base = 0
                 elif resp.status == 416 and offset:  # the server cannot resume there: start over from 0
                     writer.reset()
                     raise _TransferFailed(f"HTTP 416: the server cannot resume at byte {offset}")
                 else:
                     raise _TransferFailed(f"HTTP {resp.status} {resp.reason or ''}".strip())
                 complete_body = resp.content_length is not None  # aiohttp raises if it is not satisfied
-                async for data in resp.content.iter_chunked(1 << 16):
-                    buffer += data
-                    if fed + len(buffer) > pkg.size:
+                pipe = _Pipeline(writer, self._buffers, self._pools, offset)
+                async for data in resp.content.iter_any():
+                    if pipe.fed + pipe.pending + len(data) > pkg.size:
                         raise PayloadError(f"server sent more than the promised {pkg.size} bytes", "size")
-                    if len(buffer) >= self.chunk:
-                        await feeder.submit(bytes(buffer))
-                        fed += len(buffer)
-                        since_checkpoint += len(buffer)
-                        buffer.clear()
+                    handed = await pipe.put(data)
+                    if handed:
+                        since_checkpoint += sum(handed)
                         if since_checkpoint >= self.checkpoint_every:
-                            await feeder.wait()
+                            await pipe.drain()
                             await self._checkpoint(writer, slot, pkg, version)
                             since_checkpoint = 0
                         self._progress(writer, pkg, attempt_start, attempt_base)
-                if buffer:
-                    await feeder.submit(bytes(buffer))
-                    buffer.clear()
-                await feeder.wait()
+                await pipe.finish()
         except asyncio.CancelledError:
-            await self._save_partial(feeder, buffer, slot, pkg, version)
+            await self._save_partial(pipe, slot, pkg, version)
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            await self._save_partial(feeder, buffer, slot, pkg, version)
+            await self._save_partial(pipe, slot, pkg, version)
             raise _TransferFailed(_describe(exc)) from None
         except PayloadError:
-            await _settle(feeder)
+            await _settle(pipe)
             raise
         self._progress(writer, pkg, attempt_start, attempt_base)
         if writer.received < pkg.size:
@@ -287,30 +369,32 @@ class Installer:
             await self._checkpoint(writer, slot, pkg, version)
             raise _TransferFailed(f"short body: {writer.received} of {pkg.size} bytes")
 
-    async def _save_partial(self, feeder: _Feeder, buffer: bytearray, slot, pkg, version) -> None:
+    async def _save_partial(self, pipe: "_Pipeline | None", slot, pkg, version) -> None:
         """Keep what arrived before a cut (or a cancel), durable, so the next attempt resumes after it."""
-        writer = feeder.writer
+        if pipe is None:
+            return
         try:
-            await feeder.wait()
-            if feeder.broken:
-                return
-            if buffer:
-                await asyncio.to_thread(writer.feed, bytes(buffer))
-                buffer.clear()
-            await self._checkpoint(writer, slot, pkg, version)
+            await pipe.finish()  # the partly filled chunk too; waits for every chunk in flight
         except PayloadError:
-            writer.reset()
+            pipe.writer.reset()
+            return
+        except OSError:  # a chunk failed to write: the pipe broke and reset the writer
+            return
+        if not pipe.broken:
+            await self._checkpoint(pipe.writer, slot, pkg, version)
 
     def _progress(self, writer: SlotWriter, pkg: PackageOffer, start: float, base: int) -> None:
         elapsed = max(1e-6, time.monotonic() - start)
         self.on_progress(Progress(writer.received, pkg.size, (writer.received - base) / elapsed))
 
 
-async def _settle(feeder: _Feeder) -> None:
-    """Lets a chunk in flight finish before the caller resets the writer; its own error no longer matters."""
+async def _settle(pipe: "_Pipeline | None") -> None:
+    """Lets the chunks in flight finish before the caller resets the writer; their own errors no longer matter."""
+    if pipe is None:
+        return
     try:
-        await feeder.wait()
-    except PayloadError:
+        await pipe.drain()
+    except (PayloadError, OSError):
         pass
 
 

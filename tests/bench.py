@@ -1,21 +1,40 @@
-"""``make bench``: figures, not assertions.
+"""``make bench``: figures, never pass/fail.
 
-1. Throughput: one update (check, stream onto a file slot while hashing, fsync, verify, set the trial) against
-   a baseline in the same process: the plainest aiohttp client that downloads the same payload from the same
-   development server into a file. The ratio says what hashing, checkpoints and the thread hand-offs cost.
-2. Memory: the peak RSS of ``omaha-agent daemon --once`` for a small and a large payload (it must not grow
-   with the payload), and the RSS of the idle daemon on a private D-Bus system bus, with whether aiohttp is
-   loaded (it is imported only when the first check runs).
+Everything runs on this machine and talks to 127.0.0.1 only. Payloads come from nginx (started and stopped
+here, with a configuration in a temporary directory), the Omaha check from the development server, whose
+payload URLs point at nginx (``devserver --payload-base``), so the server is not what is measured.
 
-Everything talks to 127.0.0.1 only. Run: ``.venv/bin/python -m tests.bench [--size MiB] [--rounds N]``.
+1. Throughput, in the same run, alternating, median of several rounds (``BENCH_MIB``, default 1024):
+   - the machine's limit: each stage alone (``curl`` from nginx into /dev/null, ``openssl dgst -sha256`` of
+     the cached payload, ``dd`` of zeros onto a slot file with O_DIRECT and fsync) and the slowest of them;
+   - the shell pipeline doing the agent's job: ``curl | tee >(openssl dgst -sha256) | dd oflag=direct
+     conv=fsync``;
+   - the agent: a whole update through ``omaha-agent daemon --once`` (check, stream onto a file slot while
+     hashing, fsync, verify, set the trial, report), measured from outside the process.
+   Every command runs under a small reaper (this module with ``--reap``) that waits for all its descendants,
+   process substitutions included, so CPU time and peak RSS cover the whole pipeline.
+2. Memory: the peak RSS of ``daemon --once`` for a 1 GiB and a 4 GiB payload; the RSS of the idle daemon on
+   a private system bus; start-up time to ``READY=1`` on a notify socket.
+3. ``GetStatus`` latency over D-Bus, 20 calls a second, while a full-speed install runs.
+4. A fleet: 100 000 devices over 7 days with ``agent.schedule``'s own functions, a 6-hour server outage in
+   the middle.
+
+``BENCH_OUT=PATH`` writes the figures as one JSON object; ``BENCH_QUICK=1`` runs a reduced set.
+Run: ``make bench`` or ``python -m tests.bench``.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
+import ctypes
+import json
 import os
+import platform
+import random
+import resource
 import shutil
+import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,13 +43,69 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = "{5b8f2c1e-7a3d-4e6b-9c0f-1d2e3f405162}"
 MiB = 1 << 20
+GiB = 1 << 30
+PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+SIZE_MIB = int(os.environ.get("BENCH_MIB") or (256 if QUICK else 1024))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS") or (2 if QUICK else 5))
+TIMEOUT = 900  # seconds for any one measured command
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONPATH=ROOT, PATH=PATH)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def reap_main(fd: int, argv: list[str]) -> int:
+    """``python -m tests.bench --reap FD CMD...``: run CMD as a child subreaper, wait for every descendant (a
+    process substitution outlives its pipeline stage), then write wall seconds, CPU seconds and the largest
+    peak RSS among them as JSON to ``FD``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphaned descendants are re-parented to us
+    signal.alarm(TIMEOUT)  # bounded: a stuck descendant ends the measurement
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv)
+    code = proc.wait()
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+    wall = time.perf_counter() - start
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"code": code, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_kib": ru.ru_maxrss}, out)
+    return 0
+
+
+def measure(argv: list[str], **kw) -> dict:
+    """Wall time, CPU time (all descendants) and peak RSS of one command run under the reaper."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.bench", "--reap", str(w), *argv], cwd=ROOT, env=env(),
+                            pass_fds=(w,), stdout=kw.get("stdout", subprocess.DEVNULL),
+                            stderr=kw.get("stderr", subprocess.DEVNULL))
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    proc.wait(TIMEOUT)
+    if not text:
+        raise RuntimeError(f"the measurement of {argv[:3]} produced nothing")
+    result = json.loads(text)
+    if result["code"] != 0:
+        raise RuntimeError(f"{' '.join(argv)[:200]} exited {result['code']}")
+    return result
 
 
 def make_payload(path: str, size: int) -> None:
-    block = os.urandom(MiB)  # incompressible enough: sniffed as raw, streamed as is
+    block = os.urandom(MiB)  # incompressible: sniffed as raw, streamed as is
     with open(path, "wb") as f:
         for i in range(size // MiB):
             f.write(i.to_bytes(8, "little") + block[8:])
+
+
+def sha256_of(path: str) -> str:
+    out = subprocess.run(["openssl", "dgst", "-sha256", "-r", path], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
 
 
 def free_port() -> int:
@@ -39,40 +114,107 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """The development server in its own process, so it does not share the measured process's CPU time."""
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen within {timeout:.0f} s")
 
-    def __init__(self, payload: str, version: str):
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(15)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- servers
+class Nginx:
+    """nginx on 127.0.0.1 serving ``root``, with its configuration, pid, logs and temp files under ``workdir``."""
+
+    def __init__(self, root: str, workdir: str):
+        binary = shutil.which("nginx", path=PATH)
+        if binary is None:
+            raise RuntimeError("nginx is not installed (make bench installs Debian's package when run as root)")
+        self.dir = os.path.join(workdir, "nginx")
+        os.makedirs(self.dir)
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "devserver", "--payload", payload, "--version", version,
-             "--appid", APP, "--port", str(self.port)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
+        temps = "\n".join(f"  {name}_temp_path {self.dir}/{name};"
+                          for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        conf = os.path.join(self.dir, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""{'user root;' if os.geteuid() == 0 else ''}
+worker_processes 1;
+daemon off;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  default_type application/octet-stream;
+{temps}
+  server {{
+    listen 127.0.0.1:{self.port};
+    root {root};
+    location / {{ }}
+  }}
+}}
+""")
+        # -e: the error log before the configuration is read (else nginx opens its global one)
+        self.proc = subprocess.Popen([binary, "-p", self.dir, "-c", conf, "-e", f"{self.dir}/error.log"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(self.port, self.proc, "nginx", 30)
+        except RuntimeError:
             self.close()
-            raise RuntimeError("the development server did not start within 30 s")
-        self.url = f"http://127.0.0.1:{self.port}/v1/update/"
-        self.payload_url = f"http://127.0.0.1:{self.port}/packages/{os.path.basename(payload)}"
+            raise
+        self.base = f"http://127.0.0.1:{self.port}/"
+        self.version = subprocess.run([binary, "-v"], capture_output=True, text=True).stderr.strip()
 
     def close(self) -> None:
-        self.proc.terminate()
+        stop(self.proc)
+
+
+class DevServer:
+    """The development server in its own process, answering the Omaha check with URLs on nginx."""
+
+    def __init__(self, payload: str, payload_base: str):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "devserver", "--payload", payload, "--version", "2.0.0",
+             "--appid", APP, "--port", str(self.port), "--payload-base", payload_base], cwd=ROOT, env=env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+            wait_port(self.port, self.proc, "the development server", 300)  # it hashes the payload first
+        except RuntimeError:
+            self.close()
+            raise
+        self.url = f"http://127.0.0.1:{self.port}/v1/update/"
+
+    def close(self) -> None:
+        stop(self.proc)
 
 
 def device(workdir: str, url: str, slot_size: int, extra: str = "") -> str:
-    """A file-slot device with the sim bootloader at 1.0.0; returns its config path."""
+    """A file-slot device with the sim bootloader at 1.0.0 (like tests/simdevice.py); returns its config path."""
     from agent.boot.sim import SimBoot
-    os.makedirs(workdir, exist_ok=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
     slots = {s: os.path.join(workdir, f"slot-{s}.img") for s in "ab"}
     for path in slots.values():
         with open(path, "wb") as f:
@@ -93,134 +235,305 @@ health: {{commands: ["true"], after: start}}
     return config
 
 
-async def baseline(url: str, dest: str) -> float:
-    import aiohttp
-    start = time.perf_counter()
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        resp.raise_for_status()
-        with open(dest, "wb") as f:
-            async for data in resp.content.iter_chunked(1 << 16):
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    return time.perf_counter() - start
+class Payload:
+    """A payload in nginx's root, and a development server offering it."""
+
+    def __init__(self, tmp: str, www: str, nginx: Nginx, size: int):
+        self.size = size
+        self.name = f"payload-{size // MiB}.bin"
+        self.path = os.path.join(www, self.name)
+        make_payload(self.path, size)
+        self.sha256 = sha256_of(self.path)
+        self.url = nginx.base + self.name
+        self.server = DevServer(self.path, nginx.base)
+
+    def close(self) -> None:
+        self.server.close()
+        os.unlink(self.path)
 
 
-async def one_update(workdir: str, url: str, size: int) -> tuple[float, float]:
-    """Seconds for the whole update, and for its streaming phase (downloading → verified)."""
-    from agent.config import load
-    from agent.daemon import Agent
-    shutil.rmtree(workdir, ignore_errors=True)
-    agent = Agent(load(device(workdir, url, size + MiB)))
-    marks: dict[str, float] = {}
-    agent.listeners.append(lambda snap: marks.setdefault(snap["operation"], time.perf_counter()))
-    start = time.perf_counter()
+def agent_update(workdir: str, payload: Payload) -> dict:
+    config = device(workdir, payload.server.url, payload.size + MiB)
+    out = os.path.join(workdir, "out.txt")
+    with open(out, "w") as f:
+        m = measure([sys.executable, "-m", "agent.cli", "daemon", "--once", "--config", config], stdout=f,
+                    stderr=subprocess.STDOUT)
+    text = open(out).read()
+    if "installed" not in text:
+        raise RuntimeError(f"the agent did not install the update: {text[-2000:]}")
+    with open(os.path.join(workdir, "slot-b.img"), "rb") as f:  # spot check: the last MiB is the payload's
+        f.seek(payload.size - MiB)
+        tail = f.read(MiB)
+    with open(payload.path, "rb") as f:
+        f.seek(payload.size - MiB)
+        if f.read(MiB) != tail:
+            raise RuntimeError("the slot does not hold the payload")
+    shutil.rmtree(workdir)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- 1. throughput
+def throughput(tmp: str, www: str, nginx: Nginx, results: dict) -> None:
+    size = SIZE_MIB * MiB
+    payload = Payload(tmp, www, nginx, size)
+    slot = os.path.join(tmp, "dd-slot.img")
+    hash_out = os.path.join(tmp, "pipeline.sha256")
+    runs: dict[str, list[dict]] = {k: [] for k in ("curl", "sha256", "dd", "pipeline", "agent")}
+    pipeline = (f"curl -s {payload.url} | tee >(openssl dgst -sha256 -r >{hash_out}) | "
+                f"dd of={slot} bs=4M iflag=fullblock oflag=direct conv=fsync status=none")
     try:
-        outcome = await agent.run_once()
+        for i in range(ROUNDS):  # alternating: a slow patch of the shared machine hits every kind alike
+            runs["curl"].append(measure(["curl", "-s", "-o", "/dev/null", payload.url]))
+            runs["sha256"].append(measure(["openssl", "dgst", "-sha256", payload.path]))
+            runs["dd"].append(measure(["dd", "if=/dev/zero", f"of={slot}", "bs=4M", f"count={size // (4 * MiB)}",
+                                       "oflag=direct", "conv=fsync", "status=none"]))
+            os.unlink(slot)
+            runs["pipeline"].append(measure(["bash", "-c", pipeline]))
+            got = open(hash_out).read().split()[0]
+            if got != payload.sha256 or os.path.getsize(slot) != size:
+                raise RuntimeError(f"the pipeline's hash {got} or size is wrong")
+            os.unlink(slot)
+            runs["agent"].append(agent_update(os.path.join(tmp, "dev"), payload))
+            line = "  ".join(f"{k} {SIZE_MIB / r[-1]['wall']:.0f}" for k, r in runs.items())
+            print(f"  round {i + 1}/{ROUNDS} (MiB/s): {line}", flush=True)
     finally:
-        await agent.close()
-    took = time.perf_counter() - start
-    if "installed" not in outcome:
-        raise RuntimeError(f"the update did not install: {outcome}")
-    return took, marks["finalizing"] - marks["downloading"]
+        payload.close()
+    rate = {k: SIZE_MIB / median([r["wall"] for r in v]) for k, v in runs.items()}
+    cpu = {k: median([r["cpu"] for r in v]) / (size / GiB) for k, v in runs.items()}
+    limit = min(rate["curl"], rate["sha256"], rate["dd"])
+    results.update({
+        "size_mib": SIZE_MIB, "rounds": ROUNDS,
+        "curl_mb_s": rate["curl"], "sha256_mb_s": rate["sha256"], "dd_mb_s": rate["dd"],
+        "limit_mb_s": limit, "pipeline_mb_s": rate["pipeline"], "install_mb_s": rate["agent"],
+        "install_ratio": rate["agent"] / rate["pipeline"], "limit_ratio": rate["agent"] / limit,
+        "cpu_s_per_gib": cpu["agent"], "pipeline_cpu_s_per_gib": cpu["pipeline"],
+        "install_wall_s": [round(r["wall"], 3) for r in runs["agent"]],
+        "pipeline_wall_s": [round(r["wall"], 3) for r in runs["pipeline"]],
+        "install_peak_rss_mib": max(r["rss_kib"] for r in runs["agent"]) / 1024,
+    })
+    print(f"throughput, {SIZE_MIB} MiB payload, median of {ROUNDS} rounds (MiB/s; CPU s per GiB):")
+    print(f"  limit: curl {rate['curl']:.0f}, openssl sha256 {rate['sha256']:.0f}, dd O_DIRECT {rate['dd']:.0f}"
+          f" -> {limit:.0f}")
+    print(f"  pipeline curl|tee >(openssl)|dd: {rate['pipeline']:.0f} MiB/s, {cpu['pipeline']:.2f} CPU s/GiB")
+    print(f"  agent daemon --once:             {rate['agent']:.0f} MiB/s, {cpu['agent']:.2f} CPU s/GiB; "
+          f"ratio to pipeline {results['install_ratio']:.2f}, to limit {results['limit_ratio']:.2f}", flush=True)
 
 
-def throughput(tmp: str, size: int, rounds: int) -> None:
-    payload = os.path.join(tmp, "payload.bin")
-    make_payload(payload, size)
-    server = Server(payload, "2.0.0")
+# ---------------------------------------------------------------------------------------------- 2. memory
+def peak_rss(tmp: str, www: str, nginx: Nginx, size_mib: int) -> float:
+    payload = Payload(tmp, www, nginx, size_mib * MiB)
     try:
-        raw, agent = [], []
-        for _ in range(rounds):  # interleaved, so a slow patch of the machine hits both
-            raw.append(asyncio.run(baseline(server.payload_url, os.path.join(tmp, "raw.bin"))))
-            os.unlink(os.path.join(tmp, "raw.bin"))
-            agent.append(asyncio.run(one_update(os.path.join(tmp, "dev"), server.url, size)))
+        return agent_update(os.path.join(tmp, f"rss-{size_mib}"), payload)["rss_kib"] / 1024
     finally:
-        server.close()
-        os.unlink(payload)
-    raw_best = min(raw)
-    whole, streaming = min(a[0] for a in agent), min(a[1] for a in agent)
-    mib = size / MiB
-    print(f"throughput, {mib:.0f} MiB raw payload, best of {rounds}:")
-    print(f"  baseline (aiohttp GET into a file + fsync):        {mib / raw_best:7.1f} MiB/s  ({raw_best:.2f} s)")
-    print(f"  agent, streaming phase (GET, sha256, slot writes, checkpoints, fsync, verify): "
-          f"{mib / streaming:7.1f} MiB/s  ({streaming:.2f} s), ratio {raw_best / streaming:.2f}")
-    print(f"  agent, whole update (+ check, 3 event posts, state saves, set trial): "
-          f"{mib / whole:7.1f} MiB/s  ({whole:.2f} s), ratio {raw_best / whole:.2f}")
-    shutil.rmtree(os.path.join(tmp, "dev"), ignore_errors=True)
+        payload.close()
 
 
-def peak_rss_of_once(tmp: str, size: int) -> int:
-    payload = os.path.join(tmp, f"payload-{size // MiB}.bin")
-    make_payload(payload, size)
-    server = Server(payload, "2.0.0")
-    try:
-        workdir = os.path.join(tmp, f"once-{size // MiB}")
-        config = device(workdir, server.url, size + MiB)
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "daemon", "--once", "--config", config],
-                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        out = proc.stdout.read().decode()
-        if os.waitstatus_to_exitcode(status) != 0 or "installed" not in out:
-            raise RuntimeError(f"daemon --once failed: {out} {proc.stderr.read().decode()}")
-        shutil.rmtree(workdir)
-    finally:
-        server.close()
-        os.unlink(payload)
-    return usage.ru_maxrss  # KiB on Linux
+class NotifiedDaemon:
+    """``omaha-agent daemon`` with a notify socket, the way systemd starts it."""
+
+    def __init__(self, tmp: str, config: str):
+        self.dir = tempfile.mkdtemp(prefix="omaha-notify-", dir="/tmp")  # socket paths are short
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(os.path.join(self.dir, "notify"))
+        self.log = open(os.path.join(tmp, f"daemon-{time.monotonic_ns()}.log"), "wb")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "daemon", "--config", config], cwd=ROOT,
+                                     env=dict(env(), NOTIFY_SOCKET=os.path.join(self.dir, "notify")),
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def wait_ready(self, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                msg = self.sock.recv(4096).decode()
+            except socket.timeout:
+                break
+            if "READY=1" in msg:
+                return time.perf_counter() - self.started
+        raise RuntimeError("the daemon sent no READY=1 in 30 s")
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def close(self) -> None:
+        stop(self.proc)
+        self.log.close()
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def idle_daemon(tmp: str) -> None:
-    if shutil.which("dbus-daemon") is None:
-        print("idle daemon: dbus-daemon is not installed, skipped")
-        return
+def private_bus():
+    if shutil.which("dbus-daemon", path=PATH) is None:
+        return None
     sys.path.insert(0, ROOT)
     from tests.conftest import PrivateBus
-    bus = PrivateBus()
+    return PrivateBus()
+
+
+def idle_and_startup(tmp: str, results: dict) -> None:
+    bus = private_bus()
+    if bus is None:
+        print("idle daemon, start-up: dbus-daemon is not installed, skipped")
+        return
     try:
-        config = device(os.path.join(tmp, "idle"), "http://127.0.0.1:9/v1/update/", 4 * MiB,
-                        "schedule: {initial_delay: 3600}\n")
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "daemon", "--config", config], cwd=ROOT,
-                                env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if subprocess.run([sys.executable, "-m", "agent.cli", "status"], cwd=ROOT, capture_output=True,
-                                  env=dict(os.environ, PYTHONPATH=ROOT)).returncode == 0:
-                    break
-                time.sleep(0.5)
-            else:
-                raise RuntimeError("the daemon did not answer on D-Bus within 30 s")
-            time.sleep(2)
-            fields = {}
-            with open(f"/proc/{proc.pid}/status") as f:
-                for line in f:
-                    key, _, value = line.partition(":")
-                    fields[key] = value.strip()
-            with open(f"/proc/{proc.pid}/maps") as f:
-                aiohttp_loaded = "aiohttp" in f.read()
-            print(f"idle daemon on D-Bus (after answering a status call): RSS {fields['VmRSS']}, "
-                  f"peak {fields['VmHWM']}; aiohttp loaded: {'yes' if aiohttp_loaded else 'no'}")
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        startups, rss = [], []
+        for _ in range(3 if QUICK else 5):
+            config = device(os.path.join(tmp, "idle"), "http://127.0.0.1:9/v1/update/", 4 * MiB,
+                            "schedule: {initial_delay: 3600}\n")
+            daemon = NotifiedDaemon(tmp, config)
+            try:
+                startups.append(daemon.wait_ready())
+                time.sleep(3)
+                rss.append(daemon.rss_mib())
+            finally:
+                daemon.close()
+        results.update({"startup_s": median(startups), "idle_rss_mib": median(rss)})
+        print(f"daemon on a private system bus: start-up to READY=1 {median(startups):.3f} s (median of "
+              f"{len(startups)}), idle RSS {median(rss):.1f} MiB", flush=True)
     finally:
         bus.close()
 
 
+# ---------------------------------------------------------------------------------------------- 3. latency
+async def _poll_status(rate_hz: float, limit_s: float) -> tuple[list[float], list[float], str]:
+    from agent.dbus.client import Client
+    client = await Client.connect()
+    try:
+        await client.call("CheckForUpdate", "b", [True])
+        during, all_calls, last = [], [], ""
+        period, deadline = 1 / rate_hz, time.monotonic() + limit_s
+        next_at = time.monotonic()
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            status = await client.status()
+            took = (time.perf_counter() - start) * 1000
+            all_calls.append(took)
+            last = status["operation"]
+            if last in ("downloading", "verifying", "finalizing"):
+                during.append(took)
+            if last in ("updated-need-reboot", "reporting-error") or (last == "idle" and during):
+                break
+            next_at += period
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        return during, all_calls, last
+    finally:
+        client.bus.disconnect()
+
+
+def getstatus_latency(tmp: str, www: str, nginx: Nginx, results: dict) -> None:
+    bus = private_bus()
+    if bus is None:
+        print("GetStatus latency: dbus-daemon is not installed, skipped")
+        return
+    payload = Payload(tmp, www, nginx, SIZE_MIB * MiB)
+    try:
+        config = device(os.path.join(tmp, "latency"), payload.server.url, payload.size + MiB,
+                        "schedule: {initial_delay: 3600}\n")
+        daemon = NotifiedDaemon(tmp, config)
+        try:
+            daemon.wait_ready()
+            during, _, last = asyncio.run(_poll_status(20, TIMEOUT))
+        finally:
+            daemon.close()
+        if last != "updated-need-reboot" or not during:
+            raise RuntimeError(f"the install under GetStatus calls ended in {last!r}")
+        during.sort()
+        p = lambda q: during[min(len(during) - 1, int(q * len(during)))]
+        results.update({"getstatus_p50_ms": p(0.5), "getstatus_p99_ms": p(0.99), "getstatus_max_ms": during[-1],
+                        "getstatus_calls": len(during)})
+        print(f"GetStatus during the install, {len(during)} calls at 20/s: p50 {p(0.5):.1f} ms, p99 "
+              f"{p(0.99):.1f} ms, max {during[-1]:.1f} ms", flush=True)
+    finally:
+        payload.close()
+        bus.close()
+
+
+# ---------------------------------------------------------------------------------------------- 4. fleet
+def fleet(results: dict, devices: int = 100_000, days: int = 7, seed: int = 17) -> None:
+    """Every device runs ``agent.schedule`` as the daemon does: ``first_check`` at start, ``next_check`` after
+    each check (with its count of failures). The server is down for 6 hours from day 3: checks in that time
+    fail. Normal is the time before the outage; "after" is every minute from the end of the outage on."""
+    from agent import schedule
+    policy = schedule.Policy()
+    rng = random.Random(seed)
+    end = days * 86400
+    down_from, down_to = 3 * 86400, 3 * 86400 + 6 * 3600
+    minutes = [0] * (end // 60)
+    first_second = total = 0
+    for _ in range(devices):
+        # daemons started at random times before the window: the fleet is in its steady state at 0
+        t = schedule.first_check(-rng.uniform(0, 2 * policy.interval), rng, policy).at
+        failures = 0
+        while t < end:
+            if t >= 0:
+                minutes[int(t // 60)] += 1
+                if t < down_from:
+                    total += 1
+                    first_second += (t % 60) < 1
+            failures = failures + 1 if down_from <= t < down_to else 0
+            t = schedule.next_check(t, rng, policy, failures).at
+    normal = minutes[: down_from // 60]
+    mean = sum(normal) / len(normal)
+    outage, after = minutes[down_from // 60: down_to // 60], minutes[down_to // 60:]
+    results.update({"fleet_devices": devices, "fleet_mean_per_min": mean,
+                    "fleet_peak_over_mean": max(normal) / mean, "fleet_first_second_share": first_second / total,
+                    "fleet_recovery_peak_over_mean": max(after) / mean,
+                    "fleet_outage_retry_peak_over_mean": max(outage) / mean})
+    print(f"fleet of {devices} devices over {days} days: {mean:.0f} checks a minute on average, peak minute "
+          f"{max(normal) / mean:.2f} x the mean, {first_second / total:.4f} of checks in a minute's first second; "
+          f"a 6-hour outage: retries peak at {max(outage) / mean:.2f} x the mean, after it the peak minute is "
+          f"{max(after) / mean:.2f} x the mean", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def machine() -> dict:
+    info = {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+    try:
+        with open("/etc/os-release") as f:
+            info["os"] = next(l.split("=", 1)[1].strip().strip('"') for l in f if l.startswith("PRETTY_NAME="))
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256, help="MiB of payload for the throughput run")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    if sys.argv[1:2] == ["--reap"]:
+        return reap_main(int(sys.argv[2]), sys.argv[3:])
+    results: dict = {"machine": machine(), "quick": QUICK}
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="omaha-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
-        throughput(tmp, args.size * MiB, args.rounds)
-        small, large = peak_rss_of_once(tmp, 32 * MiB), peak_rss_of_once(tmp, 512 * MiB)
-        print(f"peak RSS of daemon --once: {small / 1024:.1f} MiB for a 32 MiB payload, "
-              f"{large / 1024:.1f} MiB for a 512 MiB payload (growth {(large - small) / 1024:+.1f} MiB)")
-        idle_daemon(tmp)
+        www = os.path.join(tmp, "www")
+        os.makedirs(www)
+        nginx = Nginx(www, tmp)
+        results["machine"]["nginx"] = nginx.version
+        print(f"nginx on {nginx.base}; {os.cpu_count()} CPUs shared by the servers, the agent and the tools",
+              flush=True)
+        try:
+            throughput(tmp, www, nginx, results)
+            results["peak_rss_mib_1g"] = (results["install_peak_rss_mib"] if SIZE_MIB == 1024
+                                          else peak_rss(tmp, www, nginx, 1024))
+            results["peak_rss_mib_4g"] = peak_rss(tmp, www, nginx, 4096)
+            print(f"peak RSS of daemon --once: {results['peak_rss_mib_1g']:.1f} MiB (1 GiB payload), "
+                  f"{results['peak_rss_mib_4g']:.1f} MiB (4 GiB payload)", flush=True)
+            getstatus_latency(tmp, www, nginx, results)
+        finally:
+            nginx.close()
+        idle_and_startup(tmp, results)
+    fleet(results, devices=20_000 if QUICK else 100_000)
+    results["bench_s"] = round(time.monotonic() - started, 1)
+    out = os.environ.get("BENCH_OUT")
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+            f.write("\n")
+        print(f"figures written to {out}")
     return 0
 
 

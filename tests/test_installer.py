@@ -94,6 +94,24 @@ async def test_dead_mirror_and_http_500_fall_back_to_the_next_url(device, payloa
     assert slot_holds(slots["b"], data) and result.url.startswith(server.base)
 
 
+async def test_payload_base_points_the_offer_at_another_file_server(device, payload, tmp_path):
+    boot, slots = device
+    path, data = payload
+    files = await with_server([Image(path, "2.0.0", APP)])  # stands in for nginx: serves the file by name
+    server = await with_server([Image(path, "2.0.0", APP)])
+    server.payload_base = f"{files.base}/packages"  # no trailing slash: the server adds it
+    files.log_path = str(tmp_path / "files.jsonl")
+    try:
+        offer = await offer_from(server)
+        result = await run_install(server, boot, slots)
+    finally:
+        await server.stop()
+        await files.stop()
+    assert offer.packages[0].urls == (f"{files.base}/packages/v2.img",)
+    assert result.url == f"{files.base}/packages/v2.img" and slot_holds(slots["b"], data)
+    assert '"download"' in open(files.log_path).read()
+
+
 async def test_connection_reset_mid_stream_resumes_with_range(device, payload, tmp_path):
     boot, slots = device
     path, data = payload
@@ -226,20 +244,20 @@ async def test_cancel_then_resume_after_restart_rebuilds_hash_state(device, payl
 
 
 async def test_cancel_while_a_chunk_is_being_written_keeps_a_true_checkpoint(device, payload, monkeypatch):
-    """Each cancel lands while a chunk is inside the writer thread (its feed has started and takes 50 ms).
-    The checkpoint saved on cancel must describe exactly what is on the slot, and the resumed install must
-    verify."""
+    """Each cancel lands while chunks are inside the writing thread (each write has started and takes 50 ms,
+    while hashing runs ahead in its own thread). The checkpoint saved on cancel must describe exactly what is
+    on the slot, and the resumed install must verify."""
     import time as _time
     from agent.payload import SlotWriter
-    real_feed = SlotWriter.feed
+    real_write = SlotWriter.write_plain
     feeds = []
 
-    def slow_feed(self, data):
+    def slow_write(self, data, offset, aligned=False):
         feeds.append(len(data))
         _time.sleep(0.05)
-        return real_feed(self, data)
+        return real_write(self, data, offset, aligned)
 
-    monkeypatch.setattr(SlotWriter, "feed", slow_feed)
+    monkeypatch.setattr(SlotWriter, "write_plain", slow_write)
     boot, slots = device
     path, data = payload
     server = await with_server([Image(path, "2.0.0", APP)])
@@ -260,7 +278,7 @@ async def test_cancel_while_a_chunk_is_being_written_keeps_a_true_checkpoint(dev
             saved = checkpoints[-1]
             assert slot_holds(slots["b"], data[:saved.received]), f"checkpoint at {saved.received} is false"
         assert 0 < saved.received < len(data)
-        monkeypatch.setattr(SlotWriter, "feed", real_feed)
+        monkeypatch.setattr(SlotWriter, "write_plain", real_write)
         result = await run_install(server, boot, slots, resume=saved)
     finally:
         await server.stop()

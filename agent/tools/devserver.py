@@ -84,6 +84,7 @@ class DevServer:
     protocol: str | None = None  # answer only this protocol ("3.0" or "3.1"); None: both
     clock: callable = time.time
     sign_key: str | None = None  # a PEM private key: each image gets its DSSE envelope, served as <name>.sig
+    payload_base: str | None = None  # codebase for payload URLs (another server); None: this server's /packages/
 
     def __post_init__(self):
         self.requests: list[dict] = []
@@ -158,7 +159,10 @@ class DevServer:
         sha256 = hashlib.sha256(b"wrong").digest() if f.wrong_hash else image.sha256
         sha1 = hashlib.sha1(b"wrong").digest() if f.wrong_hash else image.sha1
         size = image.size + f.size_lie
-        urls = tuple(Url(codebase=cb) for cb in f.extra_urls) + (Url(codebase=f"{base}/packages/"),)
+        codebase = self.payload_base or f"{base}/packages/"
+        if not codebase.endswith("/"):
+            codebase += "/"
+        urls = tuple(Url(codebase=cb) for cb in f.extra_urls) + (Url(codebase=codebase),)
         sha256_b64 = base64.b64encode(sha256).decode()
         if self.dialect == "flatcar":  # go-omaha / Nebraska: SHA-1 base64 in hash, SHA-256 base64 in the action
             package = Package(name=image.name, size=size, required=True, hash=base64.b64encode(sha1).decode())
@@ -312,11 +316,13 @@ async def serve(args) -> int:
     image = Image(args.payload, args.version, args.appid, track=args.track or "")
     server = DevServer([image], dialect=args.dialect, host=args.host, port=args.port, log_path=args.log,
                        faults=Faults(always_offer=args.always_offer), protocol=args.protocol,
-                       sign_key=args.sign_key)
+                       sign_key=args.sign_key, payload_base=getattr(args, "payload_base", None))
     url = await server.start()
     print(f"devserver: serving {image.name} version {image.version} ({image.size} bytes, sha256 "
           f"{image.sha256.hex()}) for app {image.appid}", flush=True)
     print(f"devserver: update URL {url} (dialect {server.dialect}; XML or JSON as the client asks)", flush=True)
+    if server.payload_base:
+        print(f"devserver: payload URLs point at {server.payload_base}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
