@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages whose tools the tests use for real (grub-editenv, sfdisk, fw_setenv, dbus-daemon, busctl, ...)
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
-	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools
+	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl
 
 .PHONY: test demo bench system-deps venv clean install qemu-deps qemu-image qemu-test
 
@@ -32,7 +32,7 @@ test: system-deps $(STAMP)
 
 # The QEMU amd64-generic image and its boot test (root; see README "QEMU test").
 QEMU_PACKAGES := qemu-system-x86 ovmf mmdebstrap grub-efi-amd64-bin grub-common dosfstools mtools fdisk e2fsprogs \
-	zstd iproute2 util-linux
+	zstd iproute2 util-linux openssl
 QEMU_TESTS ?= qemu
 qemu-deps:
 	@missing=""; for pkg in $(QEMU_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

@@ -29,7 +29,7 @@ STATE_MIB=32   # the agent's state lives outside the A/B pair: both slots must s
 
 PACKAGES=systemd-sysv,udev,kmod,initramfs-tools,linux-image-amd64,python3,python3-aiohttp,python3-yaml
 PACKAGES=$PACKAGES,python3-defusedxml,python3-pyudev,python3-dbus-next,python3-zstandard,dbus,grub-common
-PACKAGES=$PACKAGES,util-linux,e2fsprogs
+PACKAGES=$PACKAGES,util-linux,e2fsprogs,python3-cryptography
 
 # kernel modules a QEMU guest never loads; dropping them takes the root filesystem from ~750 to ~500 MB
 PRUNE="sound drivers/gpu drivers/media drivers/net/wireless drivers/net/ethernet drivers/infiniband
@@ -78,7 +78,12 @@ schedule: {initial_delay: 0, interval: 3600, backoff_base: 10, backoff_cap: 60}
 reboot: {policy: immediate}
 health: {commands: ["test -r /etc/os-release"], after: boot-complete, boot_complete_timeout: 300}
 install: {read_timeout: 30}
+trust: {require_signature: true, keys: [/etc/omaha-agent/keys/*.pem]}
 EOF
+# the release key: the image trusts its public half; the test's dev server signs the payloads with the private
+# half (made once, kept beside the image, never inside it)
+[ -s "$OUT/release-key.pem" ] || openssl genpkey -algorithm ed25519 -out "$OUT/release-key.pem" 2>/dev/null
+openssl pkey -in "$OUT/release-key.pem" -pubout -out "$TREE/etc/omaha-agent/keys/release.pem"
 mkdir -p "$TREE/boot/efi"
 # / comes from root=PARTLABEL=ROOT-X (the kernel mounts it ro); this entry only makes systemd remount it rw
 cat > "$TREE/etc/fstab" <<'EOF'

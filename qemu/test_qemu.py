@@ -43,7 +43,8 @@ async def start_server(image, scenario: str, version: str, payload: str, faults:
     if os.path.exists(log):
         os.unlink(log)
     srv = DevServer([Image(os.path.join(BUILD, payload), version, image["appid"])], host="127.0.0.1",
-                    port=image["port"], log_path=log, faults=faults or Faults())
+                    port=image["port"], log_path=log, faults=faults or Faults(),
+                    sign_key=os.path.join(BUILD, "release-key.pem"))  # the image trusts only this key
     await srv.start()
     return srv
 

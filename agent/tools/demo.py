@@ -47,6 +47,9 @@ health:
   timeout: 30
 install:
   verify: readback
+trust:
+  require_signature: true      # releases are signed by the demo's release key; the device trusts its public half
+  keys: [{dir}/keys/*.pem]
 """
 
 
@@ -104,6 +107,28 @@ async def slots_table(config_path: str) -> None:
         say(f"    {mark} slot {name}: {s['state']:<6} tries left {s.get('tries_left', 0)}  version {s.get('version') or '-'}")
 
 
+def make_release_key(work: str) -> str:
+    """The demo's release key (Ed25519): the private half for the server, the public half in the device's keys."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = os.path.join(work, "release-key.pem")
+    with open(private, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    os.makedirs(os.path.join(work, "keys"), exist_ok=True)
+    with open(os.path.join(work, "keys", "release.pem"), "wb") as f:
+        f.write(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private
+
+
+def file_digest(path: str) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 async def scenario(work: str) -> bool:
     quiet = logging.getLogger("omaha-agent")
     quiet.handlers[:] = [logging.NullHandler()]
@@ -119,8 +144,9 @@ async def scenario(work: str) -> bool:
     v3 = os.path.join(work, "image-3.0.0.img")
     make_image(v3, 16 << 20, PANIC_MAGIC + b" kernel panic: cannot mount root\n")
 
+    signing_key = make_release_key(work)
     log_path = os.path.join(work, "server-log.jsonl")
-    server = DevServer([Image(v2, "2.0.0", APPID)], log_path=log_path)
+    server = DevServer([Image(v2, "2.0.0", APPID)], log_path=log_path, sign_key=signing_key)
     url = await server.start()
     config_path = os.path.join(work, "agent.yaml")
     with open(config_path, "w") as f:
@@ -128,7 +154,8 @@ async def scenario(work: str) -> bool:
     ok = True
     try:
         say(f"A simulated device in {work}: slot a runs 1.0.0, slot b is empty.")
-        say(f"The development server on {url} offers 2.0.0 ({os.path.getsize(v2)} bytes).")
+        say(f"The development server on {url} offers 2.0.0 ({os.path.getsize(v2)} bytes), signed with the release "
+            "key; the device trusts only that key's public half.")
         await slots_table(config_path)
         say()
         say("== Scenario 1: a good update ==")
@@ -166,11 +193,24 @@ async def scenario(work: str) -> bool:
         say("5. Checking again right away: 3.0.0 is not installed a second time:")
         say("    " + await run_agent(config_path))
         ok &= server.event_codes() == ["13/1", "14/1", "3/1", "3/0"]
+        say()
+        say("== Scenario 3: a release nobody signed ==")
+        v4 = os.path.join(work, "image-4.0.0.img")
+        make_image(v4, 16 << 20, MARK + b" 4.0.0\n")
+        server.images = [Image(v4, "4.0.0", APPID, signature=b"")]  # served without a valid envelope
+        server.events.clear()
+        before = file_digest(slots["a"])
+        say("1. The server offers 4.0.0 without a valid signature; the agent refuses it before touching slot a:")
+        say("    " + await run_agent(config_path))
+        codes = server.event_codes()
+        say(f"2. The server received: {' '.join(codes)} (errorcode {server.events[-1]['errorcode']}: signature); "
+            f"slot a is {'unchanged' if file_digest(slots['a']) == before else 'CHANGED'}")
+        ok &= codes == ["3/0"] and server.events[-1]["errorcode"] == 18 and file_digest(slots["a"]) == before
     finally:
         await server.stop()
     say()
     say(f"Server log (every request and event as JSON lines): {log_path}")
-    say("demo: both scenarios behaved as described" if ok else "demo: FAILED - see above")
+    say("demo: all three scenarios behaved as described" if ok else "demo: FAILED - see above")
     return ok
 
 

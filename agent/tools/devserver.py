@@ -100,19 +100,13 @@ class DevServer:
         app.router.add_get("/packages/{name}", self.handle_payload)
         return app
 
-    def sign(self) -> None:
-        """Signs every image that has no envelope yet with ``sign_key`` (its appid, version and track)."""
-        if not self.sign_key:
-            return
+    def sign(self, image: Image) -> None:
+        """Gives ``image`` its envelope, signed with ``sign_key`` (its appid, version and track)."""
         from ..trust import load_private_key, sign_file
-        key = load_private_key(self.sign_key)
-        for image in self.images:
-            if image.signature is None:
-                image.signature = sign_file(image.path, key, image.appid, image.version, image.track or None,
-                                            name=image.name)
+        image.signature = sign_file(image.path, load_private_key(self.sign_key), image.appid, image.version,
+                                    image.track or None, name=image.name)
 
     async def start(self) -> str:
-        self.sign()
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -249,8 +243,12 @@ class DevServer:
     # -- payloads
     async def handle_payload(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        signed = next((i for i in self.images if i.name + ".sig" == name and i.signature is not None), None)
+        signed = next((i for i in self.images if i.name + ".sig" == name), None)
         if signed is not None:
+            if signed.signature is None and self.sign_key:
+                await asyncio.to_thread(self.sign, signed)
+            if signed.signature is None:
+                raise web.HTTPNotFound(text="this release is not signed\n")
             self._log({"kind": "signature", "name": name})
             return web.Response(body=signed.signature, content_type="application/json")
         image = next((i for i in self.images if i.name == name), None)
