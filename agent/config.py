@@ -56,7 +56,7 @@ class BootConfig:
 class ScheduleConfig:
     interval: int = 5 * 3600  # coprime with a day: checks drift around the clock
     initial_delay: int = 600  # the first check comes after a random delay up to this
-    backoff_cap: int = 4 * 3600
+    backoff_cap: int = 5 * 3600
     backoff_base: int = 60
 
 
@@ -265,7 +265,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
 
     schedule = ScheduleConfig(_positive(r, "schedule.interval", 18000, int, 60),
                               _positive(r, "schedule.initial_delay", 600, int, 0),
-                              _positive(r, "schedule.backoff_cap", 14400, int, 60),
+                              _positive(r, "schedule.backoff_cap", 18000, int, 60),
                               _positive(r, "schedule.backoff_base", 60, int, 1))
     policy = str(r.get("reboot.policy", "manual", str))
     if policy not in ("manual", "immediate"):

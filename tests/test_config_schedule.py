@@ -67,12 +67,13 @@ def test_regular_checks_postpone_one_in_five_by_up_to_a_fifth():
     assert 18000 % 86400 and 86400 % 18000  # the period is not a divisor or multiple of a day
 
 
-def test_backoff_is_full_jitter_and_capped():
+def test_backoff_grows_eightfold_with_equal_jitter_up_to_the_cap():
     rng = random.Random(3)
-    for failures, ceiling in ((1, 60), (3, 240), (20, 14400)):
-        delays = [schedule.next_check(0, rng, POLICY, failures).at for _ in range(2000)]
-        assert max(delays) <= ceiling + 1 and min(delays) < ceiling * 0.1
-        assert ceiling * 0.4 < statistics.mean(delays) < ceiling * 0.6
+    policy = schedule.Policy(backoff_cap=18000)
+    for failures, ceiling in ((1, 60), (2, 480), (3, 3840), (4, 18000), (20, 18000)):
+        delays = [schedule.next_check(0, rng, policy, failures).at for _ in range(2000)]
+        assert ceiling / 2 <= min(delays) < ceiling * 0.55 and ceiling * 0.95 < max(delays) <= ceiling + 1
+        assert ceiling * 0.7 < statistics.mean(delays) < ceiling * 0.8
 
 
 def test_retry_after_is_honoured_and_capped():

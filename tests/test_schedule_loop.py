@@ -48,8 +48,9 @@ async def test_failed_checks_back_off_exponentially_then_return_to_the_interval(
     times, agent = await run_until(tmp_path, 7, Faults(check_status=503, check_failures=5), clock)
     assert times[0] - start < 1  # initial_delay 0
     gaps = [b - a for a, b in zip(times, times[1:])]
-    for n, gap in enumerate(gaps[:5], start=1):  # after the n-th failure: full jitter up to 60 * 2^(n-1) s
-        assert gap <= min(3600, 60 * 2 ** (n - 1)) + 31, (n, gaps)
+    for n, gap in enumerate(gaps[:5], start=1):  # after the n-th failure: half to all of 60 * 8^(n-1) s, capped
+        ceiling = min(3600, 60 * 8 ** (n - 1))
+        assert ceiling / 2 <= gap <= ceiling + 31, (n, gaps)
     assert 18000 <= gaps[5] <= 18000 * 1.2 + 61 + 31, gaps  # the sixth check succeeded: the regular interval
     assert agent.ctx.state.failures == 0
 
