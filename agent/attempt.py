@@ -8,7 +8,9 @@ operation it ends in: the owner does, when it ends (``machine.JobDone``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 from dataclasses import replace
 
 from . import policy
@@ -59,7 +61,43 @@ class UpdateAttempt:
         state.failures = 0
         return await self._offered(outcome, req.sessionid)
 
-    async def _offered(self, offer: UpdateOffer, sessionid: str) -> str:
+    async def run_file(self, path: str, signature: str, version: str) -> str:
+        """An offline install: the same gate and path as an online offer, from a payload file and its envelope.
+        The release is what the verified envelope says (version, digest, size); refusals are one line in
+        ``LastError`` without an event (nothing trustworthy names the version)."""
+        from .omaha.outcome import PackageOffer
+        from .trust import MAX_ENVELOPE, SignatureError, TrustKeyError, check_release, load_public_keys, open_envelope
+        ctx = self.ctx
+        path = os.path.abspath(path)
+        sig_path = signature or path + ".sig"
+        try:
+            size = await asyncio.to_thread(os.path.getsize, path)
+            envelope = await asyncio.to_thread(_read_if_there, sig_path, MAX_ENVELOPE + 1)
+        except OSError as exc:
+            raise AttemptFailed(f"cannot read {exc.filename or path}: {exc.strerror or exc} (the service sees "
+                                "/media, /mnt, /run/media and /srv, not /home or /tmp)") from None
+        app = ctx.config.app
+        if ctx.config.trust.require_signature:
+            try:
+                if envelope is None:
+                    raise SignatureError(f"no signature envelope at {sig_path}")
+                keys = await asyncio.to_thread(load_public_keys, ctx.config.trust.keys)
+                release = await asyncio.to_thread(open_envelope, envelope, keys)
+                check_release(release, appid=app.id, version=release.version, sha256_hex=release.sha256, size=size,
+                              track=app.track, board=app.board)
+            except (SignatureError, TrustKeyError) as exc:
+                raise AttemptFailed(f"{path} not installed: signature refused: {exc}") from None
+            version, sha256 = release.version, release.sha256
+        else:
+            if not version:
+                raise AttemptFailed(f"{path} not installed: give its version (no signature is required, so none "
+                                    "says it)")
+            sha256 = await asyncio.to_thread(_file_sha256, path)
+        log.info("offline install of %s: version %s, %d bytes", path, version, size)
+        pkg = PackageOffer(os.path.basename(path), ("file://" + path,), size, bytes.fromhex(sha256), None)
+        return await self._offered(UpdateOffer(app.id, version, (pkg,)), "", verified=True)
+
+    async def _offered(self, offer: UpdateOffer, sessionid: str, verified: bool = False) -> str:
         ctx, state = self.ctx, self.ctx.state
         status = await ctx.boot.status()
         booted_good = ctx.booted is not None and status[ctx.booted].state is SlotState.GOOD
@@ -78,7 +116,7 @@ class UpdateAttempt:
         ctx.status.offer(offer.version, offer.size)
         ctx.status.flow.to(Operation.UPDATE_AVAILABLE)
         try:
-            if ctx.config.trust.require_signature:
+            if ctx.config.trust.require_signature and not verified:
                 await self._verify_release(offer)
             return await self._install(offer, sessionid)
         except asyncio.CancelledError:
@@ -179,6 +217,19 @@ class UpdateAttempt:
         await self.reporter.flush()
         ctx.status.clear_offer()
         raise AttemptFailed(state.last_error)
+
+
+def _read_if_there(path: str, limit: int) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except FileNotFoundError:
+        return None
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class _Hooks(InstallHooks):

@@ -131,6 +131,8 @@ def cmd_client(args) -> int:
         return console.run(console.check(args.wait, args.timeout))
     if args.command == "watch":
         return console.run(console.watch(args.limit))
+    if args.command == "install":
+        return console.run(console.install(args.payload, args.sig or "", args.version or "", args.wait, args.timeout))
     member = {"mark-good": "MarkGood", "reboot": "Reboot", "confirm-boot": "ConfirmBoot"}[args.command]
     return console.run(console.simple(member))
 
@@ -162,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--wait", action="store_true", help="follow the check (and its download) until it settles")
     ch.add_argument("--timeout", type=float, default=3600, help="give up waiting after this many seconds")
     ch.set_defaults(func=cmd_client)
+    i = sub.add_parser("install", help="install a payload file through the daemon (offline; signature checked)")
+    i.add_argument("payload", help="the payload file (somewhere the service can read: /media, /mnt, /run/media)")
+    i.add_argument("--sig", default=None, help="its signature envelope (default PAYLOAD.sig)")
+    i.add_argument("--version", default=None, help="its version, only when signatures are not required")
+    i.add_argument("--wait", action="store_true", help="follow the install until it settles")
+    i.add_argument("--timeout", type=float, default=3600, help="give up waiting after this many seconds")
+    i.set_defaults(func=cmd_client)
     w = sub.add_parser("watch", help="print the daemon's status changes as they happen")
     w.add_argument("--limit", type=float, default=None, help=argparse.SUPPRESS)
     w.set_defaults(func=cmd_client)

@@ -119,38 +119,56 @@ async def check(wait: bool, timeout: float) -> int:
             print("check started" if started else "a check is already running")
             return 0
         await client.subscribe()
-        printer = Printer()
         s = await client.status()
         if s["operation"] == "updated-need-reboot":
             print(f"{s['new_version']} is installed and waits for a reboot (omaha-agent reboot)")
             return 0
         await client.call("CheckForUpdate", "b", [True])
-        s = await client.status()
-        printer.show(s)
-        left_idle = s["operation"] not in SETTLED
-        deadline = time.monotonic() + timeout
-        while not (left_idle and s["operation"] in SETTLED):
-            remaining = deadline - time.monotonic()
-            nxt = await client.next_status(min(remaining, 30)) if remaining > 0 else None
-            if nxt is None:
-                if remaining <= 0:
-                    printer.end()
-                    print(f"gave up waiting after {timeout:.0f} s; the agent carries on (see: omaha-agent status)")
-                    return 1
-                nxt = await client.status()  # a quiet check: poll so a lost signal cannot hang us
-            s = nxt
-            left_idle = left_idle or s["operation"] not in SETTLED
-            printer.show(s)
-        printer.end()
-        if s["operation"] == "updated-need-reboot":
-            print(f"{s['new_version']} is installed; it boots on trial after a reboot (omaha-agent reboot)")
-            return 0
-        if s.get("last_error"):
-            print(f"check failed: {s['last_error']}")
-            return 1
-        print(f"no update installed; running {s['current_version']}")
-        return 0
+        return await _follow(client, timeout, "check")
     return await _with_client(run)
+
+
+async def install(path: str, signature: str, version: str, wait: bool, timeout: float) -> int:
+    """An offline install: the daemon reads the file (it must be where the service can see it)."""
+    import os
+
+    async def run(client) -> int:
+        if wait:
+            await client.subscribe()
+        print(await client.call("Install", "sss", [os.path.abspath(path), os.path.abspath(signature) if signature
+                                                   else "", version]))
+        return await _follow(client, timeout, "install") if wait else 0
+    return await _with_client(run)
+
+
+async def _follow(client, timeout: float, what: str) -> int:
+    """Prints the status until the job settles; 0 when an update waits for its reboot or none was needed."""
+    printer = Printer()
+    s = await client.status()
+    printer.show(s)
+    left_idle = s["operation"] not in SETTLED
+    deadline = time.monotonic() + timeout
+    while not (left_idle and s["operation"] in SETTLED):
+        remaining = deadline - time.monotonic()
+        nxt = await client.next_status(min(remaining, 30)) if remaining > 0 else None
+        if nxt is None:
+            if remaining <= 0:
+                printer.end()
+                print(f"gave up waiting after {timeout:.0f} s; the agent carries on (see: omaha-agent status)")
+                return 1
+            nxt = await client.status()  # a quiet check: poll so a lost signal cannot hang us
+        s = nxt
+        left_idle = left_idle or s["operation"] not in SETTLED
+        printer.show(s)
+    printer.end()
+    if s["operation"] == "updated-need-reboot":
+        print(f"{s['new_version']} is installed; it boots on trial after a reboot (omaha-agent reboot)")
+        return 0
+    if s.get("last_error"):
+        print(f"{what} failed: {s['last_error']}")
+        return 1
+    print(f"no update installed; running {s['current_version']}")
+    return 0
 
 
 async def watch(limit: float | None = None) -> int:

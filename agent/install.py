@@ -289,7 +289,8 @@ class Installer:
             attempt += 1
             before = writer.received
             try:
-                await self._fetch(url, writer, slot, pkg, version)
+                fetch = self._fetch_file if url.startswith("file://") else self._fetch
+                await fetch(url, writer, slot, pkg, version)
                 await asyncio.to_thread(writer.flush)
                 await asyncio.to_thread(writer.verify, pkg.size)
                 if self.readback:
@@ -322,7 +323,6 @@ class Installer:
             headers["Range"] = f"bytes={offset}-"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.read_timeout)
         pipe: _Pipeline | None = None
-        since_checkpoint = 0
         attempt_start, attempt_base = time.monotonic(), offset
         try:
             async with self.session.get(url, headers=headers, timeout=timeout) as resp:
@@ -341,18 +341,7 @@ class Installer:
                     raise _TransferFailed(f"HTTP {resp.status} {resp.reason or ''}".strip())
                 complete_body = resp.content_length is not None  # aiohttp raises if it is not satisfied
                 pipe = _Pipeline(writer, self._buffers, self._pools, offset)
-                async for data in resp.content.iter_any():
-                    if pipe.fed + pipe.pending + len(data) > pkg.size:
-                        raise PayloadError(f"server sent more than the promised {pkg.size} bytes", "size")
-                    handed = await pipe.put(data)
-                    if handed:
-                        since_checkpoint += sum(handed)
-                        if since_checkpoint >= self.checkpoint_every:
-                            await pipe.drain()
-                            await self._checkpoint(writer, slot, pkg, version)
-                            since_checkpoint = 0
-                        self._progress(writer, pkg, attempt_start, attempt_base)
-                await pipe.finish()
+                await self._pump(resp.content.iter_any(), pipe, slot, pkg, version, attempt_start, attempt_base)
         except asyncio.CancelledError:
             await self._save_partial(pipe, slot, pkg, version)
             raise
@@ -368,6 +357,58 @@ class Installer:
                 raise PayloadError(f"server sent {writer.received} bytes, it promised {pkg.size}", "size")
             await self._checkpoint(writer, slot, pkg, version)
             raise _TransferFailed(f"short body: {writer.received} of {pkg.size} bytes")
+
+    async def _pump(self, pieces, pipe: "_Pipeline", slot: str, pkg: PackageOffer, version: str, attempt_start: float,
+                    attempt_base: int) -> None:
+        """Feeds the pieces of a body onto the slot through ``pipe``, with checkpoints and progress."""
+        since_checkpoint = 0
+        async for data in pieces:
+            if pipe.fed + pipe.pending + len(data) > pkg.size:
+                raise PayloadError(f"the source sent more than the promised {pkg.size} bytes", "size")
+            handed = await pipe.put(data)
+            if handed:
+                since_checkpoint += sum(handed)
+                if since_checkpoint >= self.checkpoint_every:
+                    await pipe.drain()
+                    await self._checkpoint(pipe.writer, slot, pkg, version)
+                    since_checkpoint = 0
+                self._progress(pipe.writer, pkg, attempt_start, attempt_base)
+        await pipe.finish()
+
+    async def _fetch_file(self, url: str, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str) -> None:
+        """A ``file://`` source (an offline install): read in chunks off the event loop, same pipeline."""
+        offset = writer.received
+        if offset >= pkg.size:
+            return
+        path, pipe = url[len("file://"):], None
+        attempt_start = time.monotonic()
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except OSError as exc:
+            raise _TransferFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+
+        async def pieces():
+            await asyncio.to_thread(f.seek, offset)
+            while data := await asyncio.to_thread(f.read, self.chunk):
+                yield data
+
+        try:
+            pipe = _Pipeline(writer, self._buffers, self._pools, offset)
+            await self._pump(pieces(), pipe, slot, pkg, version, attempt_start, offset)
+        except asyncio.CancelledError:
+            await self._save_partial(pipe, slot, pkg, version)
+            raise
+        except OSError as exc:
+            await self._save_partial(pipe, slot, pkg, version)
+            raise _TransferFailed(f"reading {path}: {exc.strerror or exc}") from None
+        except PayloadError:
+            await _settle(pipe)
+            raise
+        finally:
+            f.close()
+        self._progress(writer, pkg, attempt_start, offset)
+        if writer.received < pkg.size:
+            raise PayloadError(f"{path} holds {writer.received} bytes, the release has {pkg.size}", "size")
 
     async def _save_partial(self, pipe: "_Pipeline | None", slot, pkg, version) -> None:
         """Keep what arrived before a cut (or a cancel), durable, so the next attempt resumes after it."""

@@ -11,19 +11,19 @@ Operations: ``starting`` (before the start-up settle), ``idle``, ``checking``, `
 failure), ``updated-need-reboot`` (an armed trial waits for a reboot), ``awaiting-boot-complete`` (the trial
 slot booted; its health step waits for boot-complete.target), ``health-check`` (the health step runs).
 
-================================  =========  ==============  =============  ==============  =============  ========
-operation \\ command              check      cancel          mark-good      reset           reboot         confirm
-================================  =========  ==============  =============  ==============  =============  ========
-starting                          refuse     refuse          refuse         refuse          refuse         refuse
-idle                              ACT job    refuse          no-op¹         no-op           refuse         no-op
-checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op
-downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op
-verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op
-reporting-error                   no-op      refuse          no-op²         refuse          refuse         no-op
-updated-need-reboot               no-op      refuse          no-op          ACT → idle³     ACT reboot     no-op
-awaiting-boot-complete            refuse     refuse          ACT trial⁴     refuse          refuse         ACT job
-health-check                      refuse     refuse          refuse⁵        refuse          refuse         no-op
-================================  =========  ==============  =============  ==============  =============  ========
+================================  =========  ==============  =============  ==============  =============  ========  ========
+operation \\ command              check      cancel          mark-good      reset           reboot         confirm   install⁶
+================================  =========  ==============  =============  ==============  =============  ========  ========
+starting                          refuse     refuse          refuse         refuse          refuse         refuse    refuse
+idle                              ACT job    refuse          no-op¹         no-op           refuse         no-op     ACT job
+checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse
+downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse
+verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op     refuse
+reporting-error                   no-op      refuse          no-op²         refuse          refuse         no-op     refuse
+updated-need-reboot               no-op      refuse          no-op          ACT → idle³     ACT reboot     no-op     refuse
+awaiting-boot-complete            refuse     refuse          ACT trial⁴     refuse          refuse         ACT job   refuse
+health-check                      refuse     refuse          refuse⁵        refuse          refuse         no-op     refuse
+================================  =========  ==============  =============  ==============  =============  ========  ========
 
 The start-up ``settle`` is acted on in ``starting`` only (a no-op anywhere else); ``health-timeout`` (boot-complete
 never came) is acted on in ``awaiting-boot-complete`` only. ``job-done`` (the owner's own command when a job
@@ -36,6 +36,8 @@ ends) always acts: it sets the operation the job ended in.
    install onto that slot first drops its trial record.
 4. An external health check replaces the wait for boot-complete.target: the trial slot is marked good, 3/2.
 5. The running health step decides; a second, concurrent verdict would report the trial twice.
+6. An offline install (a payload file and its signature envelope) runs the update job from the file; anywhere
+   else it is refused, not queued: the caller asked for that file now.
 """
 from __future__ import annotations
 
@@ -119,6 +121,16 @@ class Check:
 
 
 @dataclass(frozen=True)
+class InstallFile:
+    """An offline install: a payload file, its DSSE envelope ("" = the payload's path + ".sig"), and the version
+    (used only when signatures are not required and no envelope says it)."""
+
+    path: str
+    signature: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
 class Cancel:
     pass
 
@@ -159,12 +171,13 @@ class JobDone:
     failed: bool = False
 
 
-Command = Check | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | Settle | HealthTimeout | JobDone
+Command = Check | InstallFile | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | Settle | HealthTimeout | JobDone
 
 
 # ---------------------------------------------------------------------------------------------- decisions
 class Action(str, Enum):
     START_UPDATE_JOB = "start the update job"
+    START_INSTALL_JOB = "start the update job from a file"
     CANCEL_JOB = "cancel the running job"
     CONFIRM_TRIAL = "mark the trial slot good and report 3/2"
     START_HEALTH_JOB = "run the health step"
@@ -216,6 +229,14 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
         if op is _O.NEED_REBOOT:
             return NoOp(waiting)
         return Refuse(f"{trial}: no update check before it is confirmed ({op.value})", "Busy")
+    if isinstance(command, InstallFile):
+        if op is _O.IDLE:
+            return Act(Action.START_INSTALL_JOB)
+        if op in UPDATE_JOB:
+            return Refuse(f"an update is already running ({op.value}); try again when it ends", "Busy")
+        if op is _O.NEED_REBOOT:
+            return Refuse(f"{waiting}; reboot first (or reset to replace it)", "Busy")
+        return Refuse(f"{trial}: no install before it is confirmed ({op.value})", "Busy")
     if isinstance(command, Cancel):
         if op in (_O.CHECKING, _O.UPDATE_AVAILABLE, _O.DOWNLOADING):
             return Act(Action.CANCEL_JOB)

@@ -159,6 +159,10 @@ class Owner:
         if action is Action.START_UPDATE_JOB:
             self.flow.to(Operation.CHECKING)
             return "checking for an update", self._start_job(self._update_job(command.interactive), "check")
+        if action is Action.START_INSTALL_JOB:
+            self.flow.to(Operation.CHECKING)
+            job = self._update_job_from(command.path, command.signature, command.version)
+            return f"installing {command.path}", self._start_job(job, "install")
         if action is Action.CANCEL_JOB:
             self.job.cancel()
             return "download cancelled; it resumes from its checkpoint on the next check", None
@@ -246,6 +250,8 @@ class Owner:
         except AttemptFailed as exc:
             failed, message = True, str(exc)
             log.warning("%s failed: %s", what, message)
+            if self.ctx.state.last_error != message:
+                await self._record_error(message)
         except asyncio.CancelledError:
             if self._closing:
                 raise
@@ -269,6 +275,11 @@ class Owner:
 
     async def _update_job(self, interactive: bool) -> str:
         message = await self.attempt.run(interactive)
+        log.info("%s", message)
+        return message
+
+    async def _update_job_from(self, path: str, signature: str, version: str) -> str:
+        message = await self.attempt.run_file(path, signature, version)
         log.info("%s", message)
         return message
 

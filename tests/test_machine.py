@@ -7,14 +7,14 @@ import pytest
 
 from agent import machine
 from agent.machine import (
-    Act, Action, Cancel, Check, ConfirmBoot, Decline, Flow, HealthTimeout, Install, JobDone, MarkGood, NoOp,
+    Act, Action, Cancel, Check, ConfirmBoot, Decline, Flow, HealthTimeout, Install, InstallFile, JobDone, MarkGood, NoOp,
     Operation, Reboot, Refuse, Reset, Settle, decide, may_install,
 )
 
 from .simdevice import ROOT
 
 COLUMNS = {"check": Check(True), "cancel": Cancel(), "mark-good": MarkGood(), "reset": Reset(), "reboot": Reboot(),
-           "confirm": ConfirmBoot()}
+           "confirm": ConfirmBoot(), "install": InstallFile("/media/usb/image.img")}
 EVERY_COMMAND = list(COLUMNS.values()) + [Settle(), HealthTimeout(900), JobDone(Operation.IDLE)]
 
 
@@ -37,7 +37,7 @@ def table_rows(lines):
         if not cells:
             continue
         if "check" in cells and "reboot" in cells:
-            header = cells[1:]
+            header = [c.rstrip("⁶") for c in cells[1:]]
             continue
         if header and len(cells) == len(header) + 1:
             ops = [Operation(o.strip().strip("`")) for o in cells[0].split(",")]

@@ -178,3 +178,46 @@ async def test_status_says_when_unsigned_releases_are_accepted(tmp_path, server)
     dev = Device(tmp_path, server.url)  # the test device does not require signatures
     rc, out, err = await dev.cli("daemon", "--once", "-v")
     assert rc == 0 and "release signatures are not required" in err
+
+
+# ---------------------------------------------------------------------------------------------- offline installs
+async def test_an_offline_install_of_a_signed_file_goes_through_to_3_2(tmp_path, keys, system_bus):
+    from agent.dbus.client import Client, ClientError
+
+    from .test_dbus import Daemon, cli, wait_status
+    srv = DevServer([], log_path=str(tmp_path / "server.jsonl"))  # reachable for the events; offers nothing
+    await srv.start()
+    payload = image(tmp_path, "2.0.0").path
+    envelope = trust.sign_file(payload, trust.load_private_key(keys["p256"][0]), APP, "2.0.0", "stable")
+    (tmp_path / "v2.0.0.img.sig").write_bytes(envelope)
+    unsigned = image(tmp_path, "3.0.0").path
+    dev = signed_device(tmp_path, srv, keys["p256"][1], extra="schedule: {initial_delay: 3600}\n")
+    daemon = Daemon(dev)
+    await daemon.start()
+    client = await Client.connect()
+    try:
+        before = open(dev.slots["b"], "rb").read()
+        rc, out, err = await cli("install", unsigned, "--wait", timeout=60)
+        assert rc == 1 and "signature refused: no signature envelope" in out, (out, err)
+        assert open(dev.slots["b"], "rb").read() == before and srv.events == []
+        rc, out, err = await cli("install", payload, "--wait", timeout=60)
+        assert rc == 0, (out, err)
+        assert f"installing {payload}" in out and "2.0.0 is installed; it boots on trial after a reboot" in out
+        with pytest.raises(ClientError, match="waits for a reboot; reboot first"):
+            await client.call("Install", "sss", [payload, "", ""])
+        await wait_status(client, lambda s: not s["pending_events"])
+        assert srv.event_codes() == ["13/1", "14/1", "3/1"]
+        assert "rebooting into 2.0.0" in await client.call("Reboot")
+    finally:
+        client.close()
+        await daemon.stop()
+    second = Daemon(dev)
+    await second.start()
+    client = await Client.connect()
+    try:
+        await wait_status(client, lambda s: s["operation"] == "idle" and not s["pending_events"])
+        assert srv.event_codes() == ["13/1", "14/1", "3/1", "3/2"] and dev.boot.status()["b"].state.value == "good"
+    finally:
+        client.close()
+        await second.stop()
+        await srv.stop()

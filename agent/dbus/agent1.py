@@ -6,7 +6,7 @@ from dbus_next import PropertyAccess
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
-from ..machine import Cancel, Check, ConfirmBoot, MarkGood, Reboot, Refuse
+from ..machine import Cancel, Check, ConfirmBoot, InstallFile, MarkGood, Reboot, Refuse
 from ..owner import Failed
 from . import convert
 
@@ -96,6 +96,12 @@ class Agent1(ServiceInterface):
         installed update waits for a reboot; an error when the agent cannot check now (a trial boot)."""
         reply = await answer(self.agent, Check(bool(interactive)))
         return reply.acted
+
+    @method()
+    async def Install(self, path: "s", signature: "s", version: "s") -> "s":
+        """An offline install of a payload file the service can read; ``signature`` "" means ``path`` + ".sig";
+        ``version`` only when signatures are not required. Returns at once; follow Operation for the rest."""
+        return (await answer(self.agent, InstallFile(path, signature, version))).message
 
     @method()
     async def Cancel(self) -> "s":
