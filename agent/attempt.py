@@ -14,7 +14,7 @@ import os
 from dataclasses import replace
 
 from . import policy
-from .boot import SlotState, other
+from .boot import BootError, SlotState, other
 from .install import InstallError, InstallHooks, InstallResult, Installer, Progress
 from .machine import Decline, Operation, may_install
 from .omaha import NoUpdate, UpdateOffer, interpret
@@ -208,7 +208,15 @@ class UpdateAttempt:
         self.reporter.queue(policy.failed(code, category, ctx.version, offer.version), ctx.version)
         state.last_error = f"update to {offer.version} failed: {exc}"
         if state.trial is not None and state.trial.slot == target and not state.trial.armed:
-            state.trial = None  # recorded, but the slot was never armed
+            # recorded, but arming failed; a timed-out set_trial may still land in the bootloader's thread, so
+            # the slot is marked bad behind it (the one worker thread runs them in order)
+            try:
+                await ctx.boot.mark_bad(target)
+            except BootError as err:  # (not "exc": that name is this method's argument)
+                log.error("could not mark slot %s bad after a failed arm: %s", target, err)
+            state.trial = None
+        elif state.trial is not None and state.trial.replaced and state.trial.slot == target:
+            state.trial = replace(state.trial, replaced=False)  # marking it bad failed: it is still installed
         if exc.kind != "transfer":
             state.download = None  # nothing worth resuming
         if exc.kind in ("hash", "size", "decompress", "readback", "signature"):
@@ -239,18 +247,28 @@ class _Hooks(InstallHooks):
     async def before_write(self) -> None:
         state = self.attempt.ctx.state
         if state.trial is not None and state.trial.slot == self.target:
-            # an installed update that never booted (Flatcar's ResetStatus left it armed): its record goes
-            # first, so a failure below can never be reported as that version not booting
+            # an installed update that never booted (Flatcar's ResetStatus left it armed) is being replaced:
+            # said in its record first, so the slot marked bad below is never reported as that version failing
+            # to boot, and a crash before the mark still finds the record (the slot may still boot it)
             log.info("replacing the installed %s on slot %s", state.trial.version, self.target)
-            state.trial = None
+            state.trial = replace(state.trial, replaced=True)
             await self.attempt.ctx.store.commit()
 
     async def writing(self) -> None:
+        state = self.attempt.ctx.state
+        if state.trial is not None and state.trial.replaced:  # its slot is marked bad now: the record goes
+            state.trial = None
+            await self.attempt.ctx.store.commit()
         self.attempt.ctx.status.flow.to(Operation.DOWNLOADING)
+
+    def downloading(self) -> None:
+        self.attempt.ctx.status.flow.to(Operation.DOWNLOADING)
+
+    def verifying(self) -> None:
+        self.attempt.ctx.status.flow.to(Operation.VERIFYING)
 
     async def verified(self, result: InstallResult) -> None:
         ctx, state = self.attempt.ctx, self.attempt.ctx.state
-        ctx.status.flow.to(Operation.VERIFYING)
         self.attempt.reporter.queue(policy.download_finished(self.previous, self.offer.version, result.received,
                                                              result.download_ms, result.url), self.previous)
         ctx.status.flow.to(Operation.FINALIZING)

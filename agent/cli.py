@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--log", default=None, help="write requests and events as JSON lines here")
     v.add_argument("--always-offer", action="store_true", help="offer even to clients already at the version")
     v.add_argument("--sign-key", default=None, help="PEM private key: serve <payload>.sig, a signed release envelope")
+    v.add_argument("--cup-key", default=None, help="P-256 PEM private key: sign answers with CUP-ECDSA proofs")
+    v.add_argument("--cup-key-version", type=int, default=1, help="the CUP key version clients name")
     v.add_argument("--payload-base", default=None, metavar="URL",
                    help="point payload URLs here (another file server holding the payload under its file name) "
                         "instead of at this server's /packages/")

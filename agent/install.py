@@ -73,6 +73,12 @@ class InstallHooks:
     async def writing(self) -> None:
         """The target is marked bad; the download starts."""
 
+    def downloading(self) -> None:
+        """A download from one of the URLs starts (again, after a URL that failed verification)."""
+
+    def verifying(self) -> None:
+        """The payload is on the slot; its size and hashes (and the read-back) are checked now."""
+
     async def verified(self, result: "InstallResult") -> None:
         """The payload is on the slot and verified; the slot is armed next."""
 
@@ -228,7 +234,7 @@ class Installer:
         except BootError as exc:
             raise InstallError(f"could not mark slot {slot} bad before writing: {exc}", "boot") from None
         await hooks.writing()
-        result = await self.stream(slot, path, capacity, pkg, version, resume)
+        result = await self.stream(slot, path, capacity, pkg, version, resume, phases=hooks)
         await hooks.verified(result)
         try:
             await boot.set_trial(slot, tries, version)
@@ -237,7 +243,7 @@ class Installer:
         return result
 
     async def stream(self, slot: str, path: str, capacity: int, pkg: PackageOffer, version: str,
-                     resume: Checkpoint | None = None) -> InstallResult:
+                     resume: Checkpoint | None = None, phases: "InstallHooks | None" = None) -> InstallResult:
         """Download ``pkg`` onto ``path`` and verify it; raises ``InstallError``."""
         if pkg.size > capacity:
             raise InstallError(f"payload of {pkg.size} bytes is larger than slot {slot} ({capacity} bytes)", "device")
@@ -251,7 +257,7 @@ class Installer:
         self._pools = (ThreadPoolExecutor(1, "omaha-hash"), ThreadPoolExecutor(1, "omaha-write"))
         try:
             resumed_from = await self._resume(writer, slot, pkg, version, resume)
-            return await self._fetch_all(writer, slot, pkg, version, resumed_from)
+            return await self._fetch_all(writer, slot, pkg, version, resumed_from, phases or InstallHooks())
         finally:
             for pool in self._pools:
                 pool.shutdown(wait=False)  # idle: every chunk was waited for
@@ -277,7 +283,7 @@ class Installer:
             await _maybe_await(self.on_checkpoint(cp))
 
     async def _fetch_all(self, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str,
-                         resumed_from: int) -> InstallResult:
+                         resumed_from: int, phases: "InstallHooks") -> InstallResult:
         errors: list[str] = []
         kinds: list[str] = []
         started = time.monotonic()
@@ -290,7 +296,9 @@ class Installer:
             before = writer.received
             try:
                 fetch = self._fetch_file if url.startswith("file://") else self._fetch
+                phases.downloading()
                 await fetch(url, writer, slot, pkg, version)
+                phases.verifying()
                 await asyncio.to_thread(writer.flush)
                 await asyncio.to_thread(writer.verify, pkg.size)
                 if self.readback:

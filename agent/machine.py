@@ -27,11 +27,13 @@ health-check                      refuse     refuse          refuse⁵        re
 
 The start-up ``settle`` is acted on in ``starting`` only (a no-op anywhere else); ``health-timeout`` (boot-complete
 never came) is acted on in ``awaiting-boot-complete`` only. ``job-done`` (the owner's own command when a job
-ends) always acts: it sets the operation the job ended in.
+ends) always acts: it sets the operation the job ended in (a health step whose verdict could not be written
+goes back to ``awaiting-boot-complete``: the trial is still undecided).
 
 1. The running slot is good, so there is nothing to confirm; refused when it is not (its update failed here and
    was reported so, or the bootloader could not be read): marking it good would contradict the report.
-2. Updates run only from a confirmed slot, so the running slot is already good.
+2. As in idle: a no-op when the running slot is good, refused when it is not (a check also runs on a slot whose
+   update failed here, under the manual reboot policy; it installs nothing there).
 3. Flatcar's ``ResetStatus``: the installed update stays armed and still boots on the next reboot; a later
    install onto that slot first drops its trial record.
 4. An external health check replaces the wait for boot-complete.target: the trial slot is marked good, 3/2.
@@ -73,12 +75,12 @@ TRANSITIONS: dict[Operation, frozenset[Operation]] = {
     _O.CHECKING: frozenset({_O.IDLE, _O.UPDATE_AVAILABLE, _O.REPORTING_ERROR, _O.NEED_REBOOT}),
     _O.UPDATE_AVAILABLE: frozenset({_O.DOWNLOADING, _O.IDLE, _O.REPORTING_ERROR, _O.NEED_REBOOT}),
     _O.DOWNLOADING: frozenset({_O.VERIFYING, _O.REPORTING_ERROR, _O.IDLE}),
-    _O.VERIFYING: frozenset({_O.FINALIZING, _O.REPORTING_ERROR, _O.IDLE}),
+    _O.VERIFYING: frozenset({_O.FINALIZING, _O.REPORTING_ERROR, _O.IDLE, _O.DOWNLOADING}),
     _O.FINALIZING: frozenset({_O.NEED_REBOOT, _O.REPORTING_ERROR}),
     _O.NEED_REBOOT: frozenset({_O.IDLE}),
     _O.REPORTING_ERROR: frozenset({_O.IDLE, _O.NEED_REBOOT}),
     _O.AWAITING_BOOT_COMPLETE: frozenset({_O.HEALTH_CHECK, _O.IDLE}),
-    _O.HEALTH_CHECK: frozenset({_O.IDLE, _O.REPORTING_ERROR}),
+    _O.HEALTH_CHECK: frozenset({_O.IDLE, _O.REPORTING_ERROR, _O.AWAITING_BOOT_COMPLETE}),
 }
 
 
@@ -255,9 +257,12 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
             return Act(Action.CONFIRM_TRIAL)
         if op is _O.HEALTH_CHECK:
             return Refuse("the health check of the running trial is in progress; its result decides", "Busy")
+        if not booted_good:
+            return Refuse("the running slot is not good: its update failed here (and was reported so) or its state "
+                          "cannot be read; reboot to go back to the other slot", "NotConfirmable")
         if op is _O.NEED_REBOOT:
             return NoOp(f"the running slot is already good; {waiting}")
-        return NoOp("the running slot is already good (updates start only from a confirmed slot)")
+        return NoOp("the running slot is already good")
     if isinstance(command, Reset):
         if op is _O.NEED_REBOOT:
             return Act(Action.RESET)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .attempt import AttemptFailed
 from .boot import BootError, SlotState
 from .machine import (
-    Act, Action, Command, Decision, HealthTimeout, JobDone, MarkGood, NoOp, Operation, Refuse, decide,
+    TRIAL_BOOT, Act, Action, Command, Decision, HealthTimeout, JobDone, MarkGood, NoOp, Operation, Refuse, decide,
 )
 from .reboot import reboot
 from .settle import Found
@@ -78,6 +78,7 @@ class Owner:
         self._runner: asyncio.Task | None = None
         self._timer: asyncio.Task | None = None
         self._closing = False
+        self._cancelling = False
 
     @property
     def flow(self):
@@ -112,7 +113,7 @@ class Owner:
 
     async def _booted_good(self, operation: Operation, command: Command) -> bool:
         """The one fact ``decide`` needs from the bootloader: is the running slot good (mark-good while idle)?"""
-        if not (isinstance(command, MarkGood) and operation is Operation.IDLE):
+        if not isinstance(command, MarkGood) or operation in TRIAL_BOOT or operation is Operation.STARTING:
             return True
         try:
             return (await self.ctx.boot.status())[self.ctx.booted].state is SlotState.GOOD
@@ -164,11 +165,18 @@ class Owner:
             job = self._update_job_from(command.path, command.signature, command.version)
             return f"installing {command.path}", self._start_job(job, "install")
         if action is Action.CANCEL_JOB:
+            if self.job is None or self.job.done() or self._cancelling:
+                return "already cancelling", None
+            self._cancelling = True
             self.job.cancel()
-            return "download cancelled; it resumes from its checkpoint on the next check", None
+            if self.flow.operation is Operation.DOWNLOADING:
+                return "download cancelled; it resumes from its checkpoint on the next check", None
+            return f"{self.flow.operation.value} cancelled", None
         if action is Action.CONFIRM_TRIAL:
-            self._stop_timer()
+            if ctx.state.trial is None or ctx.state.trial.slot != ctx.booted:
+                raise CommandFailed("no trial record names the running slot; restart the agent to settle it")
             await self.settler.confirm(ctx.state.trial)
+            self._stop_timer()
             ctx.spawn(self.reporter.flush(), "sending the 3/2")  # the caller does not wait for the server
             self.flow.to(Operation.IDLE)
             return f"slot {ctx.booted} marked good", None
@@ -203,8 +211,7 @@ class Owner:
             return f"version {ctx.status.new_version} is installed and waits for a reboot", None
         if found is Found.TRIAL_BOOT and self.wait_for_boot_complete:
             self.flow.to(Operation.AWAITING_BOOT_COMPLETE)
-            timeout = ctx.config.health.boot_complete_timeout
-            self._timer = ctx.spawn(self._boot_complete_timer(timeout), "the boot-complete timer")
+            self._start_timer()
             log.info("slot %s boots on trial: its health check runs once boot-complete.target is reached", ctx.booted)
             return f"slot {ctx.booted} boots on trial; waiting for boot-complete.target", None
         if found is Found.TRIAL_BOOT:
@@ -217,6 +224,11 @@ class Owner:
         await self.ctx.clock.sleep(timeout)
         await self.submit(HealthTimeout(timeout))
 
+    def _start_timer(self) -> None:
+        self._stop_timer()
+        timeout = self.ctx.config.health.boot_complete_timeout
+        self._timer = self.ctx.spawn(self._boot_complete_timer(timeout), "the boot-complete timer")
+
     def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -228,8 +240,13 @@ class Owner:
         if not self.flow.end_job(done.operation, done.failed):
             log.error("a job ended in %s after %s, which the state machine has no transition for",
                       done.operation.value, before.value)
+        if done.operation is Operation.AWAITING_BOOT_COMPLETE:
+            self._start_timer()
         if done.operation is Operation.NEED_REBOOT and before is Operation.FINALIZING:
-            await reboot(self.ctx, f"update to {self.ctx.status.new_version} installed")
+            try:
+                await reboot(self.ctx, f"update to {self.ctx.status.new_version} installed")
+            except Exception as exc:  # the update stays armed; an operator can still Reboot
+                await self._record_error(f"could not reboot into {self.ctx.status.new_version}: {describe(exc)}")
         if self.flow.operation is Operation.IDLE:
             self.ctx.status.clear_offer()
         if self.ctx.state.events:  # what a cancelled or failed job left queued goes out now, not at the next check
@@ -244,33 +261,46 @@ class Owner:
         return self.job
 
     async def _job(self, coro, what: str) -> Outcome:
-        failed, message = False, ""
+        """Runs a job's body; whatever happens (a failure, a cancel, even a cancel that lands while the failure
+        is being saved), the owner hears ``JobDone``: a job never leaves the machine in its operation."""
+        failed, message = False, "cancelled"
         try:
-            message = await coro
-        except AttemptFailed as exc:
-            failed, message = True, str(exc)
-            log.warning("%s failed: %s", what, message)
-            if self.ctx.state.last_error != message:
+            try:
+                message = await coro
+            except AttemptFailed as exc:
+                failed, message = True, str(exc)
+                log.warning("%s failed: %s", what, message)
+                if self.ctx.state.last_error != message:
+                    await self._record_error(message)
+            except asyncio.CancelledError:
+                if self._closing:
+                    raise
+                asyncio.current_task().uncancel()
+            except Exception as exc:  # contained: the job fails, the daemon goes on and backs off
+                failed, message = True, describe(exc)
+                if not isinstance(exc, (BootError, SlotError, OSError)):
+                    log.exception("%s failed unexpectedly", what)
+                log.error("%s failed: %s", what, message)
+                self.ctx.state.failures += 1
                 await self._record_error(message)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # a second cancel while the failure was being saved
             if self._closing:
                 raise
             asyncio.current_task().uncancel()
-            message = "cancelled"
-        except Exception as exc:  # contained: the job fails, the daemon goes on and backs off
-            failed, message = True, describe(exc)
-            if not isinstance(exc, (BootError, SlotError, OSError)):
-                log.exception("%s failed unexpectedly", what)
-            log.error("%s failed: %s", what, message)
-            self.ctx.state.failures += 1
-            await self._record_error(message)
-        await self.submit(JobDone(self._job_end(), failed))
+        finally:
+            self._cancelling = False
+        if not self._closing:
+            await self.submit(JobDone(self._job_end(what), failed))
         return Outcome(not failed, message)
 
-    def _job_end(self) -> Operation:
+    def _job_end(self, what: str) -> Operation:
         trial = self.ctx.state.trial
         if trial is not None and trial.armed and trial.slot != self.ctx.booted:
             return Operation.NEED_REBOOT
+        if what == "health step" and trial is not None and trial.slot == self.ctx.booted:
+            # the verdict could not be written (a bootloader or disk error): the trial is still undecided, so
+            # it waits again for ConfirmBoot or MarkGood (or the boot-complete timeout), not idle
+            return Operation.AWAITING_BOOT_COMPLETE
         return Operation.IDLE
 
     async def _update_job(self, interactive: bool) -> str:

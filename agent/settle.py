@@ -15,6 +15,7 @@ from dataclasses import replace
 from enum import Enum
 
 from . import policy, schedule
+from .omaha import versions
 from .boot import BootError, SlotState, other
 from .omaha.events import ErrorCategory, ErrorCode
 from .reboot import reboot
@@ -71,21 +72,31 @@ class Settler:
             state.blocked = replace(state.blocked, until=schedule.within(state.blocked.until, now, policy.BLOCK_MAX))
 
     async def settle(self) -> Found:
-        """Settles the last update against the bootloader; commits what changed."""
+        """Settles the last update against the bootloader; commits what changed. Raises ``BootError`` when the
+        bootloader cannot be read: nothing is decided then (the next start settles again)."""
         ctx, state = self.ctx, self.ctx.state
+        if ctx.booted is None:
+            if state.trial is not None:
+                log.error("cannot tell which slot runs: the %s trial is left as it is until a start that can",
+                          state.trial.version)
+            return Found.NOTHING
         trial = state.trial or await self._untracked_trial()
         bootable = False
         if trial:
-            try:
-                bootable = (await ctx.boot.status())[trial.slot].state is SlotState.TRIAL
-            except (BootError, KeyError):
-                bootable = not trial.armed  # unknown: keep an unarmed trial rather than drop it
+            bootable = (await ctx.boot.status())[trial.slot].state is SlotState.TRIAL
         if trial and not trial.armed:
             # a crash between recording the trial and arming it: the bootloader says which happened
             # (booting the slot, or its tries left, prove set_trial ran; otherwise the install did not finish)
             armed = bootable or ctx.booted == trial.slot
             state.trial = trial = replace(trial, armed=True) if armed else None
+            if armed:  # its 3/1 was never queued
+                self.reporter.queue(policy.applied(trial.previous_version, trial.version), trial.previous_version)
             await ctx.store.commit()
+        if trial and trial.replaced and not bootable and ctx.booted != trial.slot:
+            log.info("the installed %s was being replaced by a new install; it is gone", trial.version)
+            state.trial = None  # marked bad on purpose, not a failed boot: nothing to report
+            await ctx.store.commit()
+            return Found.NOTHING
         found = policy.after_boot(trial, ctx.booted, bootable)
         if found is policy.AfterBoot.WAITING:
             ctx.status.offer(trial.version, 0)
@@ -110,7 +121,7 @@ class Settler:
             return None
         decision = policy.untracked_boot(ctx.booted, booted_good, other_good)
         blocked = ctx.state.blocked
-        if decision is policy.Untracked.CONFIRM and blocked is not None and blocked.version == ctx.version:
+        if decision is policy.Untracked.CONFIRM and blocked is not None and versions.same(blocked.version, ctx.version):
             # this version already failed here (its 3/0 is sent); the slot waits for the reboot back
             log.warning("slot %s runs %s, which failed here; reboot to go back to slot %s", ctx.booted,
                         ctx.version, other(ctx.booted))

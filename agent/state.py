@@ -35,6 +35,7 @@ class Trial:
     previous_version: str = "0.0.0.0"
     armed: bool = False
     untracked: bool = False  # found running unconfirmed without a record (state lost, or another tool)
+    replaced: bool = False  # a new install is replacing it: if it turns out unbootable, that was on purpose
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def _record(cls, data, kinds: dict, check=lambda r: True):
 
 def trial_from(data) -> Trial | None:
     return _record(Trial, data, {"slot": str, "version": str, "previous_version": str, "armed": bool,
-                                 "untracked": bool}, lambda t: t.slot in SLOTS)
+                                 "untracked": bool, "replaced": bool}, lambda t: t.slot in SLOTS)
 
 
 def blocked_from(data) -> Blocked | None:
@@ -272,7 +273,13 @@ class Store:
             if self._written >= mine:
                 return
             number, data = self._latest
-            await asyncio.to_thread(self._write, data)
+            write = asyncio.ensure_future(asyncio.to_thread(self._write, data))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:  # the write goes on in its thread: wait for it before letting go
+                await write          # of the lock, so no older snapshot can land after a newer one
+                self._written = number
+                raise
             self._written = number
 
     def commit_now(self) -> None:

@@ -168,21 +168,91 @@ async def test_a_bootloader_error_in_a_check_and_in_the_confirm_path_leaves_the_
         good = env.read_bytes()
         env.write_bytes(b"{corrupt")
         assert "checking the health of slot b" in await client.call("ConfirmBoot")
-        status = await wait_status(client, lambda s: s["operation"] == "idle")
-        assert "unreadable simulated bootloader env" in status["last_error"]
+        status = await wait_status(client, lambda s: s["operation"] == "awaiting-boot-complete" and s["last_error"])
+        assert "unreadable simulated bootloader env" in status["last_error"]  # the verdict could not be written
         assert second.proc.returncode is None  # alive
-        env.write_bytes(good)
         assert trial_reports(server) == []  # nothing reported while the verdict could not be written
-    finally:
-        client.close()
-        await second.stop()
-    third = Daemon(dev)  # the next start settles it: b still boots on trial, its health step runs again
-    await third.start()
-    client = await Client.connect()
-    try:
-        await client.call("ConfirmBoot")
+        env.write_bytes(good)
+        assert "checking the health of slot b" in await client.call("ConfirmBoot")  # the trial is decided again
         await wait_status(client, lambda s: s["operation"] == "idle" and not s["pending_events"])
         assert trial_reports(server) == ["3/2"] and dev.boot.status()["b"].state.value == "good"
     finally:
         client.close()
-        await third.stop()
+        await second.stop()
+
+
+# ---------------------------------------------------------------------------------------------- found in review
+async def test_a_cancel_while_a_failed_check_saves_its_error_does_not_leave_the_owner_stuck(tmp_path, server):
+    import time as _time
+
+    from agent.config import load
+    from agent.daemon import Agent
+    from agent.machine import Cancel, Check, Operation
+
+    from .seams import FaultyBoot
+    dev = Device(tmp_path, server.url, extra=QUIET + "dbus: {enabled: false}\n")
+    boot = FaultyBoot(dev.boot)
+    agent = Agent(load(dev.config), boot=boot, boot_timeout=0.5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run_forever(stop))
+    try:
+        for _ in range(300):
+            if agent.status.operation is Operation.IDLE:
+                break
+            await asyncio.sleep(0.01)
+        real_write = agent.ctx.store._write
+        saving = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow_write(data):  # a slow disk: the seam where the cancel lands (the real write still happens)
+            loop.call_soon_threadsafe(saving.set)
+            _time.sleep(0.3)
+            real_write(data)
+
+        boot.fail("status", "error")
+        reply = await agent.submit(Check(True))
+        agent.ctx.store._write = slow_write
+        await asyncio.wait_for(saving.wait(), 10)  # the job failed and is saving its LastError
+        await agent.submit(Cancel())
+        await asyncio.wait_for(reply.job, 10)
+        agent.ctx.store._write = real_write
+        for _ in range(300):
+            if agent.status.operation is Operation.IDLE and agent.owner.job is None:
+                break
+            await asyncio.sleep(0.01)
+        assert agent.status.operation is Operation.IDLE  # before: stuck in checking until a restart
+        boot.heal()
+        again = await agent.submit(Check(True))
+        assert again.job is not None and (await asyncio.wait_for(again.job, 30)).ok
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_an_unreadable_bootloader_at_start_up_is_not_taken_for_a_fallback(tmp_path, server):
+    dev = Device(tmp_path, server.url)
+    assert (await dev.once())[0] == 0  # 2.0.0 armed on b, waiting for a reboot
+    env = dev.dir / "bootenv.json"
+    good = env.read_bytes()
+    env.write_bytes(b"{corrupt")
+    rc, out, err = await dev.once()  # a restart while the bootloader cannot be read
+    assert rc == 1 and "Traceback" not in err
+    env.write_bytes(good)
+    assert trial_reports(server) == [] and dev.state()["trial"]["armed"] is True and dev.state()["blocked"] is None
+    rc, out, err = await dev.once()
+    assert rc == 0 and "waits for a reboot" in out, err
+    assert dev.boot.status()["b"].state.value == "trial"
+
+
+async def test_a_replaced_install_found_unbootable_at_start_up_is_dropped_without_a_report(tmp_path, server):
+    import json
+    dev = Device(tmp_path, server.url)
+    assert (await dev.once())[0] == 0
+    state = dev.state()
+    state["trial"]["replaced"] = True  # a new install began replacing it, marked its slot bad, then power failed
+    (dev.dir / "state" / "state.json").write_text(json.dumps(state))
+    dev.boot.mark_bad("b")
+    rc, out, err = await dev.once()
+    assert rc == 0 and trial_reports(server) == [], err  # before the flag: 3/0 code 44, "2.0.0 did not boot"
+    assert "installed 2.0.0 on slot b" in out  # the record was dropped quietly; the offer installs afresh
+    assert server.event_codes().count("3/1") == 2 and dev.state()["trial"]["replaced"] is False

@@ -12,6 +12,11 @@ from . import BootControl, BootError, SlotStatus
 TIMEOUT = 60.0
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class BootWorker:
     def __init__(self, control: BootControl, timeout: float = TIMEOUT):
         self.control = control
@@ -24,6 +29,7 @@ class BootWorker:
 
     async def _call(self, what: str, fn, *args):
         future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        future.add_done_callback(_retrieved)  # a call its caller stopped waiting for never logs a lost error
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.timeout)
         except asyncio.TimeoutError:

@@ -71,6 +71,7 @@ class Faults:
     extra_urls: tuple[str, ...] = ()  # codebases listed before the real one (dead mirrors)
     always_offer: bool = False  # offer the image even to clients already at (or above) its version
     malformed: bytes | None = None  # answer update checks with these bytes
+    cup: str = ""  # CUP proofs: "missing", "tampered" (body changed after signing), "other-request"
 
 
 @dataclass
@@ -84,6 +85,8 @@ class DevServer:
     protocol: str | None = None  # answer only this protocol ("3.0" or "3.1"); None: both
     clock: callable = time.time
     sign_key: str | None = None  # a PEM private key: each image gets its DSSE envelope, served as <name>.sig
+    cup_key: str | None = None  # a P-256 PEM private key: answers carry a CUP-ECDSA proof when asked (cup2key)
+    cup_key_version: int = 1
     payload_base: str | None = None  # codebase for payload URLs (another server); None: this server's /packages/
 
     def __post_init__(self):
@@ -238,7 +241,19 @@ class DevServer:
         resp = Response(protocol=req.protocol or "3.0", server="omaha-agent-devserver",
                         daystart=self._daystart(), apps=tuple(apps))
         ctype = "application/json" if req.protocol.startswith("3.1") else "text/xml"
-        return web.Response(body=encode_response(resp), content_type=ctype, charset="utf-8", headers=headers)
+        payload = encode_response(resp)
+        if self.cup_key and request.query.get("cup2key"):
+            from .. import cup
+            from ..trust import load_private_key
+            ch = cup.Challenge(request.query["cup2key"], hashlib.sha256(body).hexdigest())
+            proof = cup.sign(load_private_key(self.cup_key), ch, payload)
+            if self.faults.cup == "other-request":
+                proof = proof.rsplit(":", 1)[0] + ":" + "00" * 32
+            if self.faults.cup != "missing":
+                headers["X-Cup-Server-Proof"] = proof
+            if self.faults.cup == "tampered":
+                payload = payload.replace(b"omaha-agent-devserver", b"omaha-agent-devservex")
+        return web.Response(body=payload, content_type=ctype, charset="utf-8", headers=headers)
 
     # -- payloads
     async def handle_payload(self, request: web.Request) -> web.StreamResponse:
@@ -314,7 +329,8 @@ async def serve(args) -> int:
     image = Image(args.payload, args.version, args.appid, track=args.track or "")
     server = DevServer([image], dialect=args.dialect, host=args.host, port=args.port, log_path=args.log,
                        faults=Faults(always_offer=args.always_offer), protocol=args.protocol,
-                       sign_key=args.sign_key, payload_base=getattr(args, "payload_base", None))
+                       sign_key=args.sign_key, payload_base=getattr(args, "payload_base", None),
+                       cup_key=getattr(args, "cup_key", None), cup_key_version=getattr(args, "cup_key_version", 1))
     url = await server.start()
     print(f"devserver: serving {image.name} version {image.version} ({image.size} bytes, sha256 "
           f"{image.sha256.hex()}) for app {image.appid}", flush=True)
