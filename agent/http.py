@@ -5,6 +5,7 @@ import asyncio
 from dataclasses import dataclass
 
 from .omaha import ProtocolError, Request, Response, decode_response, encode_request
+from .omaha import urls
 from .omaha.headers import parse_retry_after, request_headers
 
 MAX_RESPONSE = 1 << 20
@@ -55,17 +56,32 @@ async def _read_body(resp, limit: int) -> bytes:
 
 
 async def post(session, url: str, req: Request, *, interactive: bool | None, request_age: int | None = None,
-               timeout: float = 30.0) -> Answer:
+               timeout: float = 30.0, allow_http: bool = True) -> Answer:
+    """POSTs ``req`` to ``url``. A redirect is followed (with the same body) only to a URL the agent may use
+    (``omaha.urls``: no https to http, no other scheme, no metadata address), at most ``urls.MAX_REDIRECTS``
+    times; the refusal comes before any connection to the new URL."""
     import aiohttp
 
     headers = request_headers(req, interactive, request_age)
+    body = encode_request(req)
     try:
-        async with session.post(url, data=encode_request(req), headers=headers,
-                                timeout=aiohttp.ClientTimeout(total=timeout * 2)) as resp:
-            retry_after = parse_retry_after(resp.headers.get("X-Retry-After"))
-            if resp.status != 200:
-                raise OmahaHttpError(f"server answered HTTP {resp.status}", resp.status, retry_after)
-            body = await _read_body(resp, MAX_RESPONSE)
+        for _ in range(urls.MAX_REDIRECTS + 1):
+            async with session.post(url, data=body, headers=headers, allow_redirects=False,
+                                    timeout=aiohttp.ClientTimeout(total=timeout * 2)) as resp:
+                if resp.status in urls.REDIRECT_STATUSES:
+                    try:
+                        url = urls.redirect(url, resp.headers.get("Location"), allow_http=allow_http)
+                    except ValueError as exc:
+                        raise OmahaHttpError(f"update server: {exc}", resp.status) from None
+                    continue
+                retry_after = parse_retry_after(resp.headers.get("X-Retry-After"))
+                if resp.status != 200:
+                    raise OmahaHttpError(f"server answered HTTP {resp.status}", resp.status, retry_after)
+                body = await _read_body(resp, MAX_RESPONSE)
+                break
+        else:
+            raise OmahaHttpError(f"the update server redirected more than {urls.MAX_REDIRECTS} times (last to "
+                                 f"{urls.short(url)}): check server.url")
     except OmahaHttpError:
         raise
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
@@ -75,3 +91,23 @@ async def post(session, url: str, req: Request, *, interactive: bool | None, req
         return Answer(decode_response(body), retry_after)
     except ProtocolError as exc:
         raise OmahaHttpError(f"unusable answer from the update server: {exc}", 200, retry_after) from None
+
+
+class RedirectRefused(Exception):
+    """A payload redirect the agent does not follow (``omaha.urls``), or too many of them."""
+
+
+async def open_get(session, url: str, *, headers: dict, timeout):
+    """The response to a GET of ``url`` (for ``async with``), redirects followed only to URLs the agent may use
+    (at most ``urls.MAX_REDIRECTS``); ``RedirectRefused`` before connecting anywhere else."""
+    for _ in range(urls.MAX_REDIRECTS + 1):
+        resp = await session.get(url, headers=headers, timeout=timeout, allow_redirects=False)
+        if resp.status not in urls.REDIRECT_STATUSES:
+            return resp
+        location = resp.headers.get("Location")
+        resp.release()
+        try:
+            url = urls.redirect(url, location, allow_http=True)
+        except ValueError as exc:
+            raise RedirectRefused(str(exc)) from None
+    raise RedirectRefused(f"redirected more than {urls.MAX_REDIRECTS} times (last to {urls.short(url)})")
