@@ -156,6 +156,8 @@ class Installer:
     async def stream(self, slot: str, path: str, capacity: int, pkg: PackageOffer, version: str,
                      resume: Checkpoint | None = None) -> InstallResult:
         """Download ``pkg`` onto ``path`` and verify it; raises ``InstallError``."""
+        if pkg.size <= 0:  # the hash of nothing "verifies" whatever the slot held before: never arm that
+            raise InstallError(f"payload size {pkg.size}: an empty image cannot be installed", "size")
         if pkg.size > capacity:
             raise InstallError(f"payload of {pkg.size} bytes is larger than slot {slot} ({capacity} bytes)", "device")
         writer = SlotWriter(path, capacity, pkg.sha256, pkg.sha1, readback=self.readback)
@@ -228,7 +230,13 @@ class Installer:
         offset = writer.received
         if offset >= pkg.size:  # a checkpoint taken after the last byte: nothing left to fetch, only to verify
             return
-        headers = {"X-Goog-Update-SessionId": self.sessionid} if self.sessionid else {}
+        from .http import RedirectRefused, open_get
+
+        # identity: a Range is counted in the bytes as sent, so a resume needs the body as sent (aiohttp would
+        # otherwise ask for gzip and hand over decoded bytes)
+        headers = {"Accept-Encoding": "identity"}
+        if self.sessionid:
+            headers["X-Goog-Update-SessionId"] = self.sessionid
         if offset:
             headers["Range"] = f"bytes={offset}-"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.read_timeout)
@@ -237,8 +245,14 @@ class Installer:
         feeder = _Feeder(writer)
         fed = offset  # bytes handed to the feeder (the writer's own count lags while a chunk is in flight)
         attempt_start, attempt_base = time.monotonic(), offset
+        encoded = False  # the server sent Content-Encoding anyway: what arrived cannot be resumed with a Range
         try:
-            async with self.session.get(url, headers=headers, timeout=timeout) as resp:
+            async with await open_get(self.session, url, headers=headers, timeout=timeout) as resp:
+                encoded = resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+                if encoded and resp.status == 206:  # a Range of an encoded body: its offsets are not ours
+                    writer.reset()
+                    raise _TransferFailed(f"server sent a resumed body with Content-Encoding "
+                                          f"{resp.headers['Content-Encoding'][:40]!r}; starting over from byte 0")
                 if resp.status == 206 and offset:
                     start = _content_range_start(resp.headers.get("Content-Range", ""))
                     if start != offset:
@@ -262,7 +276,7 @@ class Installer:
                         fed += len(buffer)
                         since_checkpoint += len(buffer)
                         buffer.clear()
-                        if since_checkpoint >= self.checkpoint_every:
+                        if since_checkpoint >= self.checkpoint_every and not encoded:
                             await feeder.wait()
                             await self._checkpoint(writer, slot, pkg, version)
                             since_checkpoint = 0
@@ -272,10 +286,12 @@ class Installer:
                     buffer.clear()
                 await feeder.wait()
         except asyncio.CancelledError:
-            await self._save_partial(feeder, buffer, slot, pkg, version)
+            await self._save_partial(feeder, buffer, slot, pkg, version, encoded)
             raise
+        except RedirectRefused as exc:
+            raise _TransferFailed(str(exc)) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            await self._save_partial(feeder, buffer, slot, pkg, version)
+            await self._save_partial(feeder, buffer, slot, pkg, version, encoded)
             raise _TransferFailed(_describe(exc)) from None
         except PayloadError:
             await _settle(feeder)
@@ -284,13 +300,23 @@ class Installer:
         if writer.received < pkg.size:
             if complete_body:  # the server sent all it meant to: its payload is smaller than it said
                 raise PayloadError(f"server sent {writer.received} bytes, it promised {pkg.size}", "size")
-            await self._checkpoint(writer, slot, pkg, version)
-            raise _TransferFailed(f"short body: {writer.received} of {pkg.size} bytes")
+            received = writer.received
+            if encoded:
+                writer.reset()
+            else:
+                await self._checkpoint(writer, slot, pkg, version)
+            raise _TransferFailed(f"short body: {received} of {pkg.size} bytes")
 
-    async def _save_partial(self, feeder: _Feeder, buffer: bytearray, slot, pkg, version) -> None:
-        """Keep what arrived before a cut (or a cancel), durable, so the next attempt resumes after it."""
+    async def _save_partial(self, feeder: _Feeder, buffer: bytearray, slot, pkg, version,
+                            encoded: bool = False) -> None:
+        """Keep what arrived before a cut (or a cancel), durable, so the next attempt resumes after it; a
+        body the server content-encoded cannot be resumed (its Range counts encoded bytes): start over."""
         writer = feeder.writer
         try:
+            if encoded:
+                await _settle(feeder)
+                writer.reset()
+                return
             await feeder.wait()
             if feeder.broken:
                 return
