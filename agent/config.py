@@ -138,7 +138,7 @@ class _Reader:
             for key, value in node.value:
                 name = f"{prefix}.{key.value}" if prefix else str(key.value)
                 if name in seen:  # YAML would silently keep the last one
-                    raise ConfigError(f"{self.name}:{key.start_mark.line + 1}: {urls.short(name, 60)}: duplicate "
+                    raise ConfigError(f"{self.name}:{key.start_mark.line + 1}: {name[:60]}: duplicate "
                                       f"key (also on line {self.lines[name]}); keep one")
                 seen.add(name)
                 self.lines[name] = key.start_mark.line + 1
