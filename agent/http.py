@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 
 from .omaha import ProtocolError, Request, Response, decode_response, encode_request
@@ -16,6 +17,26 @@ class OmahaHttpError(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+_LENGTH = re.compile(r"Not enough data to satisfy content length header \(received (\d+) of (\d+) bytes\)")
+_ENCODING = re.compile(r"Can not decode content-encoding: ?([\w-]*)")
+
+
+def describe_error(exc: BaseException) -> str:
+    """A transfer error in one short line a user can act on (aiohttp's own texts span lines, nest their causes,
+    or say no more than ``400, message:``)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out waiting for data"
+    text = " ".join(f"{exc} {exc.__cause__ or ''}".split())
+    if m := _LENGTH.search(text):
+        return f"the connection closed before the end of the body ({m[1]} of {m[2]} bytes)"
+    if m := _ENCODING.search(text):
+        return f"its Content-Encoding {m[1] or ''} does not decode (a corrupt or mislabelled body)".replace("  ", " ")
+    cause = getattr(exc.__cause__, "message", None) or getattr(exc, "message", None)
+    if re.fullmatch(r"\d{3}, message[:=]\s*'?'?", text.strip()) or not text:
+        text = f"{type(exc).__name__}{': ' + str(cause) if cause else ''}"
+    return text[:200]
 
 
 @dataclass(frozen=True)
@@ -85,8 +106,7 @@ async def post(session, url: str, req: Request, *, interactive: bool | None, req
     except OmahaHttpError:
         raise
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-        text = "timed out" if isinstance(exc, asyncio.TimeoutError) else (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise OmahaHttpError(f"cannot reach the update server: {text[:200]}") from None
+        raise OmahaHttpError(f"cannot reach the update server: {describe_error(exc)}") from None
     try:
         return Answer(decode_response(body), retry_after)
     except ProtocolError as exc:

@@ -350,7 +350,5 @@ def _content_range_start(value: str) -> int | None:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out waiting for data"
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
+    from .http import describe_error
+    return describe_error(exc)
