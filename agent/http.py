@@ -23,11 +23,11 @@ _LENGTH = re.compile(r"Not enough data to satisfy content length header \(receiv
 _ENCODING = re.compile(r"Can not decode content-encoding: ?([\w-]*)")
 
 
-def describe_error(exc: BaseException) -> str:
+def describe_error(exc: BaseException, timed_out: str = "timed out") -> str:
     """A transfer error in one short line a user can act on (aiohttp's own texts span lines, nest their causes,
     or say no more than ``400, message:``)."""
     if isinstance(exc, asyncio.TimeoutError):
-        return "timed out waiting for data"
+        return timed_out
     text = " ".join(f"{exc} {exc.__cause__ or ''}".split())
     if m := _LENGTH.search(text):
         return f"the connection closed before the end of the body ({m[1]} of {m[2]} bytes)"

@@ -351,4 +351,4 @@ def _content_range_start(value: str) -> int | None:
 
 def _describe(exc: BaseException) -> str:
     from .http import describe_error
-    return describe_error(exc)
+    return describe_error(exc, "timed out waiting for data")
