@@ -121,7 +121,8 @@ class _Reader:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{self.name}{line}: not valid YAML: {str(getattr(exc, 'problem', exc))[:200]}") from None
+            why = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line: PyYAML's texts span lines
+            raise ConfigError(f"{self.name}{line}: not valid YAML: {why[:200]}") from None
         except (ValueError, RecursionError, MemoryError) as exc:  # an int of 5000 digits, nesting 10 000 deep
             raise ConfigError(f"{self.name}: not a usable configuration: {str(exc)[:120] or type(exc).__name__}") from None
         self.lines: dict[str, int] = {}
@@ -162,6 +163,8 @@ class _Reader:
             value = value[part]
         if kind is not None and not _is(value, kind):
             self.fail(key, f"must be {_kind_name(kind)}, not {_describe(value)}")
+        if kind is str and not isinstance(value, str):  # a number where a string (a path, a version) goes
+            value = str(value)
         if isinstance(value, str) and len(value) > MAX_STRING:
             self.fail(key, f"is {len(value)} characters long, at most {MAX_STRING} are allowed "
                            f"({urls.short(value, 40)})")

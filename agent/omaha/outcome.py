@@ -61,8 +61,9 @@ class AppMissing:
 
     @property
     def reason(self) -> str:
-        others = ", ".join(self.answered) if self.answered else "no app at all"
-        return f"server did not answer for app {self.appid} (it answered for {others})"
+        others = ", ".join(url_policy.short(a, 60) for a in self.answered[:3]) if self.answered else "no app at all"
+        more = f" and {len(self.answered) - 3} more" if len(self.answered) > 3 else ""
+        return f"server did not answer for app {self.appid} (it answered for {others}{more})"
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class AppRejected:
 
     @property
     def reason(self) -> str:
-        return f"server refused app {self.appid}: status {self.status!r}"
+        return f"server refused app {self.appid}: status {url_policy.short(self.status, 60)}"
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class ServerError:
 
     @property
     def reason(self) -> str:
-        return f"server answered updatecheck status {self.status!r}" + (f" ({self.info})" if self.info else "")
+        info = f" ({' '.join(self.info.split())[:200]})" if self.info.strip() else ""
+        return f"server answered updatecheck status {url_policy.short(self.status, 60)}{info}"
 
 
 @dataclass(frozen=True)
