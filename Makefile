@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
 	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl
 
-.PHONY: test demo bench system-deps venv clean install qemu-deps qemu-image qemu-test
+.PHONY: test fuzz demo bench system-deps venv clean install qemu-deps qemu-image qemu-test
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ system-deps:
 
 test: system-deps $(STAMP)
 	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m pytest $(PYTEST_ARGS)
+
+# A long property-based run of the decoders, the version order, the config and the state loaders (the normal
+# suite runs 150 examples per target; FUZZ_EXAMPLES=N for another figure).
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
 
 # The QEMU amd64-generic image and its boot test (root; see README "QEMU test").
 QEMU_PACKAGES := qemu-system-x86 ovmf mmdebstrap grub-efi-amd64-bin grub-common dosfstools mtools fdisk e2fsprogs \

@@ -120,8 +120,13 @@ class UpdateAttempt:
                 await self._verify_release(offer)
             return await self._install(offer, sessionid)
         except asyncio.CancelledError:
-            p = ctx.status.progress
-            log.info("download cancelled at %d bytes; it resumes next time", p.done if p else 0)
+            # what resumes is the durable checkpoint the installer saved on its way out, not the last progress
+            cp = ctx.state.download
+            if cp is not None and cp.version == offer.version and cp.received > 0 and not cp.compressed:
+                log.info("download cancelled; %d of %d bytes are saved and it resumes from there next time",
+                         cp.received, cp.size)
+            else:
+                log.info("download cancelled; it starts from the beginning next time (nothing resumable was saved)")
             ctx.status.clear_offer()
             raise
 

@@ -5,15 +5,19 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import yaml
 
+from .omaha import urls
 from .slots import KINDS, SlotSpec
 
 DEFAULT_PATH = "/etc/omaha-agent/agent.yaml"
+MAX_FILE = 1 << 20  # a config is a few hundred bytes; a bigger file is an error, never a truncation
+MAX_STRING = 4096  # PATH_MAX; every string value is at most this long
+MAX_DURATION = 366 * 86400  # seconds: no duration in the config needs more than a year
 
 
 class ConfigError(Exception):
@@ -113,12 +117,21 @@ class _Reader:
     def __init__(self, path: str, text: str):
         self.name = os.path.basename(path)
         try:
+            # aliases first, before anything is built: an anchor bomb (a list of aliases of lists of aliases...)
+            # expands into gigabytes only once constructed or printed; the config has no use for aliases at all
+            for event in yaml.parse(text, Loader=yaml.SafeLoader):
+                if isinstance(event, yaml.AliasEvent):
+                    raise ConfigError(f"{self.name}:{event.start_mark.line + 1}: YAML aliases "
+                                      f"(*{str(event.anchor)[:40]}) are not allowed in the configuration")
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             self.data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{self.name}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+            why = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line: PyYAML's texts span lines
+            raise ConfigError(f"{self.name}{line}: not valid YAML: {why[:200]}") from None
+        except (ValueError, RecursionError, MemoryError) as exc:  # an int of 5000 digits, nesting 10 000 deep
+            raise ConfigError(f"{self.name}: not a usable configuration: {str(exc)[:120] or type(exc).__name__}") from None
         self.lines: dict[str, int] = {}
         if node is not None:
             self._index(node, "")
@@ -129,8 +142,13 @@ class _Reader:
 
     def _index(self, node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
             for key, value in node.value:
                 name = f"{prefix}.{key.value}" if prefix else str(key.value)
+                if name in seen:  # YAML would silently keep the last one
+                    raise ConfigError(f"{self.name}:{key.start_mark.line + 1}: {name[:60]}: duplicate "
+                                      f"key (also on line {self.lines[name]}); keep one")
+                seen.add(name)
                 self.lines[name] = key.start_mark.line + 1
                 self._index(value, name)
 
@@ -151,7 +169,12 @@ class _Reader:
                 return default
             value = value[part]
         if kind is not None and not _is(value, kind):
-            self.fail(key, f"must be {_kind_name(kind)}, not {value!r}")
+            self.fail(key, f"must be {_kind_name(kind)}, not {_describe(value)}")
+        if kind is str and not isinstance(value, str):  # a number where a string (a path, a version) goes
+            value = str(value)
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            self.fail(key, f"is {len(value)} characters long, at most {MAX_STRING} are allowed "
+                           f"({urls.short(value, 40)})")
         return value
 
     def section(self, key: str) -> dict:
@@ -165,7 +188,7 @@ class _Reader:
     def unknown(self, key: str, allowed: set[str]) -> None:
         for name in self.section(key) if key else self.data:
             if name not in allowed:
-                full = f"{key}.{name}" if key else name
+                full = f"{key}.{str(name)[:60]}" if key else str(name)[:60]
                 self.fail(full, f"unknown key (known: {', '.join(sorted(allowed))})")
 
 
@@ -183,6 +206,20 @@ def _is(value, kind) -> bool:
     return isinstance(value, kind)
 
 
+def _describe(value) -> str:
+    """A bad value for a message: a short prefix of a scalar, only the shape of anything bigger (never a whole
+    ``repr``: a huge value would take memory and time to print)."""
+    if isinstance(value, str):
+        return urls.short(value, 40)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"a number of about {int(value.bit_length() * 0.30103)} digits"
+    if isinstance(value, (bool, int, float)) or value is None:
+        return repr(value)
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'mapping'} of {len(value)} item(s)"
+    return f"a {type(value).__name__}"
+
+
 def _kind_name(kind) -> str:
     return {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
             list: "a list"}.get(kind, kind.__name__)
@@ -190,9 +227,37 @@ def _kind_name(kind) -> str:
 
 def _positive(r: _Reader, key: str, default, kind=int, minimum=1, maximum=None):
     value = r.get(key, default, kind)
+    if isinstance(value, float) and not math.isfinite(value):
+        r.fail(key, f"must be a finite number, not {value}")
     if value < minimum or (maximum is not None and value > maximum):
         r.fail(key, f"must be between {minimum} and {maximum}" if maximum is not None else f"must be at least {minimum}")
     return value
+
+
+def _duration(r: _Reader, key: str, default, kind=int, minimum=1):
+    """Seconds: a finite number from ``minimum`` up to a year (nan, inf and 1e-300 are not durations)."""
+    return _positive(r, key, default, kind, minimum, MAX_DURATION)
+
+
+def _ca_file(r: _Reader, path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        r.fail("server.ca_file", f"{urls.short(path)} does not exist")
+    import ssl
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        r.fail("server.ca_file", f"{urls.short(path)} is not a PEM bundle of CA certificates "
+                                 f"({str(exc)[:80] or type(exc).__name__})")
+    return path
+
+
+def _same_slot(a: SlotSpec, b: SlotSpec) -> bool:
+    paths = ("file", "device")
+    if a.kind in paths and b.kind in paths:
+        return os.path.realpath(a.value) == os.path.realpath(b.value)
+    return a.kind == b.kind and a.value.lower() == b.value.lower()
 
 
 def parse(text: str, path: str = "agent.yaml") -> Config:
@@ -209,19 +274,17 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
         r.unknown(sec, keys)
 
     url = str(r.get("server.url", kind=str))
-    parts = urlsplit(url)
     insecure = r.get("server.insecure_http", False, bool)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        r.fail("server.url", f"{url!r} is not an http(s) URL")
-    if parts.scheme == "http" and not insecure:
+    why = urls.problem(url)
+    if why is not None:
+        r.fail("server.url", why)
+    if url.lower().startswith("http:") and not insecure:
         r.fail("server.url", "plain http is refused; use https, or set server.insecure_http: true for a lab setup")
     protocol = str(r.get("server.protocol", "3.0", str))
     if protocol not in ("3.0", "3.1"):
         r.fail("server.protocol", f"must be \"3.0\" (XML) or \"3.1\" (JSON), not {protocol!r}")
-    ca_file = r.get("server.ca_file", None, str)
-    if ca_file is not None and not os.path.isfile(ca_file):
-        r.fail("server.ca_file", f"{ca_file} does not exist")
-    server = ServerConfig(url, protocol, insecure, ca_file, float(_positive(r, "server.timeout", 30, float)))
+    ca_file = _ca_file(r, r.get("server.ca_file", None, str))
+    server = ServerConfig(url, protocol, insecure, ca_file, float(_duration(r, "server.timeout", 30, float, 0.1)))
 
     version = r.get("app.version", None, str)
     version_file = r.get("app.version_file", "/etc/os-release", str)
@@ -248,7 +311,10 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
         slots[name] = SlotSpec(kind, value)
     for extra in slots_raw:
         if extra not in ("a", "b"):
-            r.fail(f"slots.{extra}", "only slots a and b exist")
+            r.fail(f"slots.{str(extra)[:40]}", "only slots a and b exist")
+    if _same_slot(slots["a"], slots["b"]):
+        r.fail("slots.b", f"slots a and b are the same ({slots['a'].describe()[:80]} and {slots['b'].describe()[:80]}): "
+                          "an update would overwrite the running system")
 
     backend = str(r.get("boot.backend", kind=str))
     if backend not in ("grubenv", "gpt", "uboot", "sim"):
@@ -263,10 +329,10 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     if backend == "gpt" and not boot.disk:
         r.fail("boot.disk", "missing (the gpt backend needs the whole disk, e.g. /dev/sda)")
 
-    schedule = ScheduleConfig(_positive(r, "schedule.interval", 18000, int, 60),
-                              _positive(r, "schedule.initial_delay", 600, int, 0),
-                              _positive(r, "schedule.backoff_cap", 18000, int, 60),
-                              _positive(r, "schedule.backoff_base", 60, int, 1))
+    schedule = ScheduleConfig(_duration(r, "schedule.interval", 18000, int, 60),
+                              _duration(r, "schedule.initial_delay", 600, int, 0),
+                              _duration(r, "schedule.backoff_cap", 18000, int, 60),
+                              _duration(r, "schedule.backoff_base", 60, int, 1))
     policy = str(r.get("reboot.policy", "manual", str))
     if policy not in ("manual", "immediate"):
         r.fail("reboot.policy", f"must be manual or immediate, not {policy!r}")
@@ -287,18 +353,21 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     return Config(
         path=path, server=server, app=app, slots=slots, boot=boot, state_dir=state_dir, schedule=schedule,
         reboot=RebootConfig(policy),
-        health=HealthConfig(tuple(commands), _positive(r, "health.timeout", 300, int, 1), after,
-                            _positive(r, "health.boot_complete_timeout", 900, int, 1)),
-        install=InstallConfig(verify, float(_positive(r, "install.read_timeout", 60, float))),
+        health=HealthConfig(tuple(commands), _duration(r, "health.timeout", 300, int, 1), after,
+                            _duration(r, "health.boot_complete_timeout", 900, int, 1)),
+        install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1))),
         dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust)
 
 
 def load(path: str = DEFAULT_PATH) -> Config:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read(1 << 20)
+            text = f.read(MAX_FILE + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (copy config/agent.yaml there, or pass --config)") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+        raise ConfigError(f"{path}: cannot read: {str(exc)[:200]}") from None
+    if len(text) > MAX_FILE:
+        raise ConfigError(f"{path}: larger than {MAX_FILE >> 20} MiB; a configuration is a few hundred bytes "
+                          "(is this the right file?)")
     return parse(text, path)

@@ -213,8 +213,10 @@ class Agent:
             return schedule.NextCheck(ctx.state.retry_after_until, "server asked to wait (X-Retry-After)")
         await self._flush()
         reply = await self.owner.submit(Check(interactive=False))
-        if reply.job is not None:
-            await asyncio.wait({reply.job})
+        if reply.job is not None:  # a stop does not wait for the job: close() cancels it, keeping its checkpoint
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({reply.job, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
         self.wakeup.clear()
         return self._after_check()
 

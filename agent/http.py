@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 
 from .omaha import ProtocolError, Request, Response, decode_response, encode_request
+from .omaha import urls
 from .omaha.headers import parse_retry_after, request_headers
 
 MAX_RESPONSE = 1 << 20
@@ -15,6 +17,26 @@ class OmahaHttpError(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+_LENGTH = re.compile(r"Not enough data to satisfy content length header \(received (\d+) of (\d+) bytes\)")
+_ENCODING = re.compile(r"Can not decode content-encoding: ?([\w-]*)")
+
+
+def describe_error(exc: BaseException, timed_out: str = "timed out") -> str:
+    """A transfer error in one short line a user can act on (aiohttp's own texts span lines, nest their causes,
+    or say no more than ``400, message:``)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return timed_out
+    text = " ".join(f"{exc} {exc.__cause__ or ''}".split())
+    if m := _LENGTH.search(text):
+        return f"the connection closed before the end of the body ({m[1]} of {m[2]} bytes)"
+    if m := _ENCODING.search(text):
+        return f"its Content-Encoding {m[1] or ''} does not decode (a corrupt or mislabelled body)".replace("  ", " ")
+    cause = getattr(exc.__cause__, "message", None) or getattr(exc, "message", None)
+    if re.fullmatch(r"\d{3}, message[:=]\s*'?'?", text.strip()) or not text:
+        text = f"{type(exc).__name__}{': ' + str(cause) if cause else ''}"
+    return text[:200]
 
 
 @dataclass(frozen=True)
@@ -55,26 +77,60 @@ async def _read_body(resp, limit: int) -> bytes:
 
 
 async def post(session, url: str, req: Request, *, interactive: bool | None, request_age: int | None = None,
-               timeout: float = 30.0) -> Answer:
+               timeout: float = 30.0, allow_http: bool = True) -> Answer:
+    """POSTs ``req`` to ``url``. A redirect is followed (with the same body) only to a URL the agent may use
+    (``omaha.urls``: no https to http, no other scheme, no metadata address), at most ``urls.MAX_REDIRECTS``
+    times; the refusal comes before any connection to the new URL."""
     import aiohttp
 
     headers = request_headers(req, interactive, request_age)
+    body = encode_request(req)
     try:
-        async with session.post(url, data=encode_request(req), headers=headers,
-                                timeout=aiohttp.ClientTimeout(total=timeout * 2)) as resp:
-            retry_after = parse_retry_after(resp.headers.get("X-Retry-After"))
-            if resp.status != 200:
-                raise OmahaHttpError(f"server answered HTTP {resp.status}", resp.status, retry_after)
-            body = await _read_body(resp, MAX_RESPONSE)
+        for _ in range(urls.MAX_REDIRECTS + 1):
+            async with session.post(url, data=body, headers=headers, allow_redirects=False,
+                                    timeout=aiohttp.ClientTimeout(total=timeout * 2)) as resp:
+                if resp.status in urls.REDIRECT_STATUSES:
+                    try:
+                        url = urls.redirect(url, resp.headers.get("Location"), allow_http=allow_http)
+                    except ValueError as exc:
+                        raise OmahaHttpError(f"update server: {exc}", resp.status) from None
+                    continue
+                retry_after = parse_retry_after(resp.headers.get("X-Retry-After"))
+                if resp.status != 200:
+                    raise OmahaHttpError(f"server answered HTTP {resp.status}", resp.status, retry_after)
+                body = await _read_body(resp, MAX_RESPONSE)
+                break
+        else:
+            raise OmahaHttpError(f"the update server redirected more than {urls.MAX_REDIRECTS} times (last to "
+                                 f"{urls.short(url)}): check server.url")
     except OmahaHttpError:
         raise
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-        text = "timed out" if isinstance(exc, asyncio.TimeoutError) else (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise OmahaHttpError(f"cannot reach the update server: {text[:200]}") from None
+        raise OmahaHttpError(f"cannot reach the update server: {describe_error(exc)}") from None
     try:
         return Answer(decode_response(body), retry_after)
     except ProtocolError as exc:
         raise OmahaHttpError(f"unusable answer from the update server: {exc}", 200, retry_after) from None
+
+
+class RedirectRefused(Exception):
+    """A payload redirect the agent does not follow (``omaha.urls``), or too many of them."""
+
+
+async def open_get(session, url: str, *, headers: dict, timeout):
+    """The response to a GET of ``url`` (for ``async with``), redirects followed only to URLs the agent may use
+    (at most ``urls.MAX_REDIRECTS``); ``RedirectRefused`` before connecting anywhere else."""
+    for _ in range(urls.MAX_REDIRECTS + 1):
+        resp = await session.get(url, headers=headers, timeout=timeout, allow_redirects=False)
+        if resp.status not in urls.REDIRECT_STATUSES:
+            return resp
+        location = resp.headers.get("Location")
+        resp.release()
+        try:
+            url = urls.redirect(url, location, allow_http=True)
+        except ValueError as exc:
+            raise RedirectRefused(str(exc)) from None
+    raise RedirectRefused(f"redirected more than {urls.MAX_REDIRECTS} times (last to {urls.short(url)})")
 
 
 class FetchError(Exception):
@@ -90,13 +146,15 @@ async def fetch_small(session, url: str, limit: int, timeout: float = 30.0) -> b
     """GETs ``url`` (a signature file), at most ``limit`` bytes. Raises ``FetchError``."""
     import aiohttp
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout * 2, sock_read=timeout),
-                               headers={"Accept-Encoding": "identity"}) as resp:
+        async with await open_get(session, url, headers={"Accept-Encoding": "identity"},
+                                  timeout=aiohttp.ClientTimeout(total=timeout * 2, sock_read=timeout)) as resp:
             if resp.status != 200:
                 raise FetchError(f"{url}: HTTP {resp.status}", missing=400 <= resp.status < 500)
             try:
                 return await _read_body(resp, limit)
             except OmahaHttpError:
                 raise FetchError(f"{url}: larger than {limit} bytes", missing=True) from None
+    except RedirectRefused as exc:
+        raise FetchError(f"{url}: {exc}", missing=True) from None
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        raise FetchError(f"{url}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
+        raise FetchError(f"{url}: {describe_error(exc, 'timed out')}") from None

@@ -245,6 +245,8 @@ class Installer:
     async def stream(self, slot: str, path: str, capacity: int, pkg: PackageOffer, version: str,
                      resume: Checkpoint | None = None, phases: "InstallHooks | None" = None) -> InstallResult:
         """Download ``pkg`` onto ``path`` and verify it; raises ``InstallError``."""
+        if pkg.size <= 0:  # the hash of nothing "verifies" whatever the slot held before: never arm that
+            raise InstallError(f"payload size {pkg.size}: an empty image cannot be installed", "size")
         if pkg.size > capacity:
             raise InstallError(f"payload of {pkg.size} bytes is larger than slot {slot} ({capacity} bytes)", "device")
         writer = SlotWriter(path, capacity, pkg.sha256, pkg.sha1, readback=self.readback, direct=True)
@@ -326,14 +328,26 @@ class Installer:
         offset = writer.received
         if offset >= pkg.size:  # a checkpoint taken after the last byte: nothing left to fetch, only to verify
             return
-        headers = {"X-Goog-Update-SessionId": self.sessionid} if self.sessionid else {}
+        from .http import RedirectRefused, open_get
+
+        # identity: a Range is counted in the bytes as sent, so a resume needs the body as sent (aiohttp would
+        # otherwise ask for gzip and hand over decoded bytes)
+        headers = {"Accept-Encoding": "identity"}
+        if self.sessionid:
+            headers["X-Goog-Update-SessionId"] = self.sessionid
         if offset:
             headers["Range"] = f"bytes={offset}-"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.read_timeout)
         pipe: _Pipeline | None = None
         attempt_start, attempt_base = time.monotonic(), offset
+        encoded = False  # the server sent Content-Encoding anyway: what arrived cannot be resumed with a Range
         try:
-            async with self.session.get(url, headers=headers, timeout=timeout) as resp:
+            async with await open_get(self.session, url, headers=headers, timeout=timeout) as resp:
+                encoded = resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+                if encoded and resp.status == 206:  # a Range of an encoded body: its offsets are not ours
+                    writer.reset()
+                    raise _TransferFailed(f"server sent a resumed body with Content-Encoding "
+                                          f"{resp.headers['Content-Encoding'][:40]!r}; starting over from byte 0")
                 if resp.status == 206 and offset:
                     start = _content_range_start(resp.headers.get("Content-Range", ""))
                     if start != offset:
@@ -349,12 +363,15 @@ class Installer:
                     raise _TransferFailed(f"HTTP {resp.status} {resp.reason or ''}".strip())
                 complete_body = resp.content_length is not None  # aiohttp raises if it is not satisfied
                 pipe = _Pipeline(writer, self._buffers, self._pools, offset)
-                await self._pump(resp.content.iter_any(), pipe, slot, pkg, version, attempt_start, attempt_base)
+                await self._pump(resp.content.iter_any(), pipe, slot, pkg, version, attempt_start, attempt_base,
+                                 checkpoints=not encoded)
         except asyncio.CancelledError:
-            await self._save_partial(pipe, slot, pkg, version)
+            await self._save_partial(pipe, slot, pkg, version, encoded)
             raise
+        except RedirectRefused as exc:
+            raise _TransferFailed(str(exc)) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            await self._save_partial(pipe, slot, pkg, version)
+            await self._save_partial(pipe, slot, pkg, version, encoded)
             raise _TransferFailed(_describe(exc)) from None
         except PayloadError:
             await _settle(pipe)
@@ -363,12 +380,17 @@ class Installer:
         if writer.received < pkg.size:
             if complete_body:  # the server sent all it meant to: its payload is smaller than it said
                 raise PayloadError(f"server sent {writer.received} bytes, it promised {pkg.size}", "size")
-            await self._checkpoint(writer, slot, pkg, version)
-            raise _TransferFailed(f"short body: {writer.received} of {pkg.size} bytes")
+            received = writer.received
+            if encoded:
+                writer.reset()
+            else:
+                await self._checkpoint(writer, slot, pkg, version)
+            raise _TransferFailed(f"short body: {received} of {pkg.size} bytes")
 
     async def _pump(self, pieces, pipe: "_Pipeline", slot: str, pkg: PackageOffer, version: str, attempt_start: float,
-                    attempt_base: int) -> None:
-        """Feeds the pieces of a body onto the slot through ``pipe``, with checkpoints and progress."""
+                    attempt_base: int, checkpoints: bool = True) -> None:
+        """Feeds the pieces of a body onto the slot through ``pipe``, with checkpoints (unless the body cannot be
+        resumed: a content-encoded one) and progress."""
         since_checkpoint = 0
         async for data in pieces:
             if pipe.fed + pipe.pending + len(data) > pkg.size:
@@ -376,7 +398,7 @@ class Installer:
             handed = await pipe.put(data)
             if handed:
                 since_checkpoint += sum(handed)
-                if since_checkpoint >= self.checkpoint_every:
+                if since_checkpoint >= self.checkpoint_every and checkpoints:
                     await pipe.drain()
                     await self._checkpoint(pipe.writer, slot, pkg, version)
                     since_checkpoint = 0
@@ -418,9 +440,14 @@ class Installer:
         if writer.received < pkg.size:
             raise PayloadError(f"{path} holds {writer.received} bytes, the release has {pkg.size}", "size")
 
-    async def _save_partial(self, pipe: "_Pipeline | None", slot, pkg, version) -> None:
-        """Keep what arrived before a cut (or a cancel), durable, so the next attempt resumes after it."""
+    async def _save_partial(self, pipe: "_Pipeline | None", slot, pkg, version, encoded: bool = False) -> None:
+        """Keep what arrived before a cut (or a cancel), durable, so the next attempt resumes after it; a body the
+        server content-encoded cannot be resumed (its Range counts encoded bytes): start over."""
         if pipe is None:
+            return
+        if encoded:
+            await _settle(pipe)
+            pipe.writer.reset()
             return
         try:
             await pipe.finish()  # the partly filled chunk too; waits for every chunk in flight
@@ -457,7 +484,5 @@ def _content_range_start(value: str) -> int | None:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out waiting for data"
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
+    from .http import describe_error
+    return describe_error(exc, "timed out waiting for data")

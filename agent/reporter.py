@@ -65,7 +65,8 @@ class Reporter:
                                  cohort=self.cohort(), installdate=ping_state.install_date)
         state.last_check = now
         answer = await post(await self.http(), self.ctx.config.server.url, req, interactive=interactive,
-                            timeout=self.ctx.config.server.timeout)
+                            timeout=self.ctx.config.server.timeout,
+                            allow_http=self.ctx.config.server.insecure_http)
         if answer.retry_after:
             state.retry_after_until = self.ctx.now() + answer.retry_after
         state.ping = pings.after_reply(ping_state, now, answer.response.daystart, self.ctx.guid()).to_json()
@@ -73,8 +74,13 @@ class Reporter:
         if app is not None:
             for key in ("cohort", "cohorthint", "cohortname"):
                 value = getattr(app, key)
-                if value is not None:
+                if value is None:
+                    continue
+                if build.cohort_value_ok(value):
                     state.cohort[key] = value
+                else:
+                    log.warning("the server's %s of %d characters is not kept (at most %d printable ASCII "
+                                "characters)", key, len(value), build.MAX_COHORT)
         return req, answer
 
     async def close(self) -> None:
@@ -109,7 +115,8 @@ class Reporter:
                 record.attempts += 1
                 await self.ctx.store.commit()  # before sending: a resend after a crash still says its age
                 await post(await self.http(), self.ctx.config.server.url, req, interactive=None,
-                           request_age=age if record.attempts > 1 else None, timeout=self.ctx.config.server.timeout)
+                           request_age=age if record.attempts > 1 else None, timeout=self.ctx.config.server.timeout,
+                            allow_http=self.ctx.config.server.insecure_http)
             except OmahaHttpError as exc:
                 log.warning("event %s not delivered (%s); kept for later", label, exc)
                 return False

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .atomic import write_atomic
 from .omaha.model import Event
+from .omaha.request import cohort_value_ok
 
 STATE_FILE = "state.json"
 MAX_EVENTS = 64
@@ -198,7 +199,8 @@ def from_json(data: dict) -> tuple[State, list[str]]:
             if record is None:
                 dropped.append(key)
             setattr(state, key, record)
-    state.cohort = {k: v for k, v in state.cohort.items() if isinstance(k, str) and isinstance(v, str)}
+    state.cohort = {k: v for k, v in state.cohort.items()
+                    if k in ("cohort", "cohorthint", "cohortname") and cohort_value_ok(v)}
     raw = data.get("events", [])
     if not isinstance(raw, list):
         dropped.append("events")

@@ -8,6 +8,19 @@ if "/usr/sbin" not in os.environ["PATH"].split(":"):
     os.environ["PATH"] += ":/usr/sbin:/sbin"
 
 
+COUNTS: dict[str, str] = {}
+
+
+def record_count(name: str, text: str) -> None:
+    """A figure printed at the end of the run (the matrix and fuzz counts: ``make test`` shows them)."""
+    COUNTS[name] = text
+
+
+def pytest_terminal_summary(terminalreporter):
+    for name, text in COUNTS.items():
+        terminalreporter.write_line(f"{name}: {text}")
+
+
 def need_tool(name: str):
     """Skip (saying why) when a system tool the test cross-checks against is missing."""
     if shutil.which(name) is None:

@@ -16,6 +16,7 @@ from agent.tools.devserver import DevServer, Faults
 
 from .conftest import PrivateBus, need_tool
 from .simdevice import ROOT, Device, image
+from .unprivileged import NobodyPython
 
 BUS_NAME, PATH = "org.omaha_agent.Agent1", "/org/omaha_agent/Agent1"
 PROPERTIES = ["Operation", "Progress", "CurrentVersion", "NewVersion", "NewSize", "BytesDownloaded", "LastCheckTime",
@@ -76,9 +77,9 @@ class Daemon:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-async def run(*argv, timeout=30, env=None):
+async def run(*argv, timeout=30, env=None, cwd=ROOT):
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                env=env or dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+                                                env=env or dict(os.environ, PYTHONPATH=ROOT), cwd=cwd)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode, out.decode(), err.decode()
 
@@ -327,8 +328,12 @@ async def test_policy_lets_anyone_read_but_only_root_and_the_group_act(tmp_path,
         assert rc == 0 and out.strip() == 's "idle"', err
         rc, out, err = await run(*member, "busctl", addr, "call", *target, "CheckForUpdate", "b", "false")
         assert rc == 0 and out.strip() == "b true", err
-        env = dict(os.environ, PYTHONPATH=ROOT, DBUS_SYSTEM_BUS_ADDRESS=bus.address)
-        rc, out, err = await run(*nobody, sys.executable, "-m", "agent.cli", "mark-good", env=env)
+        unprivileged = NobodyPython(ROOT)  # the checkout may be where nobody cannot read it (/root/project)
+        try:
+            env = dict(unprivileged.env, DBUS_SYSTEM_BUS_ADDRESS=bus.address)
+            rc, out, err = await run(*unprivileged.argv("mark-good"), env=env, cwd=unprivileged.dir)
+        finally:
+            unprivileged.close()
         assert rc == 1 and "not allowed to call MarkGood: run it as root or as a member of group omaha-agent" in err
         assert "Traceback" not in err
     finally:

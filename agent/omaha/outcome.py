@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
+from . import urls as url_policy
 from .hashes import SHA1_LEN, SHA256_LEN, digest_from_text, sha256_from_fp
 from .model import Package, ProtocolError, Response, ResponseApp
 
@@ -61,8 +61,9 @@ class AppMissing:
 
     @property
     def reason(self) -> str:
-        others = ", ".join(self.answered) if self.answered else "no app at all"
-        return f"server did not answer for app {self.appid} (it answered for {others})"
+        others = ", ".join(url_policy.short(a, 60) for a in self.answered[:3]) if self.answered else "no app at all"
+        more = f" and {len(self.answered) - 3} more" if len(self.answered) > 3 else ""
+        return f"server did not answer for app {self.appid} (it answered for {others}{more})"
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class AppRejected:
 
     @property
     def reason(self) -> str:
-        return f"server refused app {self.appid}: status {self.status!r}"
+        return f"server refused app {self.appid}: status {url_policy.short(self.status, 60)}"
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class ServerError:
 
     @property
     def reason(self) -> str:
-        return f"server answered updatecheck status {self.status!r}" + (f" ({self.info})" if self.info else "")
+        info = f" ({' '.join(self.info.split())[:200]})" if self.info.strip() else ""
+        return f"server answered updatecheck status {url_policy.short(self.status, 60)}{info}"
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class Unusable:
     reason: str
     version: str = ""
 
+
+MAX_VERSION = 128  # Chrome OS's 14092.106.2021_11_08_1354 is 25
 
 Outcome = UpdateOffer | NoUpdate | AppMissing | AppRejected | ServerError | Unusable
 
@@ -118,6 +122,8 @@ def _package_offer(pkg: Package, codebases: list[str], action_sha256: bytes | No
         raise ProtocolError("a package has no name")
     if pkg.size is None:
         raise ProtocolError(f"{label} has no size")
+    if pkg.size == 0:  # the SHA-256 of nothing would "verify" whatever a slot already holds
+        raise ProtocolError(f"{label} has size 0: an empty image is not an update")
     sha256_values: list[tuple[str, bytes]] = []
     if pkg.hash_sha256:
         sha256_values.append(("hash_sha256", digest_from_text(pkg.hash_sha256, SHA256_LEN, f"{label} hash_sha256")))
@@ -161,14 +167,17 @@ def _offer(app: ResponseApp, appid: str) -> Outcome:
     missing = []
     if not manifest.version:
         missing.append("the manifest has no version" + _unknown_hint(manifest.extra))
+    elif len(manifest.version) > MAX_VERSION or not manifest.version.isprintable():
+        return Unusable(appid, f"the manifest's version {url_policy.short(manifest.version, 40)} is not a version "
+                        f"(at most {MAX_VERSION} printable characters)")
     if not manifest.packages:
         missing.append("packages")
     codebases = [u.codebase for u in uc.urls if u.codebase]
     if not codebases:
         missing.append("download URLs (urls/url codebase)")
-    bad_urls = [cb for cb in codebases if urlsplit(cb).scheme not in ("http", "https")]
+    bad_urls = [why for why in map(url_policy.problem, codebases) if why]
     if bad_urls:
-        return Unusable(appid, f"download URL {bad_urls[0][:80]!r} is not http(s)", manifest.version)
+        return Unusable(appid, f"download URL {bad_urls[0]}", manifest.version)
     try:
         action_sha256, metadata = _postinstall_sha256(manifest.actions)
         packages = tuple(_package_offer(p, codebases, action_sha256, len(manifest.packages) == 1)

@@ -35,6 +35,15 @@ class Cohort:
     cohortname: str = ""
 
 
+MAX_COHORT = 1024
+
+
+def cohort_value_ok(value) -> bool:
+    """The spec's limit for cohort, cohorthint and cohortname: at most 1024 printable ASCII characters (32-126).
+    Anything else from a server is neither stored nor sent back."""
+    return isinstance(value, str) and len(value) <= MAX_COHORT and all(32 <= ord(c) <= 126 for c in value)
+
+
 def _envelope(info: ClientInfo, requestid: str, sessionid: str, installsource: str, app: App) -> Request:
     return Request(
         protocol=info.protocol, requestid=requestid, sessionid=sessionid, updater=info.updater,

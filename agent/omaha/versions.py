@@ -21,11 +21,18 @@ import functools
 import re
 
 _RUN = re.compile(r"[0-9]+|[^0-9]+")
-_ZERO = ((1, 0),)
+_ZERO = ((1, 0, ""),)
+
+
+def _number(run: str) -> tuple:
+    """A run of digits as a key that orders as its number, without ``int()`` (which refuses more than 4300
+    digits): fewer significant digits sort lower, equal counts compare digit by digit."""
+    digits = run.lstrip("0")
+    return (1, len(digits), digits)
 
 
 def _element(text: str) -> tuple:
-    return tuple((1, int(run)) if run[0] in "0123456789" else (0, run) for run in _RUN.findall(text))
+    return tuple(_number(run) if run[0] in "0123456789" else (0, run) for run in _RUN.findall(text))
 
 
 def _core(text: str) -> tuple:

@@ -72,6 +72,11 @@ class Faults:
     always_offer: bool = False  # offer the image even to clients already at (or above) its version
     malformed: bytes | None = None  # answer update checks with these bytes
     cup: str = ""  # CUP proofs: "missing", "tampered" (body changed after signing), "other-request"
+    cohort: str | None = None  # send this cohort in every app answer
+    gzip_encoding: bool = False  # Content-Encoding: gzip on payloads when the client accepts it (Range counts
+    #                              the encoded bytes, as a server of precompressed files does)
+    event_stall: bool = False  # record an event report, then never answer it
+    redirect_check: str | None = None  # answer update checks and events with 307 to this URL
 
 
 @dataclass
@@ -187,6 +192,9 @@ class DevServer:
 
     async def handle_update(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if self.faults.redirect_check:
+            self._log({"kind": "redirected", "to": self.faults.redirect_check})
+            return web.Response(status=307, headers={"Location": self.faults.redirect_check})
         try:
             req = decode_request(body)
         except ProtocolError as exc:
@@ -228,12 +236,15 @@ class DevServer:
                       "requestid": req.requestid, "request_age": request.headers.get("X-Request-Age")}
                 self.events.append(ev)
                 self._log({"kind": "event", **ev})
+            if app.events and self.faults.event_stall:
+                await asyncio.sleep(3600)
             known = image is not None or any(i.appid.lower() == app.appid.lower() for i in self.images)
             if not known and self.images:
                 apps.append(ResponseApp(appid=app.appid, status="error-unknownApplication"))
                 continue
             apps.append(ResponseApp(
                 appid=app.appid, status="ok", ping_status="ok" if app.ping is not None else None,
+                cohort=self.faults.cohort,
                 updatecheck=self._updatecheck(image, app.version, base) if app.updatecheck is not None else None,
                 event_statuses=tuple("ok" for _ in app.events)))
         self.requests.append(record)
@@ -272,6 +283,8 @@ class DevServer:
         status = self._fault("payload_status", "payload_failures")
         if status:
             return web.Response(status=status, text="injected failure\n")
+        if self.faults.gzip_encoding and "gzip" in request.headers.get("Accept-Encoding", ""):
+            return await self._gzip_payload(request, image)
         start = 0
         rng = request.headers.get("Range", "")
         if rng.startswith("bytes=") and not self.faults.ignore_range:
@@ -290,7 +303,7 @@ class DevServer:
             resp.headers["Content-Range"] = f"bytes {start}-{image.size - 1}/{image.size}"
         await resp.prepare(request)
         self._log({"kind": "download", "name": name, "start": start, "session": request.headers.get(
-            "X-Goog-Update-SessionId")})
+            "X-Goog-Update-SessionId"), "accept_encoding": request.headers.get("Accept-Encoding")})
         f = self.faults
         limit = length
         if f.short_body:
@@ -320,6 +333,40 @@ class DevServer:
         if limit < length:
             request.transport.abort() if request.transport else None
             return resp
+        await resp.write_eof()
+        return resp
+
+
+    async def _gzip_payload(self, request: web.Request, image: Image) -> web.StreamResponse:
+        """The payload gzip-encoded as a whole (Content-Encoding), a Range counted in encoded bytes; cut once
+        after ``reset_after`` encoded bytes while ``resets`` lasts."""
+        import gzip
+        with open(image.path, "rb") as fh:
+            body = gzip.compress(fh.read(), mtime=0)
+        start = 0
+        rng = request.headers.get("Range", "")
+        if rng.startswith("bytes="):
+            try:
+                start = int(rng[6:].split("-", 1)[0])
+            except ValueError:
+                start = 0
+            if not 0 <= start < len(body):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(body)}"})
+        resp = web.StreamResponse(status=206 if start else 200)
+        resp.content_length = len(body) - start
+        resp.content_type = "application/octet-stream"
+        resp.headers["Content-Encoding"] = "gzip"
+        if start:
+            resp.headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        await resp.prepare(request)
+        self._log({"kind": "download", "name": image.name, "start": start, "encoding": "gzip"})
+        f, data = self.faults, body[start:]
+        if f.resets and f.reset_after and f.reset_after < len(data):
+            f.resets -= 1
+            await resp.write(data[:f.reset_after])
+            request.transport.abort() if request.transport else None
+            return resp
+        await resp.write(data)
         await resp.write_eof()
         return resp
 
