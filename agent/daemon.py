@@ -94,7 +94,7 @@ class Agent:
         return await self.owner.submit(command)
 
     # -------------------------------------------------------------- start-up
-    async def start(self, on_ready=None, wait_for_boot_complete: bool = False) -> Reply:
+    async def start(self, on_ready=None, wait_for_boot_complete: bool = False, once: bool = False) -> Reply:
         """Loads the state, finds the booted slot, starts the owner and settles the last update (a trial boot's
         health step runs as a job, or waits for ``ConfirmBoot``); then ``on_ready`` (the service is reachable)."""
         ctx = self.ctx
@@ -113,8 +113,8 @@ class Agent:
                  ctx.config.boot.backend)
         ctx.status.trust = trust_line(ctx.config)
         if not ctx.config.trust.require_signature:
-            log.warning("release signatures are not required (trust.require_signature: false): an update is "
-                        "installed on the update server's word")
+            log.log(logging.INFO if once else logging.WARNING, "release signatures are not required "
+                    "(trust.require_signature: false): an update is installed on the update server's word")
         elif ctx.status.trust.startswith("no trusted key"):
             log.error("%s", ctx.status.trust)
         self.owner.wait_for_boot_complete = wait_for_boot_complete
@@ -138,7 +138,7 @@ class Agent:
     # -------------------------------------------------------------- --once
     async def run_once(self) -> str:
         try:
-            settled = await self.start()
+            settled = await self.start(once=True)  # (a one-shot run keeps stderr for its verdict)
             if settled.job is not None:  # the health step of a trial boot
                 await settled.job
             delivered = await self.reporter.flush()
