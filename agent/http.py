@@ -13,10 +13,12 @@ MAX_RESPONSE = 1 << 20
 
 
 class OmahaHttpError(Exception):
-    def __init__(self, message: str, status: int | None = None, retry_after: int | None = None):
+    def __init__(self, message: str, status: int | None = None, retry_after: int | None = None,
+                 trusted: bool = False):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.trusted = trusted  # the answer came over verified TLS: its X-Retry-After may be honoured
 
 
 _LENGTH = re.compile(r"Not enough data to satisfy content length header \(received (\d+) of (\d+) bytes\)")
@@ -43,6 +45,7 @@ def describe_error(exc: BaseException, timed_out: str = "timed out") -> str:
 class Answer:
     response: Response
     retry_after: int | None
+    trusted: bool = False  # over verified TLS, or with a valid CUP proof: its X-Retry-After may be honoured
 
 
 def make_session(ca_file: str | None = None, timeout: float = 30.0):
@@ -77,17 +80,23 @@ async def _read_body(resp, limit: int) -> bytes:
 
 
 async def post(session, url: str, req: Request, *, interactive: bool | None, request_age: int | None = None,
-               timeout: float = 30.0, allow_http: bool = True) -> Answer:
+               timeout: float = 30.0, allow_http: bool = True, cup=None) -> Answer:
     """POSTs ``req`` to ``url``. A redirect is followed (with the same body) only to a URL the agent may use
     (``omaha.urls``: no https to http, no other scheme, no metadata address), at most ``urls.MAX_REDIRECTS``
-    times; the refusal comes before any connection to the new URL."""
+    times; the refusal comes before any connection to the new URL. With ``cup`` (the server's public key and
+    its version) the request carries a fresh CUP challenge and the answer is refused without a valid proof."""
     import aiohttp
 
     headers = request_headers(req, interactive, request_age)
-    body = encode_request(req)
+    request = encode_request(req)
+    challenge = None
+    if cup is not None:
+        from . import cup as cupmod
+        challenge = cupmod.challenge(cup[1], request)
+        url = challenge.url(url)
     try:
         for _ in range(urls.MAX_REDIRECTS + 1):
-            async with session.post(url, data=body, headers=headers, allow_redirects=False,
+            async with session.post(url, data=request, headers=headers, allow_redirects=False,
                                     timeout=aiohttp.ClientTimeout(total=timeout * 2)) as resp:
                 if resp.status in urls.REDIRECT_STATUSES:
                     try:
@@ -96,9 +105,11 @@ async def post(session, url: str, req: Request, *, interactive: bool | None, req
                         raise OmahaHttpError(f"update server: {exc}", resp.status) from None
                     continue
                 retry_after = parse_retry_after(resp.headers.get("X-Retry-After"))
+                tls = resp.url.scheme == "https"
                 if resp.status != 200:
-                    raise OmahaHttpError(f"server answered HTTP {resp.status}", resp.status, retry_after)
+                    raise OmahaHttpError(f"server answered HTTP {resp.status}", resp.status, retry_after, tls)
                 body = await _read_body(resp, MAX_RESPONSE)
+                proof = cupmod.proof_from(resp.headers) if challenge is not None else None
                 break
         else:
             raise OmahaHttpError(f"the update server redirected more than {urls.MAX_REDIRECTS} times (last to "
@@ -107,10 +118,16 @@ async def post(session, url: str, req: Request, *, interactive: bool | None, req
         raise
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
         raise OmahaHttpError(f"cannot reach the update server: {describe_error(exc)}") from None
+    if challenge is not None:
+        try:
+            cupmod.verify(cup[0], challenge, body, proof)
+        except cupmod.CupError as exc:  # not trusted: like a malformed answer, and its headers count for nothing
+            raise OmahaHttpError(f"unusable answer from the update server: {exc}", 200) from None
+    trusted = tls or challenge is not None
     try:
-        return Answer(decode_response(body), retry_after)
+        return Answer(decode_response(body), retry_after, trusted)
     except ProtocolError as exc:
-        raise OmahaHttpError(f"unusable answer from the update server: {exc}", 200, retry_after) from None
+        raise OmahaHttpError(f"unusable answer from the update server: {exc}", 200, retry_after, trusted) from None
 
 
 class RedirectRefused(Exception):

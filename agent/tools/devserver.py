@@ -220,7 +220,8 @@ class DevServer:
         record = {"time": self.clock(), "protocol": req.protocol, "requestid": req.requestid,
                   "sessionid": req.sessionid, "installsource": req.installsource,
                   "interactivity": request.headers.get("X-Goog-Update-Interactivity"),
-                  "request_age": request.headers.get("X-Request-Age"), "apps": []}
+                  "request_age": request.headers.get("X-Request-Age"), "cup2key": request.query.get("cup2key"),
+                  "apps": []}
         apps = []
         for app in req.apps:
             image = self._image_for(app.appid, app.track)
