@@ -38,6 +38,8 @@ class ServerConfig:
     ca_file: str | None = None
     timeout: float = 30.0
     cup: CupConfig | None = None
+    client_cert: str | None = None  # the device's TLS certificate (PEM), for servers that identify devices by it
+    client_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,25 @@ def _ca_file(r: _Reader, path: str | None) -> str | None:
     return path
 
 
+def _client_cert(r: _Reader, cert: str | None, key: str | None) -> tuple[str | None, str | None]:
+    """The device's TLS identity: both files or neither, and they must load as a certificate and its key."""
+    if cert is None and key is None:
+        return None, None
+    if cert is None or key is None:
+        r.fail("server.client_cert" if cert is None else "server.client_key",
+               "missing (server.client_cert and server.client_key go together)")
+    for name, path in (("server.client_cert", cert), ("server.client_key", key)):
+        if not os.path.isfile(path):
+            r.fail(name, f"{urls.short(path)} does not exist")
+    import ssl
+    try:
+        ssl.create_default_context().load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        r.fail("server.client_cert", f"{urls.short(cert)} and {urls.short(key)} are not a PEM certificate and its "
+                                     f"key ({str(exc)[:80] or type(exc).__name__})")
+    return cert, key
+
+
 def _same_slot(a: SlotSpec, b: SlotSpec) -> bool:
     paths = ("file", "device")
     if a.kind in paths and b.kind in paths:
@@ -271,7 +292,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     r = _Reader(path, text)
     r.unknown("", {"server", "app", "slots", "boot", "state_dir", "schedule", "reboot", "health", "install", "dbus",
                    "trust"})
-    for sec, keys in {"server": {"url", "protocol", "insecure_http", "ca_file", "timeout", "cup"},
+    for sec, keys in {"server": {"url", "protocol", "insecure_http", "ca_file", "timeout", "cup", "client_cert",
+                                 "client_key"},
                       "app": {"id", "version", "version_file", "track", "board", "hardware_class", "send_machine_id",
                               "targetversionprefix", "rollback_allowed"},
                       "boot": {"backend", "tries", "env", "disk", "labels", "fw_config"},
@@ -299,7 +321,9 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     if protocol not in ("3.0", "3.1"):
         r.fail("server.protocol", f"must be \"3.0\" (XML) or \"3.1\" (JSON), not {protocol!r}")
     ca_file = _ca_file(r, r.get("server.ca_file", None, str))
-    server = ServerConfig(url, protocol, insecure, ca_file, float(_duration(r, "server.timeout", 30, float, 0.1)), cup)
+    cert, key = _client_cert(r, r.get("server.client_cert", None, str), r.get("server.client_key", None, str))
+    server = ServerConfig(url, protocol, insecure, ca_file, float(_duration(r, "server.timeout", 30, float, 0.1)), cup,
+                          cert, key)
 
     version = r.get("app.version", None, str)
     version_file = r.get("app.version_file", "/etc/os-release", str)

@@ -52,7 +52,8 @@ class Reporter:
     async def http(self):
         if self.session is None:
             from .http import make_session
-            self.session = make_session(self.ctx.config.server.ca_file, self.ctx.config.server.timeout)
+            server = self.ctx.config.server
+            self.session = make_session(server.ca_file, server.timeout, server.client_cert, server.client_key)
         return self.session
 
     def cup(self):
@@ -85,7 +86,8 @@ class Reporter:
                                  cohort=self.cohort(), installdate=ping_state.install_date)
         state.last_check = now
         answer = await post(await self.http(), self.ctx.config.server.url, req, interactive=interactive,
-                            timeout=self.ctx.config.server.timeout, allow_http=self._allow_http(), cup=self.cup())
+                            timeout=self.ctx.config.server.timeout, allow_http=self._allow_http(), cup=self.cup(),
+                            client_cert=self.ctx.config.server.client_cert is not None)
         if answer.retry_after and answer.trusted:
             state.retry_after_until = self.ctx.now() + answer.retry_after
         elif answer.retry_after:
