@@ -43,7 +43,7 @@ class UpdateAttempt:
         except OmahaHttpError as exc:
             state.failures += 1
             state.last_error = str(exc)
-            if exc.retry_after:
+            if exc.retry_after and exc.trusted:  # X-Retry-After binds only over verified TLS or CUP
                 state.retry_after_until = ctx.now() + exc.retry_after
             await ctx.store.commit()
             raise AttemptFailed(str(exc)) from None

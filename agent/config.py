@@ -25,12 +25,21 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class CupConfig:
+    key_version: int
+    public_key: str  # the Omaha server's CUP-ECDSA P-256 public key (PEM or DER)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     url: str
     protocol: str = "3.0"
     insecure_http: bool = False
     ca_file: str | None = None
     timeout: float = 30.0
+    cup: CupConfig | None = None
+    client_cert: str | None = None  # the device's TLS certificate (PEM), for servers that identify devices by it
+    client_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -253,6 +262,25 @@ def _ca_file(r: _Reader, path: str | None) -> str | None:
     return path
 
 
+def _client_cert(r: _Reader, cert: str | None, key: str | None) -> tuple[str | None, str | None]:
+    """The device's TLS identity: both files or neither, and they must load as a certificate and its key."""
+    if cert is None and key is None:
+        return None, None
+    if cert is None or key is None:
+        r.fail("server.client_cert" if cert is None else "server.client_key",
+               "missing (server.client_cert and server.client_key go together)")
+    for name, path in (("server.client_cert", cert), ("server.client_key", key)):
+        if not os.path.isfile(path):
+            r.fail(name, f"{urls.short(path)} does not exist")
+    import ssl
+    try:
+        ssl.create_default_context().load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        r.fail("server.client_cert", f"{urls.short(cert)} and {urls.short(key)} are not a PEM certificate and its "
+                                     f"key ({str(exc)[:80] or type(exc).__name__})")
+    return cert, key
+
+
 def _same_slot(a: SlotSpec, b: SlotSpec) -> bool:
     paths = ("file", "device")
     if a.kind in paths and b.kind in paths:
@@ -264,7 +292,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     r = _Reader(path, text)
     r.unknown("", {"server", "app", "slots", "boot", "state_dir", "schedule", "reboot", "health", "install", "dbus",
                    "trust"})
-    for sec, keys in {"server": {"url", "protocol", "insecure_http", "ca_file", "timeout"},
+    for sec, keys in {"server": {"url", "protocol", "insecure_http", "ca_file", "timeout", "cup", "client_cert",
+                                 "client_key"},
                       "app": {"id", "version", "version_file", "track", "board", "hardware_class", "send_machine_id",
                               "targetversionprefix", "rollback_allowed"},
                       "boot": {"backend", "tries", "env", "disk", "labels", "fw_config"},
@@ -278,13 +307,23 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     why = urls.problem(url)
     if why is not None:
         r.fail("server.url", why)
-    if url.lower().startswith("http:") and not insecure:
-        r.fail("server.url", "plain http is refused; use https, or set server.insecure_http: true for a lab setup")
+    cup = None
+    if r.get("server.cup", None, dict) is not None:
+        r.unknown("server.cup", {"key_version", "public_key"})
+        key = str(r.get("server.cup.public_key", kind=str))
+        if not os.path.isfile(key):
+            r.fail("server.cup.public_key", f"{key[:200]} does not exist")
+        cup = CupConfig(_positive(r, "server.cup.key_version", 1, int, 1, 1 << 30), key)
+    if url.lower().startswith("http:") and not insecure and cup is None:
+        r.fail("server.url", "plain http is refused; use https or server.cup, or set server.insecure_http: true "
+                             "for a lab setup")
     protocol = str(r.get("server.protocol", "3.0", str))
     if protocol not in ("3.0", "3.1"):
         r.fail("server.protocol", f"must be \"3.0\" (XML) or \"3.1\" (JSON), not {protocol!r}")
     ca_file = _ca_file(r, r.get("server.ca_file", None, str))
-    server = ServerConfig(url, protocol, insecure, ca_file, float(_duration(r, "server.timeout", 30, float, 0.1)))
+    cert, key = _client_cert(r, r.get("server.client_cert", None, str), r.get("server.client_key", None, str))
+    server = ServerConfig(url, protocol, insecure, ca_file, float(_duration(r, "server.timeout", 30, float, 0.1)), cup,
+                          cert, key)
 
     version = r.get("app.version", None, str)
     version_file = r.get("app.version_file", "/etc/os-release", str)

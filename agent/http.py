@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 from dataclasses import dataclass
 
@@ -13,10 +14,12 @@ MAX_RESPONSE = 1 << 20
 
 
 class OmahaHttpError(Exception):
-    def __init__(self, message: str, status: int | None = None, retry_after: int | None = None):
+    def __init__(self, message: str, status: int | None = None, retry_after: int | None = None,
+                 trusted: bool = False):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.trusted = trusted  # the answer came over verified TLS: its X-Retry-After may be honoured
 
 
 _LENGTH = re.compile(r"Not enough data to satisfy content length header \(received (\d+) of (\d+) bytes\)")
@@ -28,6 +31,9 @@ def describe_error(exc: BaseException, timed_out: str = "timed out") -> str:
     or say no more than ``400, message:``)."""
     if isinstance(exc, asyncio.TimeoutError):
         return timed_out
+    tls = _tls_reason(exc)
+    if tls:
+        return tls
     text = " ".join(f"{exc} {exc.__cause__ or ''}".split())
     if m := _LENGTH.search(text):
         return f"the connection closed before the end of the body ({m[1]} of {m[2]} bytes)"
@@ -39,14 +45,38 @@ def describe_error(exc: BaseException, timed_out: str = "timed out") -> str:
     return text[:200]
 
 
+def _tls_reason(exc: BaseException) -> str | None:
+    """A TLS failure named by its cause, with what to check."""
+    import ssl
+    err = exc if isinstance(exc, ssl.SSLError) else getattr(exc, "certificate_error", None) or exc.__cause__ or \
+        getattr(exc, "os_error", None)
+    if not isinstance(err, (ssl.SSLError, ssl.CertificateError)):
+        return None
+    text = getattr(err, "verify_message", None) or getattr(err, "reason", None) or str(err)
+    text = str(text)
+    low = text.lower()
+    if "expired" in low:
+        return f"TLS: the server's certificate has expired ({text[:80]})"
+    if "mismatch" in low or "not valid for" in low:
+        return f"TLS: the server's certificate is not for this host name or address ({text[:100]})"
+    if "self-signed" in low or "unable to get local issuer" in low or "verify failed" in low:
+        return f"TLS: the server's certificate is not signed by a trusted CA ({text[:80]}); check server.ca_file"
+    if "certificate required" in low or "certificate_required" in low or "handshake failure" in low:
+        return f"TLS: the server asks for a client certificate ({text[:60]}); set server.client_cert and client_key"
+    return f"TLS: {text[:150]}"
+
+
 @dataclass(frozen=True)
 class Answer:
     response: Response
     retry_after: int | None
+    trusted: bool = False  # over verified TLS, or with a valid CUP proof: its X-Retry-After may be honoured
 
 
-def make_session(ca_file: str | None = None, timeout: float = 30.0):
-    """An aiohttp session (aiohttp is imported here, when the first check runs, not at start-up)."""
+def make_session(ca_file: str | None = None, timeout: float = 30.0, client_cert: str | None = None,
+                 client_key: str | None = None):
+    """An aiohttp session (aiohttp is imported here, when the first check runs, not at start-up); its TLS settings
+    (the extra CA, the device's certificate) apply to the checks, the events, the payloads and their signatures."""
     import ssl
 
     import aiohttp
@@ -54,6 +84,8 @@ def make_session(ca_file: str | None = None, timeout: float = 30.0):
     ssl_context = ssl.create_default_context()
     if ca_file:
         ssl_context.load_verify_locations(ca_file)
+    if client_cert and client_key:
+        ssl_context.load_cert_chain(client_cert, client_key)
     connector = aiohttp.TCPConnector(ssl=ssl_context, limit=4)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
                                                                                    sock_read=timeout))
@@ -77,17 +109,23 @@ async def _read_body(resp, limit: int) -> bytes:
 
 
 async def post(session, url: str, req: Request, *, interactive: bool | None, request_age: int | None = None,
-               timeout: float = 30.0, allow_http: bool = True) -> Answer:
+               timeout: float = 30.0, allow_http: bool = True, cup=None, client_cert: bool = False) -> Answer:
     """POSTs ``req`` to ``url``. A redirect is followed (with the same body) only to a URL the agent may use
     (``omaha.urls``: no https to http, no other scheme, no metadata address), at most ``urls.MAX_REDIRECTS``
-    times; the refusal comes before any connection to the new URL."""
+    times; the refusal comes before any connection to the new URL. With ``cup`` (the server's public key and
+    its version) the request carries a fresh CUP challenge and the answer is refused without a valid proof."""
     import aiohttp
 
     headers = request_headers(req, interactive, request_age)
-    body = encode_request(req)
+    request = encode_request(req)
+    challenge = None
+    if cup is not None:
+        from . import cup as cupmod
+        challenge = cupmod.challenge(cup[1], request)
+        url = challenge.url(url)
     try:
         for _ in range(urls.MAX_REDIRECTS + 1):
-            async with session.post(url, data=body, headers=headers, allow_redirects=False,
+            async with session.post(url, data=request, headers=headers, allow_redirects=False,
                                     timeout=aiohttp.ClientTimeout(total=timeout * 2)) as resp:
                 if resp.status in urls.REDIRECT_STATUSES:
                     try:
@@ -96,9 +134,11 @@ async def post(session, url: str, req: Request, *, interactive: bool | None, req
                         raise OmahaHttpError(f"update server: {exc}", resp.status) from None
                     continue
                 retry_after = parse_retry_after(resp.headers.get("X-Retry-After"))
+                tls = resp.url.scheme == "https"
                 if resp.status != 200:
-                    raise OmahaHttpError(f"server answered HTTP {resp.status}", resp.status, retry_after)
+                    raise OmahaHttpError(f"server answered HTTP {resp.status}", resp.status, retry_after, tls)
                 body = await _read_body(resp, MAX_RESPONSE)
+                proof = cupmod.proof_from(resp.headers) if challenge is not None else None
                 break
         else:
             raise OmahaHttpError(f"the update server redirected more than {urls.MAX_REDIRECTS} times (last to "
@@ -106,11 +146,23 @@ async def post(session, url: str, req: Request, *, interactive: bool | None, req
     except OmahaHttpError:
         raise
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-        raise OmahaHttpError(f"cannot reach the update server: {describe_error(exc)}") from None
+        why = describe_error(exc)
+        dropped = isinstance(exc, aiohttp.ServerDisconnectedError) or getattr(exc, "errno", None) == errno.ECONNRESET
+        if dropped and url.lower().startswith("https:") and not client_cert:
+            # TLS 1.3 servers refuse a missing client certificate after the handshake, by closing the connection
+            why = ("TLS: the server closed the connection after the handshake; if it asks for a client certificate, "
+                   f"set server.client_cert and server.client_key ({why})")
+        raise OmahaHttpError(f"cannot reach the update server: {why}") from None
+    if challenge is not None:
+        try:
+            cupmod.verify(cup[0], challenge, body, proof)
+        except cupmod.CupError as exc:  # not trusted: like a malformed answer, and its headers count for nothing
+            raise OmahaHttpError(f"unusable answer from the update server: {exc}", 200) from None
+    trusted = tls or challenge is not None
     try:
-        return Answer(decode_response(body), retry_after)
+        return Answer(decode_response(body), retry_after, trusted)
     except ProtocolError as exc:
-        raise OmahaHttpError(f"unusable answer from the update server: {exc}", 200, retry_after) from None
+        raise OmahaHttpError(f"unusable answer from the update server: {exc}", 200, retry_after, trusted) from None
 
 
 class RedirectRefused(Exception):

@@ -23,6 +23,7 @@ class Reporter:
     def __init__(self, ctx):
         self.ctx = ctx
         self.session = None
+        self._cup = None
         self._flush_lock = asyncio.Lock()
 
     # -------------------------------------------------------------- requests
@@ -51,8 +52,28 @@ class Reporter:
     async def http(self):
         if self.session is None:
             from .http import make_session
-            self.session = make_session(self.ctx.config.server.ca_file, self.ctx.config.server.timeout)
+            server = self.ctx.config.server
+            self.session = make_session(server.ca_file, server.timeout, server.client_cert, server.client_key)
         return self.session
+
+    def cup(self):
+        """(the server's CUP public key, its version) when ``server.cup`` is set; loaded once. Raises
+        ``OmahaHttpError`` when the key cannot be used (every check fails until it is fixed)."""
+        setting = self.ctx.config.server.cup
+        if setting is None:
+            return None
+        if self._cup is None:
+            from .cup import CupError, load_key
+            try:
+                self._cup = (load_key(setting.public_key), setting.key_version)
+            except CupError as exc:
+                from .http import OmahaHttpError
+                raise OmahaHttpError(str(exc)) from None
+        return self._cup
+
+    def _allow_http(self) -> bool:
+        """Plain http is used only when configured, or under CUP (which vouches for the answers itself)."""
+        return self.ctx.config.server.insecure_http or self.ctx.config.server.cup is not None
 
     async def check(self, interactive: bool):
         """Posts an update check; returns (the request, the answer). Raises ``OmahaHttpError``. The ping and
@@ -65,10 +86,12 @@ class Reporter:
                                  cohort=self.cohort(), installdate=ping_state.install_date)
         state.last_check = now
         answer = await post(await self.http(), self.ctx.config.server.url, req, interactive=interactive,
-                            timeout=self.ctx.config.server.timeout,
-                            allow_http=self.ctx.config.server.insecure_http)
-        if answer.retry_after:
+                            timeout=self.ctx.config.server.timeout, allow_http=self._allow_http(), cup=self.cup(),
+                            client_cert=self.ctx.config.server.client_cert is not None)
+        if answer.retry_after and answer.trusted:
             state.retry_after_until = self.ctx.now() + answer.retry_after
+        elif answer.retry_after:
+            log.info("X-Retry-After ignored: the answer came over plain http without a CUP proof")
         state.ping = pings.after_reply(ping_state, now, answer.response.daystart, self.ctx.guid()).to_json()
         app = answer.response.app(self.ctx.config.app.id)
         if app is not None:
@@ -116,7 +139,7 @@ class Reporter:
                 await self.ctx.store.commit()  # before sending: a resend after a crash still says its age
                 await post(await self.http(), self.ctx.config.server.url, req, interactive=None,
                            request_age=age if record.attempts > 1 else None, timeout=self.ctx.config.server.timeout,
-                            allow_http=self.ctx.config.server.insecure_http)
+                           allow_http=self._allow_http(), cup=self.cup())
             except OmahaHttpError as exc:
                 log.warning("event %s not delivered (%s); kept for later", label, exc)
                 return False

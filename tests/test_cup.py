@@ -64,3 +64,82 @@ def test_googles_signed_responses_verify_and_no_one_byte_mutation_does(n):
         cup.verify(KEY, CHALLENGE, body, cup.proof_from({}))
     with pytest.raises(cup.CupError, match="malformed"):
         cup.verify(KEY, CHALLENGE, body, f"zz:{EMPTY}")
+
+
+# ---------------------------------------------------------------------------------------------- through the daemon
+def cup_key(tmp_path):
+    from .test_trust import openssl_key
+    return openssl_key(tmp_path, "p256", "cup")
+
+
+def cup_device(tmp_path, srv, public: str, version: int = 3):
+    """A device that speaks plain http to the server, allowed because CUP vouches for every answer."""
+    from .simdevice import Device
+    dev = Device(tmp_path, srv.url)
+    text = open(dev.config).read().replace("insecure_http: true", f"cup: {{key_version: {version}, "
+                                                                  f"public_key: {public}}}")
+    with open(dev.config, "w") as f:
+        f.write(text)
+    return dev
+
+
+async def test_cup_answers_signed_by_the_server_are_trusted_and_plain_http_is_allowed(tmp_path):
+    from agent.tools.devserver import DevServer
+
+    from .simdevice import image
+    private, public = cup_key(tmp_path)
+    srv = DevServer([image(tmp_path, "2.0.0")], cup_key=private, cup_key_version=3)
+    await srv.start()
+    try:
+        dev = cup_device(tmp_path, srv, public)
+        rc, out, err = await dev.once()
+        assert rc == 0 and "installed 2.0.0 on slot b" in out, err
+        assert srv.event_codes() == ["13/1", "14/1", "3/1"]  # the event acknowledgements were verified too
+        assert all(r["cup2key"].startswith("3:") for r in srv.requests)
+        assert len({r["cup2key"] for r in srv.requests}) == len(srv.requests)  # a fresh nonce every time
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.parametrize("fault,says", [("missing", "no CUP proof"), ("tampered", "does not verify"),
+                                        ("other-request", "for another request")])
+async def test_an_answer_without_a_valid_proof_is_refused_and_nothing_installs(tmp_path, fault, says):
+    from agent.tools.devserver import DevServer, Faults
+
+    from .simdevice import image
+    private, public = cup_key(tmp_path)
+    srv = DevServer([image(tmp_path, "2.0.0")], cup_key=private, cup_key_version=3,
+                    faults=Faults(cup=fault, retry_after="7200"))
+    await srv.start()
+    try:
+        dev = cup_device(tmp_path, srv, public)
+        before = open(dev.slots["b"], "rb").read()
+        rc, out, err = await dev.once()
+        assert rc == 1 and says in err and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("omaha-agent: unusable answer from the update server:")
+        assert open(dev.slots["b"], "rb").read() == before and srv.event_codes() == []
+        assert dev.state()["retry_after_until"] is None  # the headers of an untrusted answer count for nothing
+    finally:
+        await srv.stop()
+
+
+async def test_x_retry_after_binds_only_an_answer_cup_or_tls_vouches_for(tmp_path):
+    from agent.tools.devserver import DevServer, Faults
+
+    from .simdevice import Device, image
+    private, public = cup_key(tmp_path)
+    srv = DevServer([image(tmp_path, "1.0.0")], cup_key=private, cup_key_version=3, faults=Faults(retry_after="7200"))
+    await srv.start()
+    try:
+        (tmp_path / "plain").mkdir()
+        plain = Device(tmp_path / "plain", srv.url)
+        rc, out, err = await plain.cli("daemon", "--once", "-v")
+        assert rc == 0 and "X-Retry-After ignored" in err, err
+        assert plain.state()["retry_after_until"] is None
+        (tmp_path / "cup").mkdir()
+        signed = cup_device(tmp_path / "cup", srv, public)
+        rc, out, err = await signed.once()
+        assert rc == 0, err
+        assert signed.state()["retry_after_until"] is not None
+    finally:
+        await srv.stop()

@@ -13,11 +13,16 @@ from .simdevice import Device, image
 SCHEDULE = "schedule: {initial_delay: 0, interval: 18000, backoff_base: 60, backoff_cap: 3600}\ndbus: {enabled: false}\n"
 
 
-async def run_until(tmp_path, checks: int, faults: Faults, clock: FakeClock, version="1.0.0", seed=5):
+async def run_until(tmp_path, checks: int, faults: Faults, clock: FakeClock, version="1.0.0", seed=5, cup=None):
     """Runs the daemon until it started ``checks`` update checks; returns their (virtual) times."""
-    srv = DevServer([image(tmp_path, version)], clock=clock.now, faults=faults)
+    srv = DevServer([image(tmp_path, version)], clock=clock.now, faults=faults, cup_key=cup[0] if cup else None)
     await srv.start()
     dev = Device(tmp_path, srv.url, extra=SCHEDULE)
+    if cup:
+        text = open(dev.config).read().replace("insecure_http: true", f"cup: {{key_version: 1, public_key: "
+                                                                      f"{cup[1]}}}")
+        with open(dev.config, "w") as f:
+            f.write(text)
     agent = Agent(load(dev.config), clock=clock, rng=random.Random(seed))
     times, last = [], [None]
 
@@ -56,8 +61,10 @@ async def test_failed_checks_back_off_exponentially_then_return_to_the_interval(
 
 
 async def test_x_retry_after_holds_background_checks_back(tmp_path):
+    from .test_cup import cup_key
     clock = FakeClock()
-    times, _ = await run_until(tmp_path, 2, Faults(retry_after="30000"), clock)
+    keys = cup_key(tmp_path)  # X-Retry-After binds only an answer CUP (or TLS) vouches for
+    times, _ = await run_until(tmp_path, 2, Faults(retry_after="30000"), clock, cup=keys)
     assert times[1] - times[0] >= 30000, times  # longer than the 18000 s interval
 
 

@@ -92,6 +92,7 @@ class DevServer:
     sign_key: str | None = None  # a PEM private key: each image gets its DSSE envelope, served as <name>.sig
     cup_key: str | None = None  # a P-256 PEM private key: answers carry a CUP-ECDSA proof when asked (cup2key)
     cup_key_version: int = 1
+    ssl_context: object = None  # an ssl.SSLContext: serve https (the TLS tests)
     payload_base: str | None = None  # codebase for payload URLs (another server); None: this server's /packages/
 
     def __post_init__(self):
@@ -108,6 +109,10 @@ class DevServer:
         app.router.add_get("/packages/{name}", self.handle_payload)
         return app
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context is not None else "http"
+
     def sign(self, image: Image) -> None:
         """Gives ``image`` its envelope, signed with ``sign_key`` (its appid, version and track)."""
         from ..trust import load_private_key, sign_file
@@ -117,10 +122,10 @@ class DevServer:
     async def start(self) -> str:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
-        self.url = f"http://{self.host}:{self.port}/v1/update/"
+        self.url = f"{self.scheme}://{self.host}:{self.port}/v1/update/"
         return self.url
 
     async def stop(self) -> None:
@@ -130,7 +135,7 @@ class DevServer:
 
     @property
     def base(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     # -- records
     def _log(self, record: dict) -> None:
@@ -203,7 +208,7 @@ class DevServer:
             return web.Response(status=400, text=f"Bad Omaha Request: this server speaks protocol {self.protocol}\n")
         is_check = any(app.updatecheck is not None for app in req.apps)
         # payload URLs use the address the client reached us at (a VM sees the host as 10.0.2.2)
-        base = f"http://{request.host}" if request.host else self.base
+        base = f"{self.scheme}://{request.host}" if request.host else self.base
         headers = {}
         if is_check:
             if self.faults.retry_after:
@@ -220,7 +225,8 @@ class DevServer:
         record = {"time": self.clock(), "protocol": req.protocol, "requestid": req.requestid,
                   "sessionid": req.sessionid, "installsource": req.installsource,
                   "interactivity": request.headers.get("X-Goog-Update-Interactivity"),
-                  "request_age": request.headers.get("X-Request-Age"), "apps": []}
+                  "request_age": request.headers.get("X-Request-Age"), "cup2key": request.query.get("cup2key"),
+                  "apps": []}
         apps = []
         for app in req.apps:
             image = self._image_for(app.appid, app.track)
