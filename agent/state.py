@@ -224,6 +224,7 @@ class Store:
         self._made = 0  # the newest snapshot taken
         self._latest: tuple[int, bytes] | None = None
         self._written = 0  # the newest snapshot on disk
+        self._refused = False  # load() found a file it may not read: nothing is ever written over it
 
     def load(self) -> str | None:
         """Reads the stored state into ``state``; returns a warning for the log when something was dropped.
@@ -235,6 +236,7 @@ class Store:
             self.state = State()
             return None
         except OSError as exc:
+            self._refused = True
             raise OSError(f"state file {self.path} cannot be read ({exc.strerror or exc}): fix its permissions "
                           f"or move it away; refusing to start and overwrite it") from None
         try:
@@ -268,6 +270,8 @@ class Store:
     async def commit(self) -> None:
         """Saves the state as it is now. Saves are serialised; one that finds a newer snapshot already written
         returns at once, and a waiting one writes the newest snapshot taken. Raises ``OSError``."""
+        if self._refused:
+            return
         self._made += 1
         self._latest = (self._made, self._encode())
         mine = self._made
@@ -286,6 +290,8 @@ class Store:
 
     def commit_now(self) -> None:
         """The synchronous save, for a process without an event loop (the CLI's offline commands)."""
+        if self._refused:
+            return
         self._made += 1
         self._write(self._encode())
         self._written = self._made

@@ -12,9 +12,9 @@ import time
 import pytest
 from aiohttp import web
 
-from agent.tools.devserver import DevServer, Image
+from agent.tools.devserver import Image
 
-from .simdevice import APP, ROOT, Device, image
+from .simdevice import APP, ROOT, Device
 
 
 def one_line(err: str) -> str:
@@ -327,6 +327,38 @@ async def test_row10_a_state_file_that_cannot_be_read_stops_the_daemon_and_is_no
     assert rc == 1 and "refusing to start and overwrite it" in one_line(err)
     assert (dev.dir / "state" / "state.json" / "keep").read_text() == "x"
     assert server.requests == []
+
+
+async def test_row10_a_state_file_nobody_may_read_eacces_stops_the_daemon_and_is_not_overwritten(server):
+    import pathlib
+    import shutil
+    import tempfile
+
+    from .conftest import need_tool
+    from .unprivileged import NobodyPython
+    need_tool("setpriv")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the daemon as user nobody")
+    home = pathlib.Path(tempfile.mkdtemp(prefix="omaha-eacces-"))
+    unprivileged = NobodyPython(ROOT)
+    try:
+        os.chmod(home, 0o755)
+        dev = Device(home, server.url)
+        os.makedirs(home / "state")
+        (home / "state" / "state.json").write_text('{"events": []}')
+        os.chmod(home / "state" / "state.json", 0o600)  # root's: nobody gets EACCES
+        for path in [home / "state", *(home / n for n in ("slot-a.img", "slot-b.img", "bootenv.json", "agent.yaml"))]:
+            os.chown(path, 65534, 65534)
+        proc = await asyncio.create_subprocess_exec(
+            *unprivileged.argv("daemon", "--once", "--config", dev.config), env=unprivileged.env,
+            cwd=unprivileged.dir, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        line = one_line(err.decode())
+        assert proc.returncode == 1 and "Permission denied" in line and "refusing to start and overwrite it" in line
+        assert (home / "state" / "state.json").read_text() == '{"events": []}' and server.requests == []
+    finally:
+        unprivileged.close()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 async def test_row11_an_event_resent_after_sigkill_keeps_its_requestid_and_says_its_age(tmp_path, server):

@@ -42,6 +42,8 @@ class Hostile(DevServer):
     on_check: Callable[["Hostile", web.Request], Awaitable[web.StreamResponse]] | None = None
     on_payload: Callable[["Hostile", web.Request], Awaitable[web.StreamResponse]] | None = None
     redirect_all_posts = False
+    gate: asyncio.Semaphore | None = None  # when set, each update check waits for a permit (one case, one check)
+    passed: set = set()
 
     def app(self) -> web.Application:
         app = super().app()
@@ -51,14 +53,16 @@ class Hostile(DevServer):
 
     async def handle_update(self, request):
         body = await request.read()
+        try:
+            req = decode_request(body)
+            is_check = any(a.updatecheck is not None for a in req.apps)
+        except Exception:  # noqa: BLE001 - the agent's own requests always decode
+            req, is_check = None, False
+        if is_check and self.gate is not None and req.requestid not in self.passed:
+            self.passed.add(req.requestid)  # a redirected check (same body) is the same check: it waits once
+            await self.gate.acquire()
         if self.on_check is not None and request.path != "/elsewhere":  # where the redirect cases send it
-            if self.redirect_all_posts:
-                return await self.on_check(self, request)
-            try:
-                is_check = any(a.updatecheck is not None for a in decode_request(body).apps)
-            except Exception:  # noqa: BLE001 - the agent's own requests always decode
-                is_check = False
-            if is_check:
+            if self.redirect_all_posts or is_check:
                 return await self.on_check(self, request)
         return await super().handle_update(request)
 
@@ -96,9 +100,10 @@ def xml_response(app_inner: str, app_attrs: str = 'status="ok"', appid: str = AP
             f'<app appid="{appid}" {app_attrs}>{app_inner}</app></response>')
 
 
-def offer(srv: Hostile, *, version="2.0.0", size=None, sha256=None, codebase=None, name=None, pkg_attrs="",
+def offer(srv: Hostile, *, version=None, size=None, sha256=None, codebase=None, name=None, pkg_attrs="",
           urls=None, packages=None, cohort=None, uc_attrs='status="ok"', manifest=True) -> str:
     img = srv.images[0]
+    version = img.version if version is None else version
     size = img.size if size is None else size
     sha256 = img.sha256.hex() if sha256 is None else sha256
     name = img.name if name is None else name
@@ -508,3 +513,97 @@ async def test_hostile_server_matrix_every_case_is_refused_cleanly_or_installs_t
     assert not outside, f"connections outside 127.0.0.1 were attempted: {outside}"
     assert not bad, "\n".join(f"{v.case}: {'; '.join(v.problems)}" for v in bad)
     assert max(took)[0] < CASE_TIMEOUT, f"slowest cases: {sorted(took, reverse=True)[:3]}"
+
+
+class VirtualClock:
+    """Wall-clock time that moves only when the daemon sleeps: the forever loop's backoffs (and an X-Retry-After
+    of a day) pass at once, so every case of the table gets its own scheduled check within seconds."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    async def sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        if wake is None or not wake.is_set():
+            self.offset += max(0.0, seconds)
+        await asyncio.sleep(0.001)
+
+
+async def test_the_forever_daemon_survives_every_refused_case_in_turn_and_then_installs(tmp_path, monkeypatch):
+    import logging
+
+    from agent.daemon import Agent as Daemon
+    failing = [c for c in CASES if c.expect == "fail" and c.image is None]
+    tmp = str(tmp_path)
+    slots = {s: f"{tmp}/slot-{s}.img" for s in "ab"}
+    for path in slots.values():
+        with open(path, "wb") as f:
+            f.truncate(SLOT_SIZE)
+    boot = SimBoot(f"{tmp}/bootenv.json", slots)
+    boot.initialize("a", "1.0.0")
+    with open(f"{tmp}/p.img", "wb") as f:
+        f.write(b"IMAGE" + os.urandom(PAYLOAD_SIZE - 5))
+    srv = Hostile([Image(f"{tmp}/p.img", "2.0.0", APP)])
+    srv.released = asyncio.Event()
+    srv.gate, srv.passed = asyncio.Semaphore(0), set()
+    await srv.start()
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    handler = Keep(logging.INFO)
+    logger = logging.getLogger("omaha-agent")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+
+    async def next_line(start: int, needle: str, limit: float = CASE_TIMEOUT) -> int:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            for i in range(start, len(records)):
+                if needle in records[i].getMessage():
+                    return i + 1
+            assert not daemon.done(), f"the daemon stopped: {daemon.exception() if not daemon.cancelled() else 'cancelled'}"
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no {needle!r} within {limit} s; last: {[r.getMessage()[:200] for r in records[-5:]]}")
+
+    config = parse(_config(tmp, srv.url).replace("dbus: {enabled: false}", "dbus: {enabled: false}\nschedule: "
+                                                  "{initial_delay: 0, interval: 3600, backoff_base: 1}"), f"{tmp}/agent.yaml")
+    agent = Daemon(config, clock=VirtualClock())
+    stop = asyncio.Event()
+    daemon = asyncio.ensure_future(agent.run_forever(stop))
+    try:
+        seen, reasons = 0, []
+        for i, case in enumerate(failing):  # one check per case: the server lets one through per case
+            srv.released.set()
+            srv.released = asyncio.Event()
+            srv.images = [Image(f"{tmp}/p.img", f"2.0.{i}", APP)]  # a version refused by a hash is blocked
+            srv.on_check, srv.on_payload, srv.redirect_all_posts = case.on_check, case.on_payload, case.redirect_all_posts
+            srv.gate.release()
+            seen = await next_line(seen, "check failed:")
+            reasons.append(records[seen - 1].getMessage())
+        srv.released.set()
+        srv.normal()
+        for _ in range(100):  # a check already waiting at the gate goes on (and the server can stop at once)
+            srv.gate.release()
+        srv.gate = None
+        with open(f"{tmp}/p3.img", "wb") as f:
+            f.write(b"THREE" + os.urandom(PAYLOAD_SIZE - 5))
+        srv.images = [Image(f"{tmp}/p3.img", "3.0.0", APP)]
+        await next_line(seen, "installed 3.0.0 on slot b")
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.shield(daemon), 30)
+        await srv.stop()
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    unexpected = [r.getMessage()[:200] for r in records if "unexpectedly" in r.getMessage() or r.exc_info]
+    assert not unexpected, unexpected
+    mismatched = [(c.name, why[:200]) for c, why in zip(failing, reasons) if c.says not in why]
+    assert not mismatched, mismatched  # each check met its own case: the reason is the one the matrix expects
+    assert boot.booted_slot() == "a" and boot.status()["a"].state is SlotState.GOOD
+    assert boot.status()["b"].state is SlotState.TRIAL and _digest(slots["b"], srv.images[0].size) == srv.images[0].sha256.hex()
+    record_count("forever daemon through the refused cases", f"{len(failing)} cases in turn, still running, then installed")
