@@ -171,6 +171,7 @@ class HealthTimeout:
 class JobDone:
     operation: Operation  # where the job ended: idle or updated-need-reboot
     failed: bool = False
+    job: object = None  # which job (an opaque token of the owner's): a late word from an ended one is ignored
 
 
 Command = Check | InstallFile | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | Settle | HealthTimeout | JobDone

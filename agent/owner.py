@@ -79,6 +79,7 @@ class Owner:
         self._timer: asyncio.Task | None = None
         self._closing = False
         self._cancelling = False
+        self._reported: set[asyncio.Task] = set()  # jobs whose JobDone is queued
 
     @property
     def flow(self):
@@ -235,6 +236,8 @@ class Owner:
             self._timer = None
 
     async def _end_job(self, done: JobDone) -> str:
+        if done.job is not None and done.job is not self.job:  # a late word from a job that already ended
+            return "stale"
         before = self.flow.operation
         self.job = None
         if not self.flow.end_job(done.operation, done.failed):
@@ -257,8 +260,21 @@ class Owner:
     # -------------------------------------------------------------- jobs
     def _start_job(self, coro, what: str) -> asyncio.Task:
         self.job_ended.clear()
-        self.job = asyncio.get_running_loop().create_task(self._job(coro, what))
-        return self.job
+        task = asyncio.get_running_loop().create_task(self._job(coro, what))
+        self.job = task
+        task.add_done_callback(lambda t: self._job_gone(t, coro, what))
+        return task
+
+    def _job_gone(self, task: asyncio.Task, coro, what: str) -> None:
+        """A job cancelled before its first step never ran ``_job``'s body (the cancel is thrown at its very start),
+        and one cancelled again while it queued its JobDone may end cancelled: the JobDone it did not send is
+        queued here, so the machine always leaves the job's operation."""
+        if task.cancelled() and not self._closing and task not in self._reported:
+            coro.close()  # never awaited when the cancel came first (a no-op when it ran)
+            self._cancelling = False
+            self._queue.put_nowait((JobDone(self._job_end(what), False, task),
+                                    asyncio.get_running_loop().create_future()))
+        self._reported.discard(task)
 
     async def _job(self, coro, what: str) -> Outcome:
         """Runs a job's body; whatever happens (a failure, a cancel, even a cancel that lands while the failure
@@ -290,7 +306,9 @@ class Owner:
         finally:
             self._cancelling = False
         if not self._closing:
-            await self.submit(JobDone(self._job_end(what), failed))
+            task = asyncio.current_task()
+            self._reported.add(task)
+            await self.submit(JobDone(self._job_end(what), failed, task))
         return Outcome(not failed, message)
 
     def _job_end(self, what: str) -> Operation:

@@ -256,3 +256,32 @@ async def test_a_replaced_install_found_unbootable_at_start_up_is_dropped_withou
     assert rc == 0 and trial_reports(server) == [], err  # before the flag: 3/0 code 44, "2.0.0 did not boot"
     assert "installed 2.0.0 on slot b" in out  # the record was dropped quietly; the offer installs afresh
     assert server.event_codes().count("3/1") == 2 and dev.state()["trial"]["replaced"] is False
+
+
+async def test_a_cancel_that_lands_before_the_check_job_ran_still_ends_the_job(tmp_path, server):
+    # found by the randomized interleavings (seed 105): the cancel came before the job's first step, its body
+    # never ran, no JobDone came, and the owner stayed in 'checking' for good
+    from agent.config import load
+    from agent.daemon import Agent
+    from agent.machine import Cancel, Check, Operation
+    dev = Device(tmp_path, server.url, extra=QUIET + "dbus: {enabled: false}\n")
+    agent = Agent(load(dev.config))
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run_forever(stop))
+    try:
+        for _ in range(300):
+            if agent.status.operation is Operation.IDLE:
+                break
+            await asyncio.sleep(0.01)
+        check, cancel = await asyncio.gather(agent.submit(Check(True)), agent.submit(Cancel()))
+        assert check.acted and cancel.acted and check.job.cancelled()
+        for _ in range(300):
+            if agent.status.operation is Operation.IDLE and agent.owner.job is None:
+                break
+            await asyncio.sleep(0.01)
+        assert agent.status.operation is Operation.IDLE
+        again = await agent.submit(Check(True))
+        assert (await asyncio.wait_for(again.job, 30)).ok
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

@@ -398,6 +398,7 @@ boot: {{backend: sim, env: {tmp}/bootenv.json, tries: 2}}
 state_dir: {tmp}/state
 health: {{after: start}}
 install: {{read_timeout: 1}}
+trust: {{require_signature: false}}
 dbus: {{enabled: false}}
 """
 
