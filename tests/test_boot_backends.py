@@ -265,6 +265,66 @@ def test_uboot_env_through_fw_env_config(tmp_path):
     assert boot.status()["b"] == SlotStatus(SlotState.GOOD)
 
 
+def uboot_env(tmp_path):
+    need_tool("fw_setenv")
+    env = tmp_path / "uboot.env"
+    env.write_bytes(bytes(0x4000))
+    config = tmp_path / "fw_env.config"
+    config.write_text(f"{env}\t0x0\t0x4000\n")
+    defaults = tmp_path / "defaults.txt"
+    defaults.write_text("bootdelay=0\n")  # a blank env needs one (libubootenv's fw_setenv -f)
+    UBootBoot(str(config)).initialize("a", defaults=str(defaults))
+    return env, str(config)
+
+
+def printenv(config):
+    out = subprocess.run(["fw_printenv", "-c", config], capture_output=True, text=True, check=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_uboot_refill_tops_up_a_good_slot_counted_down_and_leaves_a_trial_countdown_alone(tmp_path):
+    env, config = uboot_env(tmp_path)
+    boot = UBootBoot(config)
+    before = env.read_bytes()
+    assert boot.refill("a") is False and env.read_bytes() == before  # full already: no flash write
+    subprocess.run(["fw_setenv", "-c", config, "BOOT_A_LEFT", "0"], check=True)  # the script counted 3 boots
+    assert boot.status()["a"] == SlotStatus(SlotState.GOOD)  # still "good", but the script would skip it
+    assert boot.refill("a") is True and printenv(config)["BOOT_A_LEFT"] == "3"
+    boot.set_trial("b", 2)
+    subprocess.run(["fw_setenv", "-c", config, "BOOT_B_LEFT", "1"], check=True)
+    assert boot.refill("b") is False and printenv(config)["BOOT_B_LEFT"] == "1"  # a trial keeps counting down
+    boot.mark_good("b")  # confirming refills too
+    assert printenv(config)["BOOT_B_LEFT"] == "3"
+
+
+async def test_uboot_daemon_start_refills_the_booted_good_slot_through_fw_setenv(tmp_path, monkeypatch):
+    from agent import settle
+    from agent.config import load
+    from agent.daemon import Agent
+    env, config = uboot_env(tmp_path)
+    for s in "ab":
+        (tmp_path / f"slot-{s}.img").write_bytes(bytes(4096))
+    (tmp_path / "agent.yaml").write_text(f"""server: {{url: "http://127.0.0.1:9/", insecure_http: true}}
+app: {{id: "{{0a0b0c0d-1111-4222-8333-444455556666}}", version: "1.0.0"}}
+slots:
+  a: {{file: {tmp_path}/slot-a.img}}
+  b: {{file: {tmp_path}/slot-b.img}}
+boot: {{backend: uboot, fw_config: {config}}}
+state_dir: {tmp_path}/state
+trust: {{require_signature: false}}
+""")
+    subprocess.run(["fw_setenv", "-c", config, "BOOT_A_LEFT", "1"], check=True)  # two boots counted down
+    # which slot runs is read from /proc/cmdline on a device; this host's names neither slot file
+    monkeypatch.setattr(settle, "detect_booted", lambda specs: "a")
+    agent = Agent(load(str(tmp_path / "agent.yaml")))
+    try:
+        await agent.start(once=True)
+    finally:
+        await agent.close()
+    values = printenv(config)
+    assert (values["BOOT_A_LEFT"], values["BOOT_A_OK"], values["BOOT_ORDER"]) == ("3", "1", "A B")
+
+
 def test_uboot_missing_tool_is_a_clear_error(tmp_path):
     with pytest.raises(BootError, match="not found: install libubootenv-tool"):
         UBootBoot(None, printenv="fw_printenv-does-not-exist").status()
