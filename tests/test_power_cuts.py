@@ -55,16 +55,18 @@ os._exit(0)
 """
 
 # (operation, longest delay after it): the download is dripped, so it gets the widest window
+# (each listed as often as it should be drawn: the download and the health step happen in fewer runs)
 POINTS = [("start", 0.6), ("checking", 0.05), ("update-available", 0.05), ("downloading", 0.5),
-          ("verifying", 0.05), ("finalizing", 0.03), ("updated-need-reboot", 0.05), ("health-check", 0.3),
-          ("idle", 0.1)]
+          ("downloading", 0.5), ("downloading", 0.5), ("verifying", 0.05), ("finalizing", 0.03),
+          ("finalizing", 0.03), ("updated-need-reboot", 0.05), ("health-check", 0.25), ("health-check", 0.25),
+          ("health-check", 0.25), ("idle", 0.1)]
 
 
 class Campaign:
     def __init__(self, tmp_path, server, rng):
         self.tmp, self.server, self.rng = tmp_path, server, rng
         self.unhealthy = tmp_path / "unhealthy"
-        self.dev = Device(tmp_path, server.url, health=f"test ! -e {self.unhealthy}")
+        self.dev = Device(tmp_path, server.url, health=f"sleep 0.15; test ! -e {self.unhealthy}")
         self.images: dict[str, bytes] = {}
         self.armed: set[str] = set()
         self.kills = 0
