@@ -12,7 +12,7 @@ import random
 
 from . import schedule
 from .attempt import UpdateAttempt
-from .boot import BootControl
+from .boot import BootControl, BootError
 from .boot.worker import TIMEOUT as BOOT_TIMEOUT, BootWorker
 from .clock import SYSTEM, Clock
 from .config import Config
@@ -111,6 +111,12 @@ class Agent:
             log.error("cannot tell which slot runs: %s", describe(exc))
         log.info("started: version %s, booted slot %s, backend %s", ctx.version, ctx.booted or "unknown",
                  ctx.config.boot.backend)
+        if ctx.booted is not None:  # before the owner starts: nothing else touches the bootloader yet
+            try:
+                if await ctx.boot.refill(ctx.booted):
+                    log.info("refilled the boot attempts of the good slot %s", ctx.booted)
+            except BootError as exc:
+                log.warning("could not refill the boot attempts of slot %s: %s", ctx.booted, exc)
         ctx.status.trust = trust_line(ctx.config)
         if not ctx.config.trust.require_signature:
             log.log(logging.INFO if once else logging.WARNING, "release signatures are not required "

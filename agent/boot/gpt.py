@@ -6,9 +6,15 @@ priority > 0 → good; not successful, tries > 0 and priority > 0 → trial; any
 Both copies of the table are updated: the backup (entries, then header) first, then the primary, each
 with its CRC32s recomputed and flushed, so a power cut leaves at least one valid copy with either the old
 or the new state (firmware and GRUB's gptprio fall back to the backup when the primary's CRC fails).
+
+Reading falls back the same way: when the primary header or its entries array fails its CRC (or the
+header is gone), the backup is read, so a torn primary does not stop the agent from confirming a slot.
+The next write repairs it: both entry arrays and both headers are rewritten from the copy that was read,
+with fresh CRCs, backup first. A torn backup next to a good primary is rebuilt the same way.
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import zlib
@@ -19,6 +25,9 @@ from . import BootError, SlotState, SlotStatus, check_slot, check_tries, other
 SIGNATURE = b"EFI PART"
 PRIORITY_SHIFT, TRIES_SHIFT, SUCCESSFUL_BIT = 48, 52, 56
 MASK = (0xF << PRIORITY_SHIFT) | (0xF << TRIES_SHIFT) | (1 << SUCCESSFUL_BIT)
+PRIMARY_ENTRIES_LBA = 2  # where the UEFI spec (and sfdisk, fdisk, sgdisk) put the primary entry array
+
+log = logging.getLogger("omaha-agent")
 
 
 @dataclass
@@ -71,17 +80,72 @@ class GptBoot:
             if f.read(8) == SIGNATURE:
                 self.sector = size
                 return size
-        raise BootError(f"{self.disk}: no GPT found (looked at LBA 1 for 512- and 4096-byte sectors)")
+        for size in (512, 4096):  # the primary header is gone: a backup header in the last sector
+            end = self._disk_sectors(f, size)
+            if end > 2:
+                f.seek((end - 1) * size)
+                if f.read(8) == SIGNATURE:
+                    self.sector = size
+                    return size
+        raise BootError(f"{self.disk}: no GPT found (looked at LBA 1 and the last LBA for 512- and 4096-byte "
+                        "sectors)")
+
+    def _disk_sectors(self, f, sector: int) -> int:
+        f.seek(0, os.SEEK_END)
+        return f.tell() // sector
+
+    def _read_copy(self, f, lba: int, sector: int, where: str) -> tuple[_Header, bytearray]:
+        """One copy of the table: its header and entry array, both CRC-checked (BootError if either fails)."""
+        header = _read_header(f, lba, sector, self.disk)
+        f.seek(header.entries_lba * sector)
+        entries = bytearray(f.read(header.count * header.entry_size))
+        if len(entries) != header.count * header.entry_size or \
+                zlib.crc32(entries) != struct.unpack_from("<I", header.raw, 88)[0]:
+            raise BootError(f"{self.disk}: {where} GPT entries fail their CRC")
+        return header, entries
+
+    @staticmethod
+    def _mirror(good: _Header, lba: int, entries_lba: int) -> _Header:
+        """The other copy's header rebuilt from a good one: MyLBA and AlternateLBA swapped, its own entry LBA."""
+        raw = bytearray(good.raw)
+        struct.pack_into("<QQ", raw, 24, lba, good.lba)
+        struct.pack_into("<Q", raw, 72, entries_lba)
+        return _Header(lba, raw, entries_lba, good.count, good.entry_size)
 
     def _tables(self, f):
+        """(sector, primary header, backup header, entries): the entries from the primary if it is whole,
+        else from the backup; a header that failed is rebuilt from the other, ready to be rewritten."""
         sector = self._sector(f)
-        primary = _read_header(f, 1, sector, self.disk)
+        try:
+            primary, entries = self._read_copy(f, 1, sector, "primary")
+        except BootError as primary_error:
+            last = self._disk_sectors(f, sector) - 1
+            try:
+                backup, entries = self._read_copy(f, last, sector, "backup")
+            except BootError as backup_error:
+                raise BootError(f"{primary_error}; the backup too: {backup_error}") from None
+            table_sectors = -(-backup.count * backup.entry_size // sector)
+            first_usable = struct.unpack_from("<Q", backup.raw, 40)[0]
+            if PRIMARY_ENTRIES_LBA + table_sectors > first_usable:
+                raise BootError(f"{primary_error}; the backup's first usable LBA {first_usable} leaves no room "
+                                "to rebuild the primary")
+            log.warning("%s; reading the backup GPT (it will be rewritten into the primary at the next change)",
+                        primary_error)
+            return sector, self._mirror(backup, 1, PRIMARY_ENTRIES_LBA), backup, entries
         backup_lba = struct.unpack_from("<Q", primary.raw, 32)[0]
-        backup = _read_header(f, backup_lba, sector, self.disk)
-        f.seek(primary.entries_lba * sector)
-        entries = bytearray(f.read(primary.count * primary.entry_size))
-        if zlib.crc32(entries) != struct.unpack_from("<I", primary.raw, 88)[0]:
-            raise BootError(f"{self.disk}: primary GPT entries fail their CRC")
+        try:
+            backup, backup_entries = self._read_copy(f, backup_lba, sector, "backup")
+        except BootError as backup_error:
+            table_sectors = -(-primary.count * primary.entry_size // sector)
+            last_usable = struct.unpack_from("<Q", primary.raw, 48)[0]
+            if last_usable + 1 + table_sectors > backup_lba:
+                raise BootError(f"{backup_error}; the primary's last usable LBA {last_usable} leaves no room "
+                                "to rebuild the backup") from None
+            log.warning("%s; the primary GPT is whole (the backup will be rewritten at the next change)",
+                        backup_error)
+            return sector, primary, self._mirror(primary, backup_lba, last_usable + 1), entries
+        if (backup.count, backup.entry_size) != (primary.count, primary.entry_size):
+            raise BootError(f"{self.disk}: the primary and backup GPT headers describe different entry arrays")
         return sector, primary, backup, entries
 
     def _index(self, entries: bytearray, header: _Header, slot: str) -> int:

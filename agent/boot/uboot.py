@@ -2,8 +2,11 @@
 
 Variables, RAUC-compatible, plus one for the confirmation: ``BOOT_ORDER`` (e.g. ``B A``),
 ``BOOT_X_LEFT`` (attempts left; the boot script boots the first slot in ``BOOT_ORDER`` with attempts left
-after decrementing them) and ``BOOT_X_OK`` (1 = confirmed good). State: ``BOOT_X_OK=1`` → good (the agent
-refills its attempts on every start, as RAUC's mark-good does); attempts left → trial; else bad.
+after decrementing them) and ``BOOT_X_OK`` (1 = confirmed good). State: ``BOOT_X_OK=1`` → good; attempts
+left → trial; else bad. The boot script counts down a good slot's attempts too, so they are refilled to
+``GOOD_ATTEMPTS`` when the agent confirms a slot (``mark_good``) and on every start while the booted slot is
+good (``refill``, as RAUC's mark-good service does at each boot); without that a confirmed slot would stop
+booting after ``GOOD_ATTEMPTS`` reboots. A trial slot's attempts are never refilled: that is its countdown.
 Every change is one ``fw_setenv -s`` call, so a redundant environment switches in a single write.
 """
 from __future__ import annotations
@@ -78,6 +81,16 @@ class UBootBoot:
             else:
                 out[slot] = SlotStatus(SlotState.BAD)
         return out
+
+    def refill(self, slot: str) -> bool:
+        """Refills the attempts of ``slot`` if it is good (``BOOT_X_OK=1``) and the boot script has counted them
+        down; one ``fw_setenv`` call, none when they are full. True when it wrote."""
+        x = check_slot(slot).upper()
+        env = self._env()
+        if env.get(f"BOOT_{x}_OK", "0").strip() != "1" or env.get(f"BOOT_{x}_LEFT", "").strip() == str(GOOD_ATTEMPTS):
+            return False
+        self._set({f"BOOT_{x}_LEFT": str(GOOD_ATTEMPTS)})
+        return True
 
     def mark_bad(self, slot: str) -> None:
         x = check_slot(slot).upper()

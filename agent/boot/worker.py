@@ -51,6 +51,12 @@ class BootWorker:
     async def set_trial(self, slot: str, tries: int, version: str | None = None) -> None:
         await self._call(f"setting slot {slot} for a trial boot", self.control.set_trial, slot, tries, version)
 
+    async def refill(self, slot: str) -> bool:
+        """The backend's start-of-run refill of a good slot's boot attempts (U-Boot); False when it has none."""
+        if not hasattr(self.control, "refill"):
+            return False
+        return await self._call(f"refilling slot {slot}'s boot attempts", self.control.refill, slot)
+
     async def booted_slot(self) -> str | None:
         """The backend's own answer (the sim backend records it); None when it has none."""
         if not hasattr(self.control, "booted_slot"):
