@@ -185,21 +185,15 @@ async def test_a_bootloader_error_in_a_check_and_in_the_confirm_path_leaves_the_
 async def test_a_cancel_while_a_failed_check_saves_its_error_does_not_leave_the_owner_stuck(tmp_path, server):
     import time as _time
 
-    from agent.config import load
-    from agent.daemon import Agent
     from agent.machine import Cancel, Check, Operation
 
     from .seams import FaultyBoot
+    from .test_boot_faults import running
     dev = Device(tmp_path, server.url, extra=QUIET + "dbus: {enabled: false}\n")
     boot = FaultyBoot(dev.boot)
-    agent = Agent(load(dev.config), boot=boot, boot_timeout=0.5)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run_forever(stop))
+    agent, stop, task = await running(dev, boot)
     try:
-        for _ in range(300):
-            if agent.status.operation is Operation.IDLE:
-                break
-            await asyncio.sleep(0.01)
+        assert agent.status.operation is Operation.IDLE
         real_write = agent.ctx.store._write
         saving = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -261,18 +255,14 @@ async def test_a_replaced_install_found_unbootable_at_start_up_is_dropped_withou
 async def test_a_cancel_that_lands_before_the_check_job_ran_still_ends_the_job(tmp_path, server):
     # found by the randomized interleavings (seed 105): the cancel came before the job's first step, its body
     # never ran, no JobDone came, and the owner stayed in 'checking' for good
-    from agent.config import load
-    from agent.daemon import Agent
     from agent.machine import Cancel, Check, Operation
+
+    from .seams import FaultyBoot
+    from .test_boot_faults import running
     dev = Device(tmp_path, server.url, extra=QUIET + "dbus: {enabled: false}\n")
-    agent = Agent(load(dev.config))
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run_forever(stop))
+    agent, stop, task = await running(dev, FaultyBoot(dev.boot))  # no fault set: the sim bootloader as it is
     try:
-        for _ in range(300):
-            if agent.status.operation is Operation.IDLE:
-                break
-            await asyncio.sleep(0.01)
+        assert agent.status.operation is Operation.IDLE
         check, cancel = await asyncio.gather(agent.submit(Check(True)), agent.submit(Cancel()))
         assert check.acted and cancel.acted and check.job.cancelled()
         for _ in range(300):
