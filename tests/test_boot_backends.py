@@ -184,7 +184,7 @@ def test_gpt_torn_primary_header_is_read_from_the_backup_and_repaired_by_the_nex
 def test_gpt_primary_header_wiped_altogether_is_read_from_the_backup_and_repaired(tmp_path):
     disk = str(tmp_path / "disk.img")
     make_gpt(disk)
-    boot = old_primary_new_backup(disk)
+    old_primary_new_backup(disk)
     with open(disk, "r+b") as f:  # not even the signature is left: the sector size is found from the backup
         f.seek(SECTOR)
         f.write(bytes(SECTOR))
@@ -244,22 +244,15 @@ def test_gpt_refuses_a_disk_without_gpt(tmp_path):
 
 
 def test_uboot_env_through_fw_env_config(tmp_path):
-    need_tool("fw_setenv")
-    env = tmp_path / "uboot.env"
-    env.write_bytes(bytes(0x4000))
-    config = tmp_path / "fw_env.config"
-    config.write_text(f"{env}\t0x0\t0x4000\n")
-    defaults = tmp_path / "defaults.txt"
-    defaults.write_text("bootdelay=0\n")
-    boot = UBootBoot(str(config))
-    boot.initialize("a", defaults=str(defaults))
+    _, config = uboot_env(tmp_path)
+    boot = UBootBoot(config)
     assert boot.status() == {"a": SlotStatus(SlotState.GOOD), "b": SlotStatus(SlotState.BAD)}
     boot.mark_bad("b")
     boot.set_trial("b", 3)
-    printed = subprocess.run(["fw_printenv", "-c", str(config)], capture_output=True, text=True, check=True).stdout
+    printed = subprocess.run(["fw_printenv", "-c", config], capture_output=True, text=True, check=True).stdout
     assert "BOOT_ORDER=B A" in printed and "BOOT_B_LEFT=3" in printed and "bootdelay=0" in printed
     assert boot.status()["b"] == SlotStatus(SlotState.TRIAL, 3)
-    subprocess.run(["fw_setenv", "-c", str(config), "BOOT_B_LEFT", "2"], check=True)  # U-Boot's countdown
+    subprocess.run(["fw_setenv", "-c", config, "BOOT_B_LEFT", "2"], check=True)  # U-Boot's countdown
     assert boot.status()["b"] == SlotStatus(SlotState.TRIAL, 2)
     boot.mark_good("b")
     assert boot.status()["b"] == SlotStatus(SlotState.GOOD)
