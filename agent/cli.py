@@ -133,8 +133,18 @@ def cmd_client(args) -> int:
         return console.run(console.watch(args.limit))
     if args.command == "install":
         return console.run(console.install(args.payload, args.sig or "", args.version or "", args.wait, args.timeout))
+    if args.command == "postpone":
+        return console.run(console.simple("PostponeReboot", "u", [args.seconds]))
     member = {"mark-good": "MarkGood", "reboot": "Reboot", "confirm-boot": "ConfirmBoot"}[args.command]
     return console.run(console.simple(member))
+
+
+def _seconds(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+    if not number.isdigit() or not 0 < int(number) * unit < 1 << 32:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a number of seconds (e.g. 600, 30m, 2h)")
+    return int(number) * unit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("reboot", "reboot into an installed update"),
                        ("confirm-boot", "tell the daemon boot-complete.target is reached (omaha-agent-confirm.service)")):
         sub.add_parser(name, help=text).set_defaults(func=cmd_client)
+    pp = sub.add_parser("postpone", help="move the planned reboot later (at most reboot.max_postpone)")
+    pp.add_argument("seconds", type=_seconds, help="how much later, in seconds (or 30m, 2h)")
+    pp.set_defaults(func=cmd_client)
     v = sub.add_parser("devserver", help="run the development Omaha server")
     v.add_argument("--payload", required=True)
     v.add_argument("--version", required=True)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import re
 import os
 from dataclasses import dataclass, field
 
@@ -74,8 +75,20 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class FleetLockConfig:
+    url: str
+    group: str = "default"
+    machine_id: str = "/etc/machine-id"  # the device's ID is derived from it (never sent as it is)
+
+
+@dataclass(frozen=True)
 class RebootConfig:
-    policy: str = "manual"
+    policy: str = "manual"  # manual | immediate | windows
+    windows: tuple = ()  # windows.Window, for the windows policy
+    fleetlock: FleetLockConfig | None = None
+    notice: int = 0  # seconds between announcing a reboot and doing it
+    max_postpone: int = 4 * 3600  # PostponeReboot moves a reboot at most this far past its first planned time
+    max_inhibit_delay: int = 900  # how long a shutdown inhibitor may hold a reboot back before the next window
 
 
 @dataclass(frozen=True)
@@ -288,6 +301,66 @@ def _same_slot(a: SlotSpec, b: SlotSpec) -> bool:
     return a.kind == b.kind and a.value.lower() == b.value.lower()
 
 
+FLEETLOCK_GROUP = re.compile(r"[a-zA-Z0-9.-]+")
+
+
+def _reboot(r: _Reader) -> RebootConfig:
+    from . import windows as w
+
+    policy = str(r.get("reboot.policy", "manual", str))
+    if policy not in ("manual", "immediate", "windows"):
+        r.fail("reboot.policy", f"must be manual, immediate or windows, not {policy!r}")
+    items = r.get("reboot.windows", [], list)
+    if policy == "windows" and not items:
+        r.fail("reboot.windows" if "reboot.windows" in r.lines else "reboot.policy",
+               "the windows policy needs at least one window, e.g. windows: [{days: [sat, sun], start: \"02:00\", "
+               "length: 120}]")
+    if items and policy != "windows":
+        r.fail("reboot.windows", f"windows apply to the windows policy only (reboot.policy is {policy})")
+    if len(items) > 64:
+        r.fail("reboot.windows", f"{len(items)} windows; at most 64")
+    parsed = []
+    for i, item in enumerate(items, 1):
+        where = f"window {i}"
+        if not isinstance(item, dict):
+            r.fail("reboot.windows", f"{where}: must be a mapping with days, start, length (and timezone)")
+        extra = set(map(str, item)) - {"days", "start", "length", "timezone"}
+        if extra:
+            r.fail("reboot.windows", f"{where}: unknown key {sorted(extra)[0][:40]!r} (known: days, length, start, "
+                                     "timezone)")
+        days = item.get("days")
+        if isinstance(days, str):
+            days = [days]
+        if not isinstance(days, list) or not days or not all(isinstance(d, str) and d[:3].lower() in w.DAYS
+                                                             for d in days):
+            r.fail("reboot.windows", f"{where}: days must be a list of weekdays (mon, tue, ... sun)")
+        try:
+            start = w.parse_start(str(item.get("start", "")))
+            tz = w.zone(str(item.get("timezone", "UTC")))
+        except ValueError as exc:
+            r.fail("reboot.windows", f"{where}: {exc}")
+        length = item.get("length")
+        if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= w.MAX_LENGTH:
+            r.fail("reboot.windows", f"{where}: length must be a whole number of minutes from 1 to {w.MAX_LENGTH}")
+        parsed.append(w.Window(frozenset(w.DAYS.index(d[:3].lower()) for d in days), start, length, tz))
+    fleetlock = None
+    if r.get("reboot.fleetlock", None, dict) is not None:
+        r.unknown("reboot.fleetlock", {"url", "group", "machine_id"})
+        url = str(r.get("reboot.fleetlock.url", kind=str))
+        why = urls.problem(url)
+        if why is not None:
+            r.fail("reboot.fleetlock.url", f"{why} (the base URL of a FleetLock server)")
+        group = str(r.get("reboot.fleetlock.group", "default", str))
+        if not FLEETLOCK_GROUP.fullmatch(group):
+            r.fail("reboot.fleetlock.group", f"{urls.short(group, 40)} is not a group name: letters, digits, "
+                                             "dots and dashes only")
+        fleetlock = FleetLockConfig(url.rstrip("/"), group,
+                                    str(r.get("reboot.fleetlock.machine_id", "/etc/machine-id", str)))
+    return RebootConfig(policy, tuple(parsed), fleetlock, _duration(r, "reboot.notice", 0, int, 0),
+                        _duration(r, "reboot.max_postpone", 4 * 3600, int, 0),
+                        _duration(r, "reboot.max_inhibit_delay", 900, int, 0))
+
+
 def parse(text: str, path: str = "agent.yaml") -> Config:
     r = _Reader(path, text)
     r.unknown("", {"server", "app", "slots", "boot", "state_dir", "schedule", "reboot", "health", "install", "dbus",
@@ -298,7 +371,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                               "targetversionprefix", "rollback_allowed"},
                       "boot": {"backend", "tries", "env", "disk", "labels", "fw_config"},
                       "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
-                      "reboot": {"policy"}, "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout"},
+                      "reboot": {"policy", "windows", "fleetlock", "notice", "max_postpone", "max_inhibit_delay"},
+                      "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout"},
                       "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"}}.items():
         r.unknown(sec, keys)
 
@@ -372,9 +446,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                               _duration(r, "schedule.initial_delay", 600, int, 0),
                               _duration(r, "schedule.backoff_cap", 18000, int, 60),
                               _duration(r, "schedule.backoff_base", 60, int, 1))
-    policy = str(r.get("reboot.policy", "manual", str))
-    if policy not in ("manual", "immediate"):
-        r.fail("reboot.policy", f"must be manual or immediate, not {policy!r}")
+    reboot = _reboot(r)
     commands = r.get("health.commands", [], list)
     if not all(isinstance(c, str) and c.strip() for c in commands):
         r.fail("health.commands", "must be a list of shell command strings")
@@ -391,7 +463,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     trust = TrustConfig(tuple(keys), r.get("trust.require_signature", True, bool))
     return Config(
         path=path, server=server, app=app, slots=slots, boot=boot, state_dir=state_dir, schedule=schedule,
-        reboot=RebootConfig(policy),
+        reboot=reboot,
         health=HealthConfig(tuple(commands), _duration(r, "health.timeout", 300, int, 1), after,
                             _duration(r, "health.boot_complete_timeout", 900, int, 1)),
         install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1))),

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-SETTLED = ("idle", "updated-need-reboot")
+SETTLED = ("idle", "updated-need-reboot", "reboot-pending")
 
 
 def _when(ts: int, now: float) -> str:
@@ -43,6 +43,10 @@ def render_status(s: dict, now: float) -> str:
     if s["operation"] == "downloading":
         lines.append(f"downloaded:     {_size(s['bytes_downloaded'])} ({s['progress'] * 100:.0f}%, "
                      f"{_size(s.get('rate', 0))}/s)")
+    if s.get("reboot_time"):
+        waiting = s.get("reboot_waiting_for") or "nothing: asked of logind"
+        lines.append(f"reboot:         into {s.get('reboot_version') or '?'} at {_when(s['reboot_time'], now)}; "
+                     f"waiting for {waiting}")
     lines += [f"last check:     {_when(s.get('last_check', 0), now)}",
               f"next check:     {_when(s.get('next_check', 0), now)}",
               f"last error:     {s.get('last_error') or '-'}",
@@ -186,8 +190,8 @@ async def watch(limit: float | None = None) -> int:
     return await _with_client(run)
 
 
-async def simple(member: str) -> int:
-    print(await _with_client(lambda c: c.call(member)))
+async def simple(member: str, *args) -> int:
+    print(await _with_client(lambda c: c.call(member, *args)))
     return 0
 
 

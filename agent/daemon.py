@@ -17,7 +17,7 @@ from .boot.worker import TIMEOUT as BOOT_TIMEOUT, BootWorker
 from .clock import SYSTEM, Clock
 from .config import Config
 from .context import Context
-from .machine import Check, NoOp, Settle
+from .machine import Check, NoOp, Operation, Settle
 from .owner import Owner, Reply, describe
 from .reporter import Reporter
 from .settle import Settler
@@ -124,6 +124,7 @@ class Agent:
         elif ctx.status.trust.startswith("no trusted key"):
             log.error("%s", ctx.status.trust)
         self.owner.wait_for_boot_complete = wait_for_boot_complete
+        self.owner.once = once
         self.owner.start()
         settled = await self.owner.submit(Settle())
         await ctx.status.refresh_slots()
@@ -145,7 +146,7 @@ class Agent:
     async def run_once(self) -> str:
         try:
             settled = await self.start(once=True)  # (a one-shot run keeps stderr for its verdict)
-            if settled.job is not None:  # the health step of a trial boot
+            if settled.job is not None:  # the health step of a trial boot, or the reboot into a waiting update
                 await settled.job
             delivered = await self.reporter.flush()
             reply = await self.owner.submit(Check(interactive=True))
@@ -158,6 +159,9 @@ class Agent:
                 if not outcome.ok:
                     raise AgentError(outcome.message)
                 result = outcome.message
+                reboot_job = self.owner.job  # the policy planned a reboot into what was installed
+                if reboot_job is not None and self.status.operation is Operation.REBOOT_PENDING:
+                    result += f"; {(await reboot_job).message}"
             if not delivered and self.ctx.state.events:
                 await self.reporter.flush()
             if self.ctx.state.events:

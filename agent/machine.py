@@ -8,22 +8,25 @@ a side effect the table does not name.
 
 Operations: ``starting`` (before the start-up settle), ``idle``, ``checking``, ``update-available``,
 ``downloading``, ``verifying``, ``finalizing`` (the update job), ``reporting-error`` (a job reporting its
-failure), ``updated-need-reboot`` (an armed trial waits for a reboot), ``awaiting-boot-complete`` (the trial
+failure), ``updated-need-reboot`` (an armed trial waits for a reboot nobody planned: the manual policy, or one
+already asked of logind), ``reboot-pending`` (the reboot job: a planned reboot waits for its time, a maintenance
+window, a shutdown inhibitor or the fleet's lock, then reboots), ``awaiting-boot-complete`` (the trial
 slot booted; its health step waits for boot-complete.target), ``health-check`` (the health step runs).
 
-================================  =========  ==============  =============  ==============  =============  ========  ========
-operation \\ command              check      cancel          mark-good      reset           reboot         confirm   install⁶
-================================  =========  ==============  =============  ==============  =============  ========  ========
-starting                          refuse     refuse          refuse         refuse          refuse         refuse    refuse
-idle                              ACT job    refuse          no-op¹         no-op           refuse         no-op     ACT job
-checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse
-downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse
-verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op     refuse
-reporting-error                   no-op      refuse          no-op²         refuse          refuse         no-op     refuse
-updated-need-reboot               no-op      refuse          no-op          ACT → idle³     ACT reboot     no-op     refuse
-awaiting-boot-complete            refuse     refuse          ACT trial⁴     refuse          refuse         ACT job   refuse
-health-check                      refuse     refuse          refuse⁵        refuse          refuse         no-op     refuse
-================================  =========  ==============  =============  ==============  =============  ========  ========
+================================  =========  ==============  =============  ==============  =============  ========  ========  =========
+operation \\ command              check      cancel          mark-good      reset           reboot         confirm   install⁶  postpone
+================================  =========  ==============  =============  ==============  =============  ========  ========  =========
+starting                          refuse     refuse          refuse         refuse          refuse         refuse    refuse    refuse
+idle                              ACT job    refuse          no-op¹         no-op           refuse         no-op     ACT job   refuse
+checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse
+downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse
+verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse
+reporting-error                   no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse
+updated-need-reboot               no-op      refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    refuse⁸
+reboot-pending                    no-op      refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    ACT⁸
+awaiting-boot-complete            refuse     refuse          ACT trial⁴     refuse          refuse         ACT job   refuse    refuse
+health-check                      refuse     refuse          refuse⁵        refuse          refuse         no-op     refuse    refuse
+================================  =========  ==============  =============  ==============  =============  ========  ========  =========
 
 The start-up ``settle`` is acted on in ``starting`` only (a no-op anywhere else); ``health-timeout`` (boot-complete
 never came) is acted on in ``awaiting-boot-complete`` only. ``job-done`` (the owner's own command when a job
@@ -40,6 +43,10 @@ goes back to ``awaiting-boot-complete``: the trial is still undecided).
 5. The running health step decides; a second, concurrent verdict would report the trial twice.
 6. An offline install (a payload file and its signature envelope) runs the update job from the file; anywhere
    else it is refused, not queued: the caller asked for that file now.
+7. An operator's reboot: now, without waiting for a window, the notice or a shutdown inhibitor; the fleet's lock
+   (FleetLock) is still taken first when one is configured. In ``reboot-pending`` it replaces the plan.
+8. ``PostponeReboot`` moves a planned reboot later, at most ``reboot.max_postpone`` past its first planned time
+   (refused once that bound is reached); with nothing planned (the manual policy) there is nothing to move.
 """
 from __future__ import annotations
 
@@ -58,6 +65,7 @@ class Operation(str, Enum):
     VERIFYING = "verifying"
     FINALIZING = "finalizing"
     NEED_REBOOT = "updated-need-reboot"
+    REBOOT_PENDING = "reboot-pending"
     REPORTING_ERROR = "reporting-error"
     AWAITING_BOOT_COMPLETE = "awaiting-boot-complete"
     HEALTH_CHECK = "health-check"
@@ -66,7 +74,8 @@ class Operation(str, Enum):
 _O = Operation
 UPDATE_JOB = frozenset({_O.CHECKING, _O.UPDATE_AVAILABLE, _O.DOWNLOADING, _O.VERIFYING, _O.FINALIZING,
                         _O.REPORTING_ERROR})
-JOB = UPDATE_JOB | {_O.HEALTH_CHECK}
+JOB = UPDATE_JOB | {_O.HEALTH_CHECK, _O.REBOOT_PENDING}
+WAITING_FOR_REBOOT = frozenset({_O.NEED_REBOOT, _O.REBOOT_PENDING})
 TRIAL_BOOT = frozenset({_O.AWAITING_BOOT_COMPLETE, _O.HEALTH_CHECK})
 
 TRANSITIONS: dict[Operation, frozenset[Operation]] = {
@@ -77,7 +86,8 @@ TRANSITIONS: dict[Operation, frozenset[Operation]] = {
     _O.DOWNLOADING: frozenset({_O.VERIFYING, _O.REPORTING_ERROR, _O.IDLE}),
     _O.VERIFYING: frozenset({_O.FINALIZING, _O.REPORTING_ERROR, _O.IDLE, _O.DOWNLOADING}),
     _O.FINALIZING: frozenset({_O.NEED_REBOOT, _O.REPORTING_ERROR}),
-    _O.NEED_REBOOT: frozenset({_O.IDLE}),
+    _O.NEED_REBOOT: frozenset({_O.IDLE, _O.REBOOT_PENDING}),
+    _O.REBOOT_PENDING: frozenset({_O.IDLE, _O.NEED_REBOOT}),
     _O.REPORTING_ERROR: frozenset({_O.IDLE, _O.NEED_REBOOT}),
     _O.AWAITING_BOOT_COMPLETE: frozenset({_O.HEALTH_CHECK, _O.IDLE}),
     _O.HEALTH_CHECK: frozenset({_O.IDLE, _O.REPORTING_ERROR, _O.AWAITING_BOOT_COMPLETE}),
@@ -158,6 +168,11 @@ class ConfirmBoot:
 
 
 @dataclass(frozen=True)
+class PostponeReboot:
+    seconds: int
+
+
+@dataclass(frozen=True)
 class Settle:
     pass
 
@@ -174,7 +189,8 @@ class JobDone:
     job: object = None  # which job (an opaque token of the owner's): a late word from an ended one is ignored
 
 
-Command = Check | InstallFile | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | Settle | HealthTimeout | JobDone
+Command = (Check | InstallFile | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | PostponeReboot | Settle | HealthTimeout
+           | JobDone)
 
 
 # ---------------------------------------------------------------------------------------------- decisions
@@ -186,7 +202,8 @@ class Action(str, Enum):
     START_HEALTH_JOB = "run the health step"
     FAIL_TRIAL = "fail the trial: mark it bad, report 3/0, reboot back"
     RESET = "back to idle; the armed update stays armed"
-    REBOOT = "reboot into the installed update"
+    REBOOT = "reboot into the installed update now"
+    POSTPONE_REBOOT = "move the planned reboot later"
     SETTLE = "settle the last update"
     END_JOB = "set the operation the job ended in"
 
@@ -229,7 +246,7 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
             return Act(Action.START_UPDATE_JOB)
         if op in UPDATE_JOB:
             return NoOp(f"a check is already running ({op.value})")
-        if op is _O.NEED_REBOOT:
+        if op in WAITING_FOR_REBOOT:
             return NoOp(waiting)
         return Refuse(f"{trial}: no update check before it is confirmed ({op.value})", "Busy")
     if isinstance(command, InstallFile):
@@ -237,7 +254,7 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
             return Act(Action.START_INSTALL_JOB)
         if op in UPDATE_JOB:
             return Refuse(f"an update is already running ({op.value}); try again when it ends", "Busy")
-        if op is _O.NEED_REBOOT:
+        if op in WAITING_FOR_REBOOT:
             return Refuse(f"{waiting}; reboot first (or reset to replace it)", "Busy")
         return Refuse(f"{trial}: no install before it is confirmed ({op.value})", "Busy")
     if isinstance(command, Cancel):
@@ -245,8 +262,9 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
             return Act(Action.CANCEL_JOB)
         if op in (_O.VERIFYING, _O.FINALIZING):
             return Refuse(f"the update is {op.value}; that step cannot be interrupted", "Busy")
-        if op is _O.NEED_REBOOT:
-            return Refuse(f"no download is running: {waiting}", "NothingToCancel")
+        if op in WAITING_FOR_REBOOT:
+            return Refuse(f"no download is running: {waiting} (PostponeReboot moves a planned reboot)",
+                          "NothingToCancel")
         return Refuse(f"no download is running (the agent is {op.value})", "NothingToCancel")
     if isinstance(command, MarkGood):
         if op is _O.IDLE:
@@ -261,19 +279,26 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
         if not booted_good:
             return Refuse("the running slot is not good: its update failed here (and was reported so) or its state "
                           "cannot be read; reboot to go back to the other slot", "NotConfirmable")
-        if op is _O.NEED_REBOOT:
+        if op in WAITING_FOR_REBOOT:
             return NoOp(f"the running slot is already good; {waiting}")
         return NoOp("the running slot is already good")
     if isinstance(command, Reset):
-        if op is _O.NEED_REBOOT:
+        if op in WAITING_FOR_REBOOT:
             return Act(Action.RESET)
         if op is _O.IDLE:
             return NoOp("idle")
         return Refuse(f"cannot reset while {op.value}", "Busy")
     if isinstance(command, Reboot):
-        if op is _O.NEED_REBOOT:
+        if op in WAITING_FOR_REBOOT:
             return Act(Action.REBOOT)
         return Refuse(f"no update waits for a reboot (the agent is {op.value})", "NothingToReboot")
+    if isinstance(command, PostponeReboot):
+        if op is _O.REBOOT_PENDING:
+            return Act(Action.POSTPONE_REBOOT)
+        if op is _O.NEED_REBOOT:
+            return Refuse(f"no reboot is planned to postpone: {waiting} (reboot.policy is manual, or the reboot "
+                          "was already asked for)", "NothingToPostpone")
+        return Refuse(f"no reboot is planned (the agent is {op.value})", "NothingToPostpone")
     if isinstance(command, ConfirmBoot):
         if op is _O.AWAITING_BOOT_COMPLETE:
             return Act(Action.START_HEALTH_JOB)

@@ -19,7 +19,7 @@ from .boot import BootError, SlotState
 from .machine import (
     TRIAL_BOOT, Act, Action, Command, Decision, HealthTimeout, JobDone, MarkGood, NoOp, Operation, Refuse, decide,
 )
-from .reboot import reboot
+from .reboot import Rebooter, Refused
 from .settle import Found
 from .slots import SlotError
 
@@ -66,12 +66,15 @@ def describe(exc: BaseException) -> str:
 
 
 class Owner:
-    def __init__(self, ctx, settler, attempt, *, wait_for_boot_complete: bool = False):
+    def __init__(self, ctx, settler, attempt, *, wait_for_boot_complete: bool = False, rebooter=None):
         self.ctx = ctx
         self.settler = settler
         self.attempt = attempt
         self.reporter = attempt.reporter
+        self.rebooter = rebooter or Rebooter(ctx, self.reporter.http)
         self.wait_for_boot_complete = wait_for_boot_complete
+        self.once = False  # a one-shot run: the reboot job does not wait (for a window, a lock, an inhibitor)
+        self._reset = False  # a reset cancelled the reboot job: it ends in idle
         self.job: asyncio.Task | None = None
         self.job_ended = asyncio.Event()  # set whenever a job ends (the schedule plans the next check then)
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -130,6 +133,9 @@ class Owner:
             try:
                 message, job = await self._act(decision.action, command)
                 reply = Reply(decision, message, job)
+            except Refused as exc:  # what only acting could tell (a postponement past its bound)
+                log.info("%s in %s: refuse (%s)", name, operation.value, exc.refuse.reason)
+                reply = Reply(exc.refuse, exc.refuse.reason)
             except Exception as exc:
                 reason = describe(exc)
                 if not isinstance(exc, (BootError, SlotError, OSError, CommandFailed)):
@@ -180,6 +186,7 @@ class Owner:
             self._stop_timer()
             ctx.spawn(self.reporter.flush(), "sending the 3/2")  # the caller does not wait for the server
             self.flow.to(Operation.IDLE)
+            self.rebooter.release_when_steady()
             return f"slot {ctx.booted} marked good", None
         if action is Action.START_HEALTH_JOB:
             self._stop_timer()
@@ -191,13 +198,18 @@ class Owner:
             failure = f"boot-complete.target was not reached within {command.seconds:g} s"
             return failure, self._start_job(self._health_job(failure), "health step")
         if action is Action.RESET:
+            self.rebooter.drop()
+            if self.flow.operation is Operation.REBOOT_PENDING and self.job is not None and not self.job.done():
+                self._reset = True  # the reboot job ends in idle
+                self.job.cancel()
+                return f"the planned reboot is dropped; version {status.new_version} stays installed", None
             self.flow.to(Operation.IDLE)
             status.clear_offer()
             return "idle", None
         if action is Action.REBOOT:
-            version = status.new_version
-            await reboot(ctx, f"asked to boot {version}", force=True)
-            return f"rebooting into {version}", None
+            return self._plan_reboot(forced=True)
+        if action is Action.POSTPONE_REBOOT:
+            return self.rebooter.postpone(command.seconds), None
         raise AssertionError(f"no execution for {action}")
 
     async def _settle(self) -> tuple[str, asyncio.Task | None]:
@@ -209,6 +221,8 @@ class Owner:
             raise CommandFailed(f"start-up could not settle the last update: {describe(exc)}") from None
         if found is Found.WAITING:
             self.flow.to(Operation.NEED_REBOOT)
+            if ctx.config.reboot.policy != "manual":
+                return self._plan_reboot(forced=False)
             return f"version {ctx.status.new_version} is installed and waits for a reboot", None
         if found is Found.TRIAL_BOOT and self.wait_for_boot_complete:
             self.flow.to(Operation.AWAITING_BOOT_COMPLETE)
@@ -219,6 +233,7 @@ class Owner:
             self.flow.to(Operation.HEALTH_CHECK)
             return f"checking the health of slot {ctx.booted}", self._start_job(self._health_job(None), "health step")
         self.flow.to(Operation.IDLE)
+        self.rebooter.release_when_steady()
         return "settled", None
 
     async def _boot_complete_timer(self, timeout: float) -> None:
@@ -245,13 +260,16 @@ class Owner:
                       done.operation.value, before.value)
         if done.operation is Operation.AWAITING_BOOT_COMPLETE:
             self._start_timer()
-        if done.operation is Operation.NEED_REBOOT and before is Operation.FINALIZING:
-            try:
-                await reboot(self.ctx, f"update to {self.ctx.status.new_version} installed")
-            except Exception as exc:  # the update stays armed; an operator can still Reboot
-                await self._record_error(f"could not reboot into {self.ctx.status.new_version}: {describe(exc)}")
+        if before is Operation.REBOOT_PENDING:
+            self._reset = False
+            self.rebooter.drop()
+        if (done.operation is Operation.NEED_REBOOT and before is Operation.FINALIZING
+                and self.ctx.config.reboot.policy != "manual"):
+            message, _ = self._plan_reboot(forced=False)
+            log.info("%s", message)
         if self.flow.operation is Operation.IDLE:
             self.ctx.status.clear_offer()
+            self.rebooter.release_when_steady()
         if self.ctx.state.events:  # what a cancelled or failed job left queued goes out now, not at the next check
             self.ctx.spawn(self.reporter.flush(), "sending the queued events")
         self.job_ended.set()
@@ -311,7 +329,25 @@ class Owner:
             await self.submit(JobDone(self._job_end(what), failed, task))
         return Outcome(not failed, message)
 
+    def _plan_reboot(self, forced: bool) -> tuple[str, asyncio.Task | None]:
+        """Plans the reboot into the armed update and runs the reboot job (a running one takes the new plan)."""
+        version = self.ctx.status.new_version
+        plan = self.rebooter.schedule(version, forced)
+        from .windows import describe as when
+        message = f"rebooting into {version}" if forced else f"reboot into {version} planned for {when(plan.at)}"
+        if self.flow.operation is Operation.REBOOT_PENDING and self.job is not None and not self.job.done():
+            return message, None
+        self.flow.to(Operation.REBOOT_PENDING)
+        return message, self._start_job(self._reboot_job(), "reboot")
+
+    async def _reboot_job(self) -> str:
+        message = await self.rebooter.run(once=self.once)
+        log.info("%s", message)
+        return message
+
     def _job_end(self, what: str) -> Operation:
+        if what == "reboot" and self._reset:
+            return Operation.IDLE
         trial = self.ctx.state.trial
         if trial is not None and trial.armed and trial.slot != self.ctx.booted:
             return Operation.NEED_REBOOT

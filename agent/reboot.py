@@ -1,14 +1,73 @@
-"""Rebooting: through logind on a real system, through the simulated bootloader on the sim backend."""
+"""Reboots: when (the policy, maintenance windows, the notice, postponements), whether now (shutdown inhibitors,
+the fleet's lock) and how (logind, or the simulated bootloader).
+
+A planned reboot is the owner's reboot job (operation ``reboot-pending``): ``Rebooter.run`` publishes the plan
+(version, time, what it waits for), waits for its time and, under the windows policy, for a window; then, unless
+an operator forced it, for every ``block`` inhibitor on shutdown to go (at most ``reboot.max_inhibit_delay``,
+after which it waits for the next window, never forcing); then takes the fleet's lock (FleetLock) when one is
+configured, retrying with backoff and never rebooting without it; then reboots. The lock is given back
+(``steady-state``) once the device runs a good slot again: after the new slot is confirmed, or after a fallback.
+
+Every wait re-reads the wall clock in steps of at most ``STEP`` seconds, so a suspend, a clock step or a
+postponement is seen within a step.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import dataclass
+
+from . import windows
+from .machine import Refuse
 
 log = logging.getLogger("omaha-agent")
 
+STEP = 300.0  # seconds: the longest sleep before the clock is read again
+INHIBIT_POLL = 15.0  # seconds between two reads of logind's inhibitors while one holds a reboot back
+BACKOFF_BASE, BACKOFF_CAP = 30.0, 1800.0  # a refused or unreachable fleet lock, a failed reboot request
+
+
+@dataclass
+class Plan:
+    version: str
+    at: float  # when the reboot is due (epoch seconds), as announced
+    first: float  # the first announced time: postponements are bounded from it
+    forced: bool = False  # an operator asked: no window, notice or inhibitor wait
+    waiting_for: str = ""  # what the reboot waits for now, in words
+
+
+class Refused(Exception):
+    """A command the plan refuses (``machine.Refuse`` as an exception, for the owner)."""
+
+    def __init__(self, refuse: Refuse):
+        super().__init__(refuse.reason)
+        self.refuse = refuse
+
+
+def postponed(plan: Plan, now: float, seconds: int, max_postpone: int) -> tuple[float, bool] | Refuse:
+    """Where ``PostponeReboot(seconds)`` moves ``plan``: (new time, whether the bound cut it short), or a refusal."""
+    if seconds <= 0:
+        return Refuse("postpone by at least one second", "InvalidArgs")
+    bound = plan.first + max_postpone
+    if max_postpone == 0:
+        return Refuse("postponing is turned off on this device (reboot.max_postpone is 0)", "PostponeLimit")
+    if plan.at >= bound:
+        return Refuse(f"the reboot was already postponed as far as this device allows ({max_postpone} s past its "
+                      "first planned time)", "PostponeLimit")
+    wanted = max(plan.at, now) + seconds
+    return (min(wanted, bound), wanted > bound)
+
+
+def backoff(failures: int, rng) -> float:
+    """Equal jitter: half the doubling delay, plus up to the other half at random."""
+    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(max(failures, 1) - 1, 16))
+    return delay / 2 + rng.uniform(0, delay / 2)
+
 
 async def reboot(ctx, why: str, force: bool = False) -> None:
-    """Reboots when the policy is ``immediate`` or ``force`` (an operator asked); otherwise logs that one is due."""
-    if ctx.config.reboot.policy != "immediate" and not force:
+    """Reboots at once when the policy is not ``manual`` or ``force``; otherwise logs that one is due. (The
+    fallback after a failed trial: running a version that failed is worse than any wait.)"""
+    if ctx.config.reboot.policy == "manual" and not force:
         log.info("reboot needed (%s); policy is manual", why)
         return
     log.info("rebooting: %s", why)
@@ -17,3 +76,208 @@ async def reboot(ctx, why: str, force: bool = False) -> None:
         return
     from .logind import reboot as logind_reboot
     await logind_reboot()
+
+
+class Rebooter:
+    def __init__(self, ctx, http, inhibitors=None):
+        self.ctx = ctx
+        self.http = http  # async () -> the aiohttp session (the reporter's: the same TLS settings)
+        self.plan: Plan | None = None
+        self._wake = asyncio.Event()
+        self._release: asyncio.Task | None = None
+        # async () -> list[logind.Inhibitor]: logind's, except on the simulated bootloader (no logind there)
+        self.inhibitors = inhibitors
+        if inhibitors is None and ctx.config.boot.backend != "sim":
+            from .logind import inhibitors as logind_inhibitors
+            self.inhibitors = logind_inhibitors
+
+    @property
+    def config(self):
+        return self.ctx.config.reboot
+
+    # -------------------------------------------------------------- the plan
+    def schedule(self, version: str, forced: bool = False) -> Plan:
+        """Plans the reboot into ``version``: after the notice (and in a window), or now when ``forced``."""
+        now = self.ctx.now()
+        at = now if forced else now + self.config.notice
+        if not forced and self.config.policy == "windows":
+            at = windows.allowed_at(self.config.windows, at)
+        self.plan = Plan(version, at, at, forced)
+        self._publish(self.plan, "its time")
+        self._wake.set()
+        log.info("reboot into %s planned for %s%s", version, windows.describe(at),
+                 " (asked for now)" if forced else "")
+        return self.plan
+
+    def postpone(self, seconds: int) -> str:
+        plan = self.plan
+        if plan is None:
+            raise Refused(Refuse("no reboot is planned", "NothingToPostpone"))
+        answer = postponed(plan, self.ctx.now(), seconds, self.config.max_postpone)
+        if isinstance(answer, Refuse):
+            raise Refused(answer)
+        plan.at, cut = answer
+        plan.forced = False  # a postponed reboot waits again for what a planned one waits for
+        self._publish(plan, "its time")
+        self._wake.set()
+        log.info("reboot into %s postponed to %s", plan.version, windows.describe(plan.at))
+        return (f"reboot into {plan.version} postponed to {windows.describe(plan.at)}"
+                + (" (the most reboot.max_postpone allows)" if cut else ""))
+
+    def drop(self) -> None:
+        self.plan = None
+        self.ctx.status.reboot = None
+        self.ctx.status.notify()
+
+    def _publish(self, plan: Plan, waiting_for: str) -> None:
+        plan.waiting_for = waiting_for
+        self.ctx.status.reboot = {"version": plan.version, "time": plan.at, "waiting_for": waiting_for}
+        self.ctx.status.notify()
+
+    async def _nap(self, seconds: float) -> None:
+        self._wake.clear()
+        await self.ctx.clock.sleep(max(1.0, min(seconds, STEP)), self._wake)
+
+    # -------------------------------------------------------------- the job
+    async def run(self, once: bool = False) -> str:
+        """The reboot job: returns once the reboot was asked for (or, with ``once``, at the first wait)."""
+        ctx, cfg = self.ctx, self.config
+        held_since: float | None = None
+        failures = 0
+        while True:
+            plan, now = self.plan, ctx.now()
+            if plan is None:
+                return "no reboot planned"
+            due = plan.at
+            if not plan.forced and cfg.policy == "windows":
+                due = windows.allowed_at(cfg.windows, plan.at)
+                if due != plan.at:  # its window closed meanwhile (a suspend, a postponement, an inhibitor)
+                    plan.at = due
+                    log.info("reboot into %s moved to the next maintenance window, %s", plan.version,
+                             windows.describe(due))
+            if due > now:
+                self._publish(plan, "the maintenance window" if cfg.policy == "windows" and not plan.forced
+                              else "its time")
+                if once:
+                    return f"reboot into {plan.version} planned for {windows.describe(due)}"
+                await self._nap(due - now)
+                continue
+            if not plan.forced:
+                blockers = await self._blockers()
+                if blockers:
+                    held_since = now if held_since is None else held_since
+                    if cfg.policy == "windows" and now - held_since >= cfg.max_inhibit_delay:
+                        plan.at = windows.after_current(cfg.windows, now)
+                        held_since = None
+                        log.warning("reboot into %s held back by %s for %d s: waiting for the next window, %s",
+                                    plan.version, blockers[0], cfg.max_inhibit_delay, windows.describe(plan.at))
+                        continue
+                    self._publish(plan, f"a shutdown inhibitor held by {blockers[0]}")
+                    if once:
+                        return f"reboot into {plan.version} held back by {blockers[0]}"
+                    await self._nap(INHIBIT_POLL)
+                    continue
+                held_since = None
+            if cfg.fleetlock is not None:
+                why = await self._take_lock()
+                if why is not None:
+                    failures += 1
+                    await self._waits(plan, f"the fleet lock ({why})")
+                    if once:
+                        return f"reboot into {plan.version} waits for the fleet lock: {why}"
+                    await self._nap(backoff(failures, ctx.rng))
+                    continue
+            self._publish(plan, "")
+            try:
+                await reboot(ctx, f"update to {plan.version} installed", force=True)
+            except Exception as exc:  # logind refused or is unreachable: the update stays armed, retried
+                from .owner import describe
+                failures += 1
+                await self._waits(plan, f"logind (could not reboot: {describe(exc)})")
+                if once:
+                    raise
+                await self._nap(backoff(failures, ctx.rng))
+                continue
+            return f"rebooting into {plan.version}"
+
+    async def _waits(self, plan: Plan, what: str) -> None:
+        self._publish(plan, what)
+        line = f"reboot into {plan.version} waits for {what}"
+        log.warning("%s", line)
+        self.ctx.state.last_error = line
+        try:
+            await self.ctx.store.commit()
+        except OSError as exc:
+            log.error("could not save the state: %s", exc)
+
+    async def _blockers(self) -> list:
+        if self.inhibitors is None:
+            return []
+        from .logind import LogindError, blocking_shutdown
+        try:
+            return blocking_shutdown(await self.inhibitors())
+        except LogindError as exc:  # the reboot itself goes through logind and says what is wrong
+            log.warning("could not read logind's inhibitors: %s", exc)
+            return []
+
+    # -------------------------------------------------------------- the fleet's lock
+    def _client(self) -> str:
+        from . import fleetlock
+        return fleetlock.client_id(self.config.fleetlock.machine_id)
+
+    async def _take_lock(self) -> str | None:
+        """Takes the lock (None), or says why not. The state notes a lock may be held before the request goes out."""
+        from . import fleetlock
+        if self._release is not None:
+            self._release.cancel()  # a lock is being given back while a new reboot wants one: keep it instead
+            self._release = None
+        lock, state = self.config.fleetlock, self.ctx.state
+        try:
+            client = self._client()
+        except (OSError, ValueError) as exc:
+            return f"no device ID: {exc}"
+        if state.fleet_lock != lock.group:
+            state.fleet_lock = lock.group
+            await self.ctx.store.commit()
+        answer = await fleetlock.call(await self.http(), lock.url, "pre-reboot", client, lock.group)
+        if isinstance(answer, fleetlock.Granted):
+            log.info("fleet lock taken (group %s)", lock.group)
+            return None
+        return str(answer)
+
+    def release_when_steady(self) -> None:
+        """Gives the fleet's lock back in the background (retried until the server says 200), when the state says
+        one may be held and the running slot is good."""
+        if not self.ctx.state.fleet_lock or (self._release is not None and not self._release.done()):
+            return
+        self._release = self.ctx.spawn(self._give_back(), "giving back the fleet lock")
+
+    async def _give_back(self) -> None:
+        from . import fleetlock
+        from .boot import BootError, SlotState
+        ctx, lock, group = self.ctx, self.config.fleetlock, self.ctx.state.fleet_lock
+        try:
+            if (await ctx.boot.status())[ctx.booted].state is not SlotState.GOOD:
+                return  # a trial, or a slot that failed and reboots back: not steady yet
+        except (BootError, KeyError):
+            return
+        if lock is None:
+            log.warning("a fleet lock of group %s may still be held, but reboot.fleetlock is no longer configured",
+                        group)
+            ctx.state.fleet_lock = ""
+            await ctx.store.commit()
+            return
+        client = self._client()
+        failures = 0
+        while True:
+            answer = await fleetlock.call(await self.http(), lock.url, "steady-state", client, group)
+            if isinstance(answer, fleetlock.Granted):
+                log.info("fleet lock given back (group %s)", group)
+                ctx.state.fleet_lock = ""
+                await ctx.store.commit()
+                return
+            failures += 1
+            ctx.state.last_error = f"could not give back the fleet lock: {answer}"
+            log.warning("%s", ctx.state.last_error)
+            ctx.status.notify()
+            await ctx.clock.sleep(backoff(failures, ctx.rng))

@@ -83,6 +83,7 @@ class State:
     next_check: float | None = None
     retry_after_until: float | None = None
     last_error: str = ""
+    fleet_lock: str = ""  # the FleetLock group whose reboot slot may be held (asked for, not yet given back)
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -178,7 +179,8 @@ class _EventFields:
 
 
 _PLAIN = {"ping": dict, "cohort": dict, "failures": int, "last_check": (int, float, type(None)),
-          "next_check": (int, float, type(None)), "retry_after_until": (int, float, type(None)), "last_error": str}
+          "next_check": (int, float, type(None)), "retry_after_until": (int, float, type(None)), "last_error": str,
+          "fleet_lock": str}
 _RECORDS = {"trial": trial_from, "blocked": blocked_from, "download": checkpoint_from}
 
 
@@ -188,7 +190,8 @@ def from_json(data: dict) -> tuple[State, list[str]]:
     for key, kind in _PLAIN.items():
         if key in data:
             value = data[key]
-            ok = _kind(value, kind) and (key != "failures" or 0 <= value <= 1_000_000)
+            ok = (_kind(value, kind) and (key != "failures" or 0 <= value <= 1_000_000)
+                  and (key != "fleet_lock" or len(value) <= 256))
             if ok:
                 setattr(state, key, value)
             else:

@@ -37,6 +37,7 @@ class StatusBoard:
         self.slots: dict = {}
         self.listeners: list = []  # callables(snapshot)
         self.trust = ""  # what a release must carry to be installed, in words (set at start-up)
+        self.reboot: dict | None = None  # the planned reboot: version, time, waiting_for (reboot.Rebooter)
 
     @property
     def operation(self) -> Operation:
@@ -81,4 +82,7 @@ class StatusBoard:
             "pending_events": len(state.events),
             "waiting_for_boot_complete": self.flow.operation is Operation.AWAITING_BOOT_COMPLETE,
             "trust": self.trust,
+            "reboot_version": self.reboot["version"] if self.reboot else "",
+            "reboot_time": int(self.reboot["time"]) if self.reboot else 0,
+            "reboot_waiting_for": self.reboot["waiting_for"] if self.reboot else "",
         }

@@ -78,6 +78,8 @@ def status_line(snapshot: dict) -> str:
         return f"downloading {snapshot['new_version']}: {snapshot['progress'] * 100:.0f}%"
     if op == "updated-need-reboot":
         return f"{snapshot['new_version']} installed, waiting for a reboot"
+    if op == "reboot-pending":
+        return f"{snapshot['new_version']} installed, reboot waits for {snapshot.get('reboot_waiting_for') or 'logind'}"
     if snapshot.get("waiting_for_boot_complete"):
         return f"running {snapshot['current_version']} on trial, waiting for boot-complete.target"
     if op in ("idle",):

@@ -35,7 +35,7 @@ def test_defaults_fill_in():
     (lambda t: t + "boot2: 1\n", "agent.yaml:11: boot2: unknown key"),
     (lambda t: t.replace("  b: {file: /tmp/b.img}\n", ""), "slots: slot b must be one of"),
     (lambda t: t + "schedule:\n  interval: soon\n", "agent.yaml:12: schedule.interval: must be a whole number"),
-    (lambda t: t + "reboot: {policy: yolo}\n", "agent.yaml:11: reboot.policy: must be manual or immediate"),
+    (lambda t: t + "reboot: {policy: yolo}\n", "agent.yaml:11: reboot.policy: must be manual, immediate or windows"),
     (lambda t: t.replace("  env: /boot/grubenv\n", ""), "boot.env: missing"),
     (lambda t: t + "  tries: 12\n", "agent.yaml:11: boot.tries: must be between 1 and 9"),
     (lambda t: "server: [1, 2\n", "agent.yaml:2: not valid YAML"),

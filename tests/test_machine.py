@@ -8,13 +8,13 @@ import pytest
 from agent import machine
 from agent.machine import (
     Act, Action, Cancel, Check, ConfirmBoot, Decline, Flow, HealthTimeout, Install, InstallFile, JobDone, MarkGood, NoOp,
-    Operation, Reboot, Refuse, Reset, Settle, decide, may_install,
+    Operation, PostponeReboot, Reboot, Refuse, Reset, Settle, decide, may_install,
 )
 
 from .simdevice import ROOT
 
 COLUMNS = {"check": Check(True), "cancel": Cancel(), "mark-good": MarkGood(), "reset": Reset(), "reboot": Reboot(),
-           "confirm": ConfirmBoot(), "install": InstallFile("/media/usb/image.img")}
+           "confirm": ConfirmBoot(), "install": InstallFile("/media/usb/image.img"), "postpone": PostponeReboot(600)}
 EVERY_COMMAND = list(COLUMNS.values()) + [Settle(), HealthTimeout(900), JobDone(Operation.IDLE)]
 
 

@@ -6,7 +6,7 @@ from dbus_next import PropertyAccess
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
-from ..machine import Cancel, Check, ConfirmBoot, InstallFile, MarkGood, Reboot, Refuse
+from ..machine import Cancel, Check, ConfirmBoot, InstallFile, MarkGood, PostponeReboot, Reboot, Refuse
 from ..owner import Failed
 from . import convert
 
@@ -32,6 +32,13 @@ class Agent1(ServiceInterface):
         if changed or snapshot != self._status:
             self._status = snapshot
             self.StatusChanged()
+        if values["RebootTime"] and {"RebootTime", "RebootVersion"} & changed.keys():
+            self.RebootScheduled()  # a UI warns its user from this: which version, and when
+
+    @signal()
+    def RebootScheduled(self) -> "sx":
+        """A reboot into an installed update is planned (or moved): the version, and when (Unix seconds)."""
+        return [self._sent.get("RebootVersion", ""), self._sent.get("RebootTime", 0)]
 
     @signal()
     def StatusChanged(self) -> "a{sv}":
@@ -85,6 +92,21 @@ class Agent1(ServiceInterface):
     def Slots(self) -> "a{sa{sv}}":
         return self._get("Slots")
 
+    @dbus_property(access=PropertyAccess.READ)
+    def RebootVersion(self) -> "s":
+        return self._get("RebootVersion")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RebootTime(self) -> "x":
+        """When the planned reboot is due (Unix seconds); 0 when none is planned."""
+        return self._get("RebootTime")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RebootWaitingFor(self) -> "s":
+        """What the planned reboot waits for: its time, the maintenance window, a shutdown inhibitor (who holds
+        it and why), the fleet lock (the server's answer); "" once it is asked of logind."""
+        return self._get("RebootWaitingFor")
+
     # -------------------------------------------------------------- methods
     @method()
     def GetStatus(self) -> "a{sv}":
@@ -114,6 +136,11 @@ class Agent1(ServiceInterface):
     @method()
     async def Reboot(self) -> "s":
         return (await answer(self.agent, Reboot())).message
+
+    @method()
+    async def PostponeReboot(self, seconds: "u") -> "s":
+        """Moves the planned reboot ``seconds`` later (at most reboot.max_postpone past its first planned time)."""
+        return (await answer(self.agent, PostponeReboot(int(seconds)))).message
 
     @method()
     async def ConfirmBoot(self) -> "s":

@@ -16,6 +16,9 @@ PROPERTIES = {
     "BootedSlot": ("booted_slot", "s"),
     "LastError": ("last_error", "s"),
     "Slots": ("slots", "a{sa{sv}}"),
+    "RebootVersion": ("reboot_version", "s"),
+    "RebootTime": ("reboot_time", "x"),
+    "RebootWaitingFor": ("reboot_waiting_for", "s"),
 }
 
 

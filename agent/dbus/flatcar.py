@@ -18,6 +18,7 @@ STATUS = {
     "verifying": "UPDATE_STATUS_VERIFYING",
     "finalizing": "UPDATE_STATUS_FINALIZING",
     "updated-need-reboot": "UPDATE_STATUS_UPDATED_NEED_REBOOT",
+    "reboot-pending": "UPDATE_STATUS_UPDATED_NEED_REBOOT",
     "reporting-error": "UPDATE_STATUS_REPORTING_ERROR_EVENT",
 }
 
