@@ -183,15 +183,17 @@ class UpdateAttempt:
                               readback=ctx.config.install.verify == "readback", on_progress=self._progress,
                               on_checkpoint=self._checkpoint)
         log.info("downloading %s (%d bytes) onto slot %s from %s", offer.version, pkg.size, target, pkg.urls[0])
-        try:
-            result = await installer.install(ctx.boot, target, path, size, pkg, offer.version,
-                                             ctx.config.boot.tries, resume, _Hooks(self, offer, target, previous))
-        except InstallError as exc:
-            return await self._failed(offer, exc, target)
-        state.trial = replace(state.trial, armed=True)
-        self.reporter.queue(policy.applied(previous, offer.version), previous)
-        state.last_error = ""
-        await ctx.store.commit()
+        # a shutdown asked for while the slot and the bootloader are written waits for the chunk and its checkpoint
+        async with ctx.shutdown_delay(f"writing {offer.version} to slot {target}"):
+            try:
+                result = await installer.install(ctx.boot, target, path, size, pkg, offer.version,
+                                                 ctx.config.boot.tries, resume, _Hooks(self, offer, target, previous))
+            except InstallError as exc:
+                return await self._failed(offer, exc, target)
+            state.trial = replace(state.trial, armed=True)
+            self.reporter.queue(policy.applied(previous, offer.version), previous)
+            state.last_error = ""
+            await ctx.store.commit()
         log.info("verified %s: %d bytes in %.1f s%s", offer.version, result.received, result.download_ms / 1000,
                  f" ({result.compression}, {result.written} bytes on the slot)" if result.compression else "")
         await self.reporter.flush()

@@ -79,6 +79,19 @@ def cmd_devserver(args) -> int:
         return 0
 
 
+def cmd_fleetlock_server(args) -> int:
+    import asyncio
+
+    from .tools.fleetlockserver import serve
+    try:
+        asyncio.run(serve(args.host, args.port, args.slots))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        return _fail(f"fleetlock-server: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    return 0
+
+
 def cmd_sign(args) -> int:
     from .trust import TrustKeyError, load_private_key, sign_file
     try:
@@ -191,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("postpone", help="move the planned reboot later (at most reboot.max_postpone)")
     pp.add_argument("seconds", type=_seconds, help="how much later, in seconds (or 30m, 2h)")
     pp.set_defaults(func=cmd_client)
+    fl = sub.add_parser("fleetlock-server", help="run a development FleetLock server (reboot slots per group)")
+    fl.add_argument("--host", default="127.0.0.1")
+    fl.add_argument("--port", type=int, default=8090)
+    fl.add_argument("--slots", type=int, default=1, help="reboot slots per group (default 1)")
+    fl.set_defaults(func=cmd_fleetlock_server)
     v = sub.add_parser("devserver", help="run the development Omaha server")
     v.add_argument("--payload", required=True)
     v.add_argument("--version", required=True)

@@ -3,6 +3,7 @@ worker, the store, the status board, and what start-up found (the booted slot an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
@@ -33,6 +34,13 @@ class Context:
 
     def now(self) -> float:
         return self.clock.now()
+
+    def shutdown_delay(self, why: str):
+        """``async with``: a logind ``delay`` lock on shutdown while the agent writes (none on the sim backend)."""
+        if self.config.boot.backend == "sim":
+            return contextlib.nullcontext()
+        from .logind import DelayLock
+        return DelayLock(why)
 
     def guid(self) -> str:
         return "{" + str(uuid.UUID(int=self.rng.getrandbits(128), version=4)) + "}"

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class Device:
     def __init__(self, tmp_path, url, policy="manual", health="true", protocol="3.0", after="start", extra="", slot_size=8 << 20,
-                 trust="trust: {require_signature: false}\n"):
+                 trust="trust: {require_signature: false}\n", reboot=None):
         self.dir = tmp_path
         self.slots = {s: str(tmp_path / f"slot-{s}.img") for s in "ab"}
         for p in self.slots.values():
@@ -30,7 +30,7 @@ slots:
   b: {{file: {self.slots['b']}}}
 boot: {{backend: sim, env: {tmp_path}/bootenv.json, tries: 2}}
 state_dir: {tmp_path}/state
-reboot: {{policy: {policy}}}
+reboot: {reboot or '{policy: %s}' % policy}
 health: {{commands: ["{health}"], timeout: 10, after: {after}}}
 {trust}{extra}""")
 
