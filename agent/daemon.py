@@ -17,7 +17,7 @@ from .boot.worker import TIMEOUT as BOOT_TIMEOUT, BootWorker
 from .clock import SYSTEM, Clock
 from .config import Config
 from .context import Context
-from .machine import Check, NoOp, Operation, Settle
+from .machine import Check, NoOp, Settle
 from .owner import Owner, Reply, describe
 from .reporter import Reporter
 from .settle import Settler
@@ -159,9 +159,10 @@ class Agent:
                 if not outcome.ok:
                     raise AgentError(outcome.message)
                 result = outcome.message
-                reboot_job = self.owner.job  # the policy planned a reboot into what was installed
-                if reboot_job is not None and self.status.operation is Operation.REBOOT_PENDING:
-                    result += f"; {(await reboot_job).message}"
+                if self.owner.job is not None:  # the reboot the policy planned into what was installed
+                    await self.owner.job
+                if self.owner.rebooter.outcome:
+                    result += f"; {self.owner.rebooter.outcome}"
             if not delivered and self.ctx.state.events:
                 await self.reporter.flush()
             if self.ctx.state.events:

@@ -85,6 +85,7 @@ class Rebooter:
         self.plan: Plan | None = None
         self._wake = asyncio.Event()
         self._release: asyncio.Task | None = None
+        self.outcome = ""  # how the last reboot job ended, in a line
         # async () -> list[logind.Inhibitor]: logind's, except on the simulated bootloader (no logind there)
         self.inhibitors = inhibitors
         if inhibitors is None and ctx.config.boot.backend != "sim":
@@ -141,6 +142,10 @@ class Rebooter:
     # -------------------------------------------------------------- the job
     async def run(self, once: bool = False) -> str:
         """The reboot job: returns once the reboot was asked for (or, with ``once``, at the first wait)."""
+        self.outcome = await self._run(once)
+        return self.outcome
+
+    async def _run(self, once: bool) -> str:
         ctx, cfg = self.ctx, self.config
         held_since: float | None = None
         failures = 0
@@ -150,8 +155,9 @@ class Rebooter:
                 return "no reboot planned"
             due = plan.at
             if not plan.forced and cfg.policy == "windows":
-                due = windows.allowed_at(cfg.windows, plan.at)
-                if due != plan.at:  # its window closed meanwhile (a suspend, a postponement, an inhibitor)
+                # the window must be open now, not only at the planned time (a suspend may have slept through it)
+                due = windows.allowed_at(cfg.windows, max(plan.at, now))
+                if due > max(plan.at, now):  # its window closed meanwhile (a suspend, a postponement, an inhibitor)
                     plan.at = due
                     log.info("reboot into %s moved to the next maintenance window, %s", plan.version,
                              windows.describe(due))

@@ -24,6 +24,7 @@ class FleetLockServer:
         self.holders: dict[str, list[str]] = {}  # group -> ids holding a slot, in the order they took it
         self.log: list[dict] = []
         self.down = False  # answer 503 (a server in maintenance) instead of acting
+        self.observe = None  # called with each log entry as it is made (a test's probe)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -69,8 +70,11 @@ class FleetLockServer:
 
     def _answer(self, endpoint: str, request: web.Request, params, response: web.Response) -> web.Response:
         client, group = params if isinstance(params, tuple) else ("", "")
-        self.log.append({"time": self.clock(), "endpoint": endpoint, "id": client, "group": group,
-                         "status": response.status, "holders": list(self.holders.get(group, []))})
+        entry = {"time": self.clock(), "endpoint": endpoint, "id": client, "group": group,
+                 "status": response.status, "holders": list(self.holders.get(group, []))}
+        self.log.append(entry)
+        if self.observe is not None:
+            self.observe(entry)
         return response
 
     async def _pre_reboot(self, request: web.Request) -> web.Response:

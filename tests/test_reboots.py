@@ -1,0 +1,377 @@
+"""The reboot job on simulated devices: maintenance windows and a suspend across one on a virtual clock
+(tests/seams.py), FleetLock against the project's FleetLock server on 127.0.0.1 (agent/tools/fleetlockserver.py),
+shutdown inhibitors, postponement, and the one-shot run.
+
+The daemon runs in-process without its schedule loop: checks are submitted to the owner, so the virtual clock
+moves only by the reboot job's own waits. logind cannot run here (it needs systemd as PID 1), so the inhibitor
+tests hand the reboot job a list in logind's shape instead of reading logind; the QEMU test reads the real one."""
+import asyncio
+import datetime as dt
+import random
+from datetime import timezone
+
+from agent.config import load
+from agent.daemon import Agent
+from agent.logind import Inhibitor
+from agent.machine import Check, Operation, PostponeReboot, Reboot, Refuse, Reset
+from agent.tools.devserver import DevServer
+from agent.tools.fleetlockserver import FleetLockServer
+
+from .seams import FakeClock
+from .simdevice import Device, image
+
+QUIET = "schedule: {initial_delay: 3600}\ndbus: {enabled: false}\n"
+FRIDAY_NOON = dt.datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc).timestamp()
+
+
+def utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, timezone.utc)
+
+
+async def until(predicate, what: str, timeout: float = 30.0):
+    for _ in range(int(timeout * 100)):  # bounded in count and in real time
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Sim:
+    """A simulated device driven through its owner, on a virtual clock; ``rebooted_at`` records each reboot."""
+
+    def __init__(self, tmp_path, url, reboot: str, clock: FakeClock, name: str = "dev", inhibitors=None):
+        (tmp_path / name).mkdir(exist_ok=True)
+        self.dir = tmp_path / name
+        self.machine_id = self.dir / "machine-id"
+        self.machine_id.write_text(random.Random(name).randbytes(16).hex() + "\n")
+        self.dev = Device(self.dir, url, after="start", extra=QUIET, reboot=reboot.replace("MACHINE_ID", str(
+            self.machine_id)))
+        self.clock, self.inhibitors = clock, inhibitors
+        self.rebooted_at: list[float] = []
+        self.agent: Agent | None = None
+
+    async def start(self) -> Agent:
+        self.agent = Agent(load(self.dev.config), clock=self.clock, rng=random.Random(3))
+        if self.inhibitors is not None:
+            self.agent.owner.rebooter.inhibitors = self.inhibitors
+        boot = self.agent.ctx.boot
+        real = boot.reboot
+
+        async def recording_reboot():
+            self.rebooted_at.append(self.clock.now())
+            return await real()
+        boot.reboot = recording_reboot
+        await self.agent.start()
+        return self.agent
+
+    async def install(self) -> None:
+        reply = await self.agent.submit(Check(True))
+        outcome = await asyncio.wait_for(reply.job, 60)
+        assert outcome.ok, outcome.message
+        await until(lambda: self.op() is not Operation.FINALIZING and self.agent.owner.job is not reply.job,
+                    "the update job to end")
+
+    def op(self) -> Operation:
+        return self.agent.status.operation
+
+    async def stop(self) -> None:
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent = None
+
+    async def boot_new_slot(self) -> Agent:
+        """The reboot happened: the daemon starts on the new slot, confirms it (health.after: start), reports."""
+        await self.stop()
+        agent = await self.start()
+        await until(lambda: agent.status.operation is Operation.IDLE and agent.owner.job is None, "the trial settled")
+        return agent
+
+
+async def omaha(tmp_path):
+    srv = DevServer([image(tmp_path, "2.0.0")])
+    await srv.start()
+    return srv
+
+
+# ---------------------------------------------------------------------------------------------- windows
+async def test_the_windows_policy_installs_at_once_and_reboots_at_the_next_window_opening(tmp_path):
+    srv, clock = await omaha(tmp_path), FakeClock(FRIDAY_NOON)
+    sim = Sim(tmp_path, srv.url, "{policy: windows, windows: [{days: [sat], start: '02:00', length: 120}]}", clock)
+    try:
+        await sim.start()
+        await sim.install()
+        assert sim.op() is Operation.REBOOT_PENDING
+        snap = sim.agent.snapshot()
+        assert snap["reboot_version"] == "2.0.0" and utc(snap["reboot_time"]) == dt.datetime(
+            2026, 11, 28, 2, 0, tzinfo=timezone.utc) and snap["reboot_waiting_for"] == "the maintenance window"
+        assert (await sim.agent.submit(Check(True))).result.reason.startswith("version 2.0.0 is installed")
+        await until(lambda: sim.rebooted_at, "the reboot", 60)
+        assert utc(sim.rebooted_at[0]).replace(second=0) == dt.datetime(2026, 11, 28, 2, 0, tzinfo=timezone.utc)
+        await until(lambda: sim.op() is Operation.NEED_REBOOT, "the reboot job to end")
+    finally:
+        await sim.stop()
+        await srv.stop()
+
+
+async def test_a_suspend_across_the_window_moves_the_reboot_to_the_next_week_window(tmp_path):
+    srv, clock = await omaha(tmp_path), FakeClock(FRIDAY_NOON)
+    sim = Sim(tmp_path, srv.url, "{policy: windows, windows: [{days: [sat], start: '02:00', length: 60}]}", clock)
+    saturday_2am = dt.datetime(2026, 11, 28, 2, 0, tzinfo=timezone.utc).timestamp()
+    clock.suspend(saturday_2am - 600, 4 * 3600)  # asleep from 01:50 to 05:50: the window came and went
+    try:
+        await sim.start()
+        await sim.install()
+        await until(lambda: sim.rebooted_at, "the reboot", 120)
+        assert utc(sim.rebooted_at[0]).date() == dt.date(2026, 12, 5)  # the next Saturday, inside its window
+        assert 0 <= sim.rebooted_at[0] - (saturday_2am + 7 * 86400) < 3600
+    finally:
+        await sim.stop()
+        await srv.stop()
+
+
+async def test_a_notice_announces_the_reboot_ahead_and_postponement_is_bounded(tmp_path):
+    srv, clock = await omaha(tmp_path), FakeClock(FRIDAY_NOON)
+    sim = Sim(tmp_path, srv.url, "{policy: immediate, notice: 600, max_postpone: 1800}", clock)
+    try:
+        agent = await sim.start()
+        announced = []
+        agent.listeners.append(lambda s: s["reboot_time"] and announced.append((clock.now(), s["reboot_time"])))
+        await sim.install()
+        planned = agent.snapshot()["reboot_time"]
+        assert planned >= FRIDAY_NOON + 600 and announced and announced[0][0] < planned
+        reply = await agent.submit(PostponeReboot(900))
+        assert reply.acted and agent.snapshot()["reboot_time"] == planned + 900, reply.message
+        reply = await agent.submit(PostponeReboot(3600))  # past the bound: cut to it
+        assert reply.acted and "the most reboot.max_postpone allows" in reply.message
+        assert agent.snapshot()["reboot_time"] == planned + 1800
+        reply = await agent.submit(PostponeReboot(60))
+        assert isinstance(reply.result, Refuse) and reply.result.kind == "PostponeLimit"
+        await until(lambda: sim.rebooted_at, "the reboot", 60)
+        assert sim.rebooted_at[0] >= planned + 1800
+    finally:
+        await sim.stop()
+        await srv.stop()
+
+
+async def test_reset_drops_a_planned_reboot_and_an_operator_reboot_skips_the_window(tmp_path):
+    srv, clock = await omaha(tmp_path), FakeClock(FRIDAY_NOON)
+    sim = Sim(tmp_path, srv.url, "{policy: windows, windows: [{days: [sun], start: '02:00', length: 60}]}", clock)
+    try:
+        agent = await sim.start()
+        await sim.install()
+        assert sim.op() is Operation.REBOOT_PENDING
+        assert (await agent.submit(Reset())).acted
+        await until(lambda: sim.op() is Operation.IDLE, "idle after the reset")
+        assert agent.snapshot()["reboot_time"] == 0 and not sim.rebooted_at
+        assert isinstance((await agent.submit(PostponeReboot(60))).result, Refuse)
+        # the update stays armed: a restart finds it waiting and plans its reboot again
+        await sim.stop()
+        agent = await sim.start()
+        assert sim.op() is Operation.REBOOT_PENDING
+        before = clock.now()
+        assert (await agent.submit(Reboot())).acted
+        await until(lambda: sim.rebooted_at, "the operator's reboot")
+        assert sim.rebooted_at[0] - before < 5  # now, not on Sunday
+    finally:
+        await sim.stop()
+        await srv.stop()
+
+
+async def test_the_manual_policy_plans_nothing_and_postpone_is_refused(tmp_path):
+    srv, clock = await omaha(tmp_path), FakeClock(FRIDAY_NOON)
+    sim = Sim(tmp_path, srv.url, "{policy: manual}", clock)
+    try:
+        agent = await sim.start()
+        await sim.install()
+        assert sim.op() is Operation.NEED_REBOOT and agent.snapshot()["reboot_time"] == 0
+        reply = await agent.submit(PostponeReboot(60))
+        assert isinstance(reply.result, Refuse) and reply.result.kind == "NothingToPostpone"
+        assert not sim.rebooted_at
+    finally:
+        await sim.stop()
+        await srv.stop()
+
+
+async def test_a_one_shot_run_under_the_windows_policy_says_when_and_does_not_wait(tmp_path):
+    srv = await omaha(tmp_path)
+    dev = Device(tmp_path, srv.url, extra=QUIET, reboot="{policy: windows, windows: [{days: [mon, tue, wed, thu, "
+                                                         "fri, sat, sun], start: '00:00', length: 1}]}")
+    try:
+        rc, out, err = await dev.once()
+        assert rc == 0, err
+        assert "installed 2.0.0 on slot b" in out and "reboot into 2.0.0 planned for" in out, out
+        assert dev.boot.booted_slot() == "a"  # nothing rebooted
+    finally:
+        await srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------- inhibitors
+def blocker(who="backup", pid=4242):
+    return Inhibitor("shutdown:sleep", who, "nightly backup running", "block", 0, pid)
+
+
+async def test_a_block_inhibitor_holds_the_reboot_back_until_it_is_released(tmp_path):
+    srv, clock = await omaha(tmp_path), FakeClock(FRIDAY_NOON)
+    held = [blocker(), Inhibitor("shutdown", "omaha-agent", "mine", "delay", 0, 1), Inhibitor("sleep", "x", "y",
+                                                                                              "block", 0, 2)]
+    reads = []
+
+    async def inhibitors():  # the backup's lock goes away at the fifth read
+        reads.append(clock.now())
+        return held[1:] if len(reads) >= 5 else list(held)
+
+    sim = Sim(tmp_path, srv.url, "{policy: immediate}", clock, inhibitors=inhibitors)
+    try:
+        await sim.start()
+        await sim.install()
+        await until(lambda: "backup (pid 4242: nightly backup running)" in sim.agent.snapshot()["reboot_waiting_for"]
+                    or sim.rebooted_at, "the inhibitor to show")
+        await until(lambda: sim.rebooted_at, "the reboot")
+        assert len(reads) == 5 and sim.rebooted_at[0] >= reads[3]  # not before the block lock went
+    finally:
+        await sim.stop()
+        await srv.stop()
+
+
+async def test_an_inhibitor_held_past_the_maximum_delay_moves_the_reboot_to_the_next_window(tmp_path):
+    srv, clock = await omaha(tmp_path), FakeClock(FRIDAY_NOON)
+    saturday_2am = dt.datetime(2026, 11, 28, 2, 0, tzinfo=timezone.utc).timestamp()
+
+    async def inhibitors():  # held all through this Saturday's window, gone by the next one
+        return [blocker()] if clock.now() < saturday_2am + 86400 else []
+
+    sim = Sim(tmp_path, srv.url, "{policy: windows, max_inhibit_delay: 900, windows: [{days: [sat], start: '02:00', "
+                                 "length: 120}]}", clock, inhibitors=inhibitors)
+    try:
+        await sim.start()
+        await sim.install()
+        await until(lambda: sim.rebooted_at, "the reboot", 120)
+        assert utc(sim.rebooted_at[0]).date() == dt.date(2026, 12, 5)  # never forced, never outside a window
+        assert 0 <= sim.rebooted_at[0] - (saturday_2am + 7 * 86400) < 7200
+    finally:
+        await sim.stop()
+        await srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------- FleetLock
+FLEET = "{policy: immediate, fleetlock: {url: 'URL', group: workers, machine_id: MACHINE_ID}}"
+
+
+async def test_fleetlock_granted_reboots_and_the_lock_is_given_back_only_after_the_3_2(tmp_path):
+    srv, locks, clock = await omaha(tmp_path), FleetLockServer(slots=1), FakeClock(FRIDAY_NOON)
+    await locks.start()
+    seen_at_release = []
+    sim = Sim(tmp_path, srv.url, FLEET.replace("URL", locks.url), clock)
+    try:
+        await sim.start()
+        await sim.install()
+        await until(lambda: sim.rebooted_at, "the reboot")
+        taken = locks.requests("pre-reboot", 200)
+        assert len(taken) == 1 and taken[0]["group"] == "workers" and len(taken[0]["id"]) == 32
+        assert taken[0]["id"] not in sim.machine_id.read_text()  # an app-specific hash, never the machine ID
+        assert sim.dev.state()["fleet_lock"] == "workers" and locks.holders["workers"] == [taken[0]["id"]]
+        assert not locks.requests("steady-state")  # not before the new slot is confirmed
+        locks.observe = lambda entry: seen_at_release.append(srv.event_codes())
+        await sim.boot_new_slot()
+        await until(lambda: locks.requests("steady-state", 200), "the lock given back")
+        assert "3/2" in seen_at_release[0] and locks.holders["workers"] == []
+        await until(lambda: sim.dev.state()["fleet_lock"] == "", "the state to forget the lock")
+    finally:
+        await sim.stop()
+        await locks.stop()
+        await srv.stop()
+
+
+async def test_fleetlock_refused_keeps_the_device_waiting_and_retrying_with_the_servers_reason(tmp_path):
+    srv, locks, clock = await omaha(tmp_path), FleetLockServer(slots=1), FakeClock(FRIDAY_NOON)
+    await locks.start()
+    locks.holders["workers"] = ["another-node"]
+    sim = Sim(tmp_path, srv.url, FLEET.replace("URL", locks.url), clock)
+    try:
+        agent = await sim.start()
+        await sim.install()
+        await until(lambda: len(locks.requests("pre-reboot", 409)) >= 3, "three refused attempts")
+        snap = agent.snapshot()
+        assert sim.op() is Operation.REBOOT_PENDING and not sim.rebooted_at
+        assert "failed_lock_semaphore_full" in snap["last_error"] and "fleet lock" in snap["reboot_waiting_for"]
+        times = [r["time"] for r in locks.requests("pre-reboot")]
+        assert all(b > a for a, b in zip(times, times[1:]))
+        locks.holders["workers"] = []  # the other node is done
+        await until(lambda: sim.rebooted_at, "the reboot once the slot is free")
+    finally:
+        await sim.stop()
+        await locks.stop()
+        await srv.stop()
+
+
+async def test_fleetlock_server_down_waits_then_reboots_when_it_answers(tmp_path):
+    srv, locks, clock = await omaha(tmp_path), FleetLockServer(slots=1), FakeClock(FRIDAY_NOON)
+    await locks.start()
+    port = locks.port
+    await locks.stop()  # nothing listens there now: connection refused
+    sim = Sim(tmp_path, srv.url, FLEET.replace("URL", f"http://127.0.0.1:{port}"), clock)
+    try:
+        agent = await sim.start()
+        await sim.install()
+        await until(lambda: "FleetLock server" in agent.snapshot()["last_error"], "the unreachable server in LastError")
+        assert sim.op() is Operation.REBOOT_PENDING and not sim.rebooted_at
+        locks = FleetLockServer(slots=1, port=port)
+        await locks.start()
+        await until(lambda: sim.rebooted_at, "the reboot once the server answers")
+        assert locks.requests("pre-reboot", 200)
+    finally:
+        await sim.stop()
+        await locks.stop()
+        await srv.stop()
+
+
+async def test_fleetlock_release_is_retried_until_the_server_says_200(tmp_path):
+    srv, locks, clock = await omaha(tmp_path), FleetLockServer(slots=1), FakeClock(FRIDAY_NOON)
+    await locks.start()
+    sim = Sim(tmp_path, srv.url, FLEET.replace("URL", locks.url), clock)
+    try:
+        await sim.start()
+        await sim.install()
+        await until(lambda: sim.rebooted_at, "the reboot")
+        locks.down = True
+        agent = await sim.boot_new_slot()
+        await until(lambda: len(locks.requests("steady-state", 503)) >= 2, "two failed releases")
+        assert "could not give back the fleet lock" in agent.snapshot()["last_error"]
+        assert sim.dev.state()["fleet_lock"] == "workers"
+        locks.down = False
+        await until(lambda: locks.requests("steady-state", 200), "the release")
+        await until(lambda: sim.dev.state()["fleet_lock"] == "", "the state to forget the lock")
+    finally:
+        await sim.stop()
+        await locks.stop()
+        await srv.stop()
+
+
+async def test_two_devices_of_one_group_with_one_slot_never_reboot_together(tmp_path):
+    srv, locks = await omaha(tmp_path), FleetLockServer(slots=1)
+    await locks.start()
+    clocks = [FakeClock(FRIDAY_NOON), FakeClock(FRIDAY_NOON)]
+    sims = [Sim(tmp_path, srv.url, FLEET.replace("URL", locks.url), clocks[i], name=f"dev{i}") for i in range(2)]
+    try:
+        for sim in sims:
+            await sim.start()
+        await asyncio.gather(*(sim.install() for sim in sims))
+        first = await until(lambda: next((s for s in sims if s.rebooted_at), None), "one reboot")
+        other = sims[1 - sims.index(first)]
+        await until(lambda: len([r for r in locks.requests("pre-reboot", 409)]) >= 2, "the other refused twice")
+        assert not other.rebooted_at and other.op() is Operation.REBOOT_PENDING
+        await first.boot_new_slot()  # confirmed: its slot goes back to the group
+        await until(lambda: other.rebooted_at, "the second reboot")
+        holders = [len(r["holders"]) for r in locks.log]
+        assert max(holders) <= 1
+        ids = [r["id"] for r in locks.requests("pre-reboot", 200)]
+        assert len(set(ids)) == 2 and locks.requests("steady-state", 200)[0]["time"] is not None
+        release = locks.log.index(locks.requests("steady-state", 200)[0])
+        second = locks.log.index(next(r for r in locks.requests("pre-reboot", 200) if r["id"] != ids[0]))
+        assert release < second  # the second lock came only after the first was given back
+    finally:
+        for sim in sims:
+            await sim.stop()
+        await locks.stop()
+        await srv.stop()
