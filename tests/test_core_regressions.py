@@ -157,6 +157,7 @@ async def test_a_bootloader_error_in_a_check_and_in_the_confirm_path_leaves_the_
         assert await client.call("CheckForUpdate", "b", [True]) is True
         await wait_status(client, lambda s: s["operation"] == "updated-need-reboot" and not s["pending_events"])
         assert "rebooting into 2.0.0" in await client.call("Reboot")
+        await wait_status(client, lambda s: s["operation"] == "updated-need-reboot" and dev.boot.booted_slot() == "b")
     finally:
         client.close()
         await daemon.stop()

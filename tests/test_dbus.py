@@ -20,8 +20,8 @@ from .unprivileged import NobodyPython
 
 BUS_NAME, PATH = "org.omaha_agent.Agent1", "/org/omaha_agent/Agent1"
 PROPERTIES = ["Operation", "Progress", "CurrentVersion", "NewVersion", "NewSize", "BytesDownloaded", "LastCheckTime",
-              "NextCheckTime", "BootedSlot", "LastError", "Slots"]
-METHODS = ["CheckForUpdate", "Cancel", "GetStatus", "MarkGood", "Reboot", "ConfirmBoot"]
+              "NextCheckTime", "BootedSlot", "LastError", "Slots", "RebootVersion", "RebootTime", "RebootWaitingFor"]
+METHODS = ["CheckForUpdate", "Cancel", "GetStatus", "MarkGood", "Reboot", "ConfirmBoot", "PostponeReboot"]
 
 
 class Daemon:
@@ -202,9 +202,9 @@ async def test_reboot_then_confirm_boot_after_boot_complete_reports_3_2(running,
     dev, daemon, client = running
     await client.call("CheckForUpdate", "b", [False])
     await wait_status(client, lambda s: s["operation"] == "updated-need-reboot")
-    assert "rebooting into 2.0.0" in await client.call("Reboot")
-    assert dev.boot.booted_slot() == "b"  # the sim bootloader took the trial
-    await daemon.stop()
+    assert "rebooting into 2.0.0" in await client.call("Reboot")  # at once; the reboot job follows
+    await wait_status(client, lambda s: s["operation"] == "updated-need-reboot" and dev.boot.booted_slot() == "b")
+    await daemon.stop()  # the sim bootloader took the trial
 
     second = Daemon(dev)  # the daemon after the reboot, on slot b
     await second.start()
@@ -227,6 +227,7 @@ async def test_mark_good_confirms_a_trial_without_waiting_for_boot_complete(runn
     await client.call("CheckForUpdate", "b", [True])
     await wait_status(client, lambda s: s["operation"] == "updated-need-reboot")
     await client.call("Reboot")
+    await wait_status(client, lambda s: s["operation"] == "updated-need-reboot" and dev.boot.booted_slot() == "b")
     await daemon.stop()
     second = Daemon(dev)
     await second.start()
@@ -400,3 +401,72 @@ async def test_example_ui_client_updates_and_restarts(running, server):
     assert proc.returncode == 0, err.decode()
     assert "Up to date: 1.0.0" in screen and "Version 2.0.0 is ready. Type 'r' to restart now." in screen
     assert "rebooting into 2.0.0" in screen
+
+
+async def test_a_planned_reboot_is_announced_by_signal_and_properties_and_postponed_within_its_bound(tmp_path, server):
+    """reboot.notice gives a UI time to warn: RebootScheduled and the Reboot* properties say which version and
+    when; PostponeReboot moves it (cut at reboot.max_postpone, then refused); the CLI shows the plan; an
+    unprivileged caller may read it but not postpone it."""
+    need_tool("dbus-daemon")
+    bus = PrivateBus(group="users")
+    dev = Device(tmp_path, server.url, extra="schedule: {initial_delay: 3600}\n",
+                 reboot="{policy: immediate, notice: 3600, max_postpone: 5400}")
+    daemon = Daemon(dev)
+    raw = None
+    try:
+        await daemon.start()
+        from dbus_next import BusType, Message
+        from dbus_next.aio import MessageBus
+        raw = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        scheduled: list = []
+        raw.add_message_handler(lambda m: scheduled.append(m.body) if m.member == "RebootScheduled" else None)
+        await raw.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                               interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                               body=[f"type='signal',interface='{BUS_NAME}',member='RebootScheduled'"]))
+        client = await Client.connect()
+        try:
+            await client.call("CheckForUpdate", "b", [True])
+            status = await wait_status(client, lambda s: s["operation"] == "reboot-pending", 60)
+            planned = status["reboot_time"]
+            assert status["reboot_version"] == "2.0.0" and status["reboot_waiting_for"] == "its time"
+            assert 3500 < planned - time.time() <= 3600
+            rc, out, err = await run("busctl", f"--address={bus.address}", "get-property", BUS_NAME, PATH, BUS_NAME,
+                                     "RebootTime")
+            assert rc == 0 and out.strip() == f"x {planned}", (out, err)
+            for _ in range(100):
+                if scheduled:
+                    break
+                await asyncio.sleep(0.05)
+            assert scheduled and scheduled[0] == ["2.0.0", planned]
+
+            reply = await client.call("PostponeReboot", "u", [1800])
+            assert "postponed to" in reply, reply
+            assert (await client.status())["reboot_time"] == planned + 1800
+            rc, out, err = await cli("postpone", "2h", env=dict(os.environ, PYTHONPATH=ROOT))
+            assert rc == 0 and "the most reboot.max_postpone allows" in out, (out, err)
+            assert (await client.status())["reboot_time"] == planned + 5400
+            rc, out, err = await cli("postpone", "60")
+            assert rc == 1 and "already postponed as far as this device allows" in err and "Traceback" not in err
+            for _ in range(100):
+                if len(scheduled) >= 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert [s[1] for s in scheduled[:3]] == [planned, planned + 1800, planned + 5400]
+            rc, out, err = await cli("status")
+            assert rc == 0 and "reboot:         into 2.0.0 at" in out and "waiting for its time" in out, out
+
+            if os.geteuid() == 0 and shutil.which("setpriv") and shutil.which("busctl"):
+                nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+                rc, out, err = await run(*nobody, "busctl", f"--address={bus.address}", "call", BUS_NAME, PATH,
+                                         BUS_NAME, "PostponeReboot", "u", "60")
+                assert rc != 0 and "Access denied" in err, (out, err)
+                rc, out, err = await run(*nobody, "busctl", f"--address={bus.address}", "get-property", BUS_NAME,
+                                         PATH, BUS_NAME, "RebootWaitingFor")
+                assert rc == 0 and out.strip() == 's "its time"', (out, err)
+        finally:
+            client.close()
+    finally:
+        if raw is not None:
+            raw.disconnect()
+        await daemon.stop()
+        bus.close()

@@ -37,6 +37,7 @@ COMMANDS = [
     (AGENT1, "CheckForUpdate", "b", [True]), (AGENT1, "CheckForUpdate", "b", [False]), (AGENT1, "Cancel", "", []),
     (AGENT1, "MarkGood", "", []), (AGENT1, "Reboot", "", []), (AGENT1, "ConfirmBoot", "", []),
     (FLATCAR, "ResetStatus", "", []), (FLATCAR, "AttemptUpdate", "", []), (AGENT1, "GetStatus", "", []),
+    (AGENT1, "PostponeReboot", "u", [60]),
 ]
 
 

@@ -208,6 +208,7 @@ async def test_an_offline_install_of_a_signed_file_goes_through_to_3_2(tmp_path,
         await wait_status(client, lambda s: not s["pending_events"])
         assert srv.event_codes() == ["13/1", "14/1", "3/1"]
         assert "rebooting into 2.0.0" in await client.call("Reboot")
+        await wait_status(client, lambda s: s["operation"] == "updated-need-reboot" and dev.boot.booted_slot() == "b")
     finally:
         client.close()
         await daemon.stop()
