@@ -470,3 +470,34 @@ async def test_a_planned_reboot_is_announced_by_signal_and_properties_and_postpo
             raw.disconnect()
         await daemon.stop()
         bus.close()
+
+
+async def test_example_ui_client_counts_down_a_planned_reboot_and_postpones_it(tmp_path, server, system_bus):
+    dev = Device(tmp_path, server.url, extra="schedule: {initial_delay: 3600}\n",
+                 reboot="{policy: immediate, notice: 1200}")
+    daemon = Daemon(dev)
+    await daemon.start()
+    client = await Client.connect()
+    proc = await asyncio.create_subprocess_exec(sys.executable, os.path.join(ROOT, "examples", "ui_client.py"),
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        proc.stdin.write(b"u\n")
+        await proc.stdin.drain()
+        planned = (await wait_status(client, lambda s: s["operation"] == "reboot-pending", 60))["reboot_time"]
+        await asyncio.sleep(1.5)  # a tick of the countdown
+        proc.stdin.write(b"l\n")  # "later"
+        await proc.stdin.drain()
+        await wait_status(client, lambda s: s["reboot_time"] == planned + 3600)
+        proc.stdin.close()
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        client.close()
+        await daemon.stop()
+    screen = out.decode()
+    assert proc.returncode == 0, err.decode()
+    assert "Restarting into 2.0.0 in 19:" in screen and "(waiting for its time). 'l': later (1 h)" in screen, screen
+    assert "reboot into 2.0.0 postponed to" in screen and dev.boot.booted_slot() == "a"
