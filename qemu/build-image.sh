@@ -96,8 +96,10 @@ mkdir -p "$TREE/etc/systemd/network"
 printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n' > "$TREE/etc/systemd/network/50-dhcp.network"
 install -m 0755 "$HERE/guest/omaha-test-report" "$TREE/usr/local/bin/omaha-test-report"
 install -m 0644 "$HERE/guest/omaha-test-report.service" "$TREE/etc/systemd/system/omaha-test-report.service"
+install -m 0755 "$HERE/guest/omaha-test-scenario" "$TREE/usr/local/bin/omaha-test-scenario"
+install -m 0644 "$HERE/guest/omaha-test-scenario.service" "$TREE/etc/systemd/system/omaha-test-scenario.service"
 systemctl --root="$TREE" enable systemd-networkd.service omaha-agent.service omaha-agent-confirm.service \
-  omaha-test-report.service >/dev/null 2>&1
+  omaha-test-report.service omaha-test-scenario.service >/dev/null 2>&1
 systemctl --root="$TREE" mask apt-daily.timer apt-daily-upgrade.timer e2scrub_reap.service >/dev/null 2>&1 || true
 # the kernel and initrd live in the slot: GRUB loads /vmlinuz and /initrd.img from the chosen partition
 [ -e "$TREE/vmlinuz" ] && [ -e "$TREE/initrd.img" ] || { echo "build-image: no /vmlinuz in the tree" >&2; exit 1; }
