@@ -9,6 +9,7 @@ from dataclasses import dataclass
 log = logging.getLogger("omaha-agent")
 
 LOGIN1, PATH, MANAGER = "org.freedesktop.login1", "/org/freedesktop/login1", "org.freedesktop.login1.Manager"
+TIMEOUT = 25.0  # seconds: D-Bus's own default for a method call
 
 
 class LogindError(Exception):
@@ -29,16 +30,21 @@ class Inhibitor:
 
 
 async def _call(member: str, signature: str = "", body: tuple = (), fds: bool = False):
+    import asyncio
+
     from dbus_next import BusType, Message, MessageType
     from dbus_next.aio import MessageBus
 
     try:
-        bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=fds).connect()
+        bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=fds).connect(), TIMEOUT)
     except Exception as exc:  # no bus, or the bus refused us: the caller decides what that means
-        raise LogindError(f"cannot reach the system bus: {exc}") from None
+        raise LogindError(f"cannot reach the system bus: {exc or type(exc).__name__}") from None
     try:
-        reply = await bus.call(Message(destination=LOGIN1, path=PATH, interface=MANAGER, member=member,
-                                       signature=signature, body=list(body)))
+        reply = await asyncio.wait_for(bus.call(Message(destination=LOGIN1, path=PATH, interface=MANAGER,
+                                                        member=member, signature=signature, body=list(body))),
+                                       TIMEOUT)
+    except asyncio.TimeoutError:
+        raise LogindError(f"logind did not answer {member} within {TIMEOUT:g} s") from None
     finally:
         bus.disconnect()
     if reply.message_type == MessageType.ERROR:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .attempt import AttemptFailed
 from .boot import BootError, SlotState
+from .logind import LogindError
 from .machine import (
     TRIAL_BOOT, Act, Action, Command, Decision, HealthTimeout, JobDone, MarkGood, NoOp, Operation, Refuse, decide,
 )
@@ -58,7 +59,7 @@ class CommandFailed(Exception):
 
 def describe(exc: BaseException) -> str:
     """One line for ``LastError``: the adapters' own messages as they are, anything else named."""
-    if isinstance(exc, (BootError, SlotError, AttemptFailed, CommandFailed)):
+    if isinstance(exc, (BootError, SlotError, AttemptFailed, CommandFailed, LogindError)):
         return str(exc)
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
