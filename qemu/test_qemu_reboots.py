@@ -36,6 +36,14 @@ def esp_clear(machine: Machine) -> None:
     subprocess.run(["mdeltree", "-i", f"{machine.disk}@@1048576", "::/omaha-test"], check=True, env=MTOOLS)
 
 
+async def confirm_on_b(machine: Machine, srv) -> None:
+    """The reboot happened: without the scenario's files, slot B boots 2.0.0 and the agent reports 3/2."""
+    esp_clear(machine)
+    second = await boot_and_report(machine, "2.0.0", "B")
+    await second.wait_for(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report")
+    await second.power_off()
+
+
 async def test_a_shutdown_inhibitor_holds_the_reboot_back_until_it_is_released(image, tmp_path):
     setup = f"""#!/bin/sh
 # a block lock on shutdown from boot until a minute after the agent wants to reboot
@@ -59,10 +67,7 @@ sleep 60'
         print(f"inhibit: rebooted {waited:.0f} s after the agent first said it waits for the inhibitor (held 60 s)")
         assert waited >= 50, waited
         assert srv.event_codes() == ["13/1", "14/1", "3/1"]
-        esp_clear(machine)
-        second = await boot_and_report(machine, "2.0.0", "B")
-        await second.wait_for(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report")
-        await second.power_off()
+        await confirm_on_b(machine, srv)
     finally:
         await srv.stop()
     assert srv.event_codes() == ["13/1", "14/1", "3/1", "3/2"]
@@ -99,10 +104,7 @@ systemctl restart omaha-agent.service
         rebooted = time.time()
         print(f"window: the guest rebooted {rebooted - opens:.0f} s after the window opened")
         assert opens - 3 <= rebooted <= opens + 120  # not before the window (host and guest share the clock)
-        esp_clear(machine)
-        second = await boot_and_report(machine, "2.0.0", "B")
-        await second.wait_for(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report")
-        await second.power_off()
+        await confirm_on_b(machine, srv)
     finally:
         await srv.stop()
     assert srv.event_codes() == ["13/1", "14/1", "3/1", "3/2"]

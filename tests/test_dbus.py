@@ -378,11 +378,15 @@ async def test_client_commands_without_a_daemon_say_so_in_one_line(system_bus):
     assert rc == 1 and "cannot reach the system bus" in err and "Traceback" not in err
 
 
+def ui_client():
+    return asyncio.create_subprocess_exec(sys.executable, os.path.join(ROOT, "examples", "ui_client.py"),
+                                          stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                          stderr=asyncio.subprocess.PIPE)
+
+
 async def test_example_ui_client_updates_and_restarts(running, server):
     dev, daemon, client = running
-    proc = await asyncio.create_subprocess_exec(sys.executable, os.path.join(ROOT, "examples", "ui_client.py"),
-                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    proc = await ui_client()
     try:
         proc.stdin.write(b"u\n")  # "Update now"
         await proc.stdin.drain()
@@ -478,9 +482,7 @@ async def test_example_ui_client_counts_down_a_planned_reboot_and_postpones_it(t
     daemon = Daemon(dev)
     await daemon.start()
     client = await Client.connect()
-    proc = await asyncio.create_subprocess_exec(sys.executable, os.path.join(ROOT, "examples", "ui_client.py"),
-                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    proc = await ui_client()
     try:
         proc.stdin.write(b"u\n")
         await proc.stdin.drain()

@@ -68,7 +68,7 @@ class FleetLockServer:
             return self._error(400, "bad_group", "client_params.group must match ^[a-zA-Z0-9.-]+$")
         return client, group
 
-    def _answer(self, endpoint: str, request: web.Request, params, response: web.Response) -> web.Response:
+    def _answer(self, endpoint: str, params, response: web.Response) -> web.Response:
         client, group = params if isinstance(params, tuple) else ("", "")
         entry = {"time": self.clock(), "endpoint": endpoint, "id": client, "group": group,
                  "status": response.status, "holders": list(self.holders.get(group, []))}
@@ -78,32 +78,36 @@ class FleetLockServer:
         return response
 
     async def _pre_reboot(self, request: web.Request) -> web.Response:
+        return await self._handle("pre-reboot", request, self._lock)
+
+    async def _steady_state(self, request: web.Request) -> web.Response:
+        return await self._handle("steady-state", request, self._unlock)
+
+    async def _handle(self, endpoint: str, request: web.Request, act) -> web.Response:
         params = await self._params(request)
         if self.down:
-            return self._answer("pre-reboot", request, params,
-                                self._error(503, "maintenance", "the lock server is down for maintenance"))
-        if isinstance(params, web.Response):
-            return self._answer("pre-reboot", request, None, params)
-        client, group = params
+            response = self._error(503, "maintenance", "the lock server is down for maintenance")
+        elif isinstance(params, web.Response):
+            response = params
+        else:
+            response = act(*params)
+        return self._answer(endpoint, params, response)
+
+    def _lock(self, client: str, group: str) -> web.Response:
+        """RecursiveLock: a holder keeps its slot; anyone else takes a free one or is refused."""
         holders = self.holders.setdefault(group, [])
         if client not in holders:
             if len(holders) >= self.slots:
-                return self._answer("pre-reboot", request, params, self._error(
-                    409, "failed_lock_semaphore_full", f"all {self.slots} reboot slot(s) of group {group} are taken"))
+                return self._error(409, "failed_lock_semaphore_full",
+                                   f"all {self.slots} reboot slot(s) of group {group} are taken")
             holders.append(client)
-        return self._answer("pre-reboot", request, params, web.json_response({}))
+        return web.json_response({})
 
-    async def _steady_state(self, request: web.Request) -> web.Response:
-        params = await self._params(request)
-        if self.down:
-            return self._answer("steady-state", request, params,
-                                self._error(503, "maintenance", "the lock server is down for maintenance"))
-        if isinstance(params, web.Response):
-            return self._answer("steady-state", request, None, params)
-        client, group = params
+    def _unlock(self, client: str, group: str) -> web.Response:
+        """UnlockIfHeld: 200 whether or not the client held a slot."""
         if client in self.holders.get(group, []):
             self.holders[group].remove(client)
-        return self._answer("steady-state", request, params, web.json_response({}))
+        return web.json_response({})
 
 
 async def serve(host: str, port: int, slots: int) -> None:
