@@ -173,25 +173,27 @@ class Settler:
     async def confirm(self, trial: Trial) -> None:
         """The booted trial slot is good: mark it good, queue 3/2, unblock, commit."""
         ctx, state = self.ctx, self.ctx.state
-        await ctx.boot.mark_good(trial.slot)
-        self.reporter.queue(policy.updated_and_rebooted(trial.previous_version, trial.version), trial.version)
-        state.trial = None
-        state.blocked = None
-        state.last_error = ""
-        await ctx.store.commit()
+        async with ctx.shutdown_delay(f"confirming {trial.version} on slot {trial.slot}"):
+            await ctx.boot.mark_good(trial.slot)
+            self.reporter.queue(policy.updated_and_rebooted(trial.previous_version, trial.version), trial.version)
+            state.trial = None
+            state.blocked = None
+            state.last_error = ""
+            await ctx.store.commit()
         log.info("slot %s is good: updated %s -> %s after reboot; reporting 3/2", trial.slot,
                  trial.previous_version, trial.version)
 
     async def fail(self, trial: Trial, reason: str) -> None:
         ctx, state = self.ctx, self.ctx.state
         log.error("health check failed on slot %s (%s): marking it bad and going back", trial.slot, reason)
-        await ctx.boot.mark_bad(trial.slot)  # first: a crash before the commit confirms the trial afresh
-        state.trial = None
-        state.blocked = policy.block_until(ctx.now(), state.blocked, trial.version)
-        state.last_error = f"health check failed on {trial.version}: {reason}"
-        self.reporter.queue(policy.failed(ErrorCode.HEALTH_CHECK_FAILED, ErrorCategory.INSTALL,
-                                          trial.previous_version, trial.version), trial.version)
-        await ctx.store.commit()
+        async with ctx.shutdown_delay(f"marking slot {trial.slot} bad"):  # released before the reboot below
+            await ctx.boot.mark_bad(trial.slot)  # first: a crash before the commit confirms the trial afresh
+            state.trial = None
+            state.blocked = policy.block_until(ctx.now(), state.blocked, trial.version)
+            state.last_error = f"health check failed on {trial.version}: {reason}"
+            self.reporter.queue(policy.failed(ErrorCode.HEALTH_CHECK_FAILED, ErrorCategory.INSTALL,
+                                              trial.previous_version, trial.version), trial.version)
+            await ctx.store.commit()
         await reboot(ctx, f"health check of {trial.version} failed")
 
     async def run_health(self) -> tuple[bool, str]:
