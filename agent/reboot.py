@@ -221,10 +221,14 @@ class Rebooter:
             return []
         from .logind import LogindError, blocking_shutdown
         try:
-            return blocking_shutdown(await self.inhibitors())
+            locks = await self.inhibitors()
         except LogindError as exc:  # the reboot itself goes through logind and says what is wrong
             log.warning("could not read logind's inhibitors: %s", exc)
             return []
+        blockers = blocking_shutdown(locks)
+        if not blockers:
+            log.info("no shutdown inhibitor holds the reboot back (%d lock(s) in logind)", len(locks))
+        return blockers
 
     # -------------------------------------------------------------- the fleet's lock
     def _client(self) -> str:

@@ -46,7 +46,12 @@ async def confirm_on_b(machine: Machine, srv) -> None:
 
 async def test_a_shutdown_inhibitor_holds_the_reboot_back_until_it_is_released(image, tmp_path):
     setup = f"""#!/bin/sh
-# a block lock on shutdown from boot until a minute after the agent wants to reboot
+# a block lock on shutdown from the agent's start (the bus and logind are up by then) until a minute after the
+# agent wants to reboot
+i=0
+until {OPERATION} >/dev/null 2>&1; do
+  i=$((i + 1)); [ $i -gt 600 ] && exit 1; sleep 1
+done
 exec systemd-inhibit --what=shutdown --mode=block --who=omaha-test --why="the test holds shutdown" sh -c '
 {WAIT_PENDING}
 sleep 60'
@@ -79,10 +84,11 @@ async def test_the_windows_policy_reboots_when_a_window_opens_after_the_install(
     later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)).strftime("%a").lower()
     windows = ('s/^reboot: .*/reboot: {policy: windows, windows: [{days: [%s], start: "%s", length: 10, '
                'timezone: UTC}]}/')
+    near = windows.replace('"', '\\"') % ("mon, tue, wed, thu, fri, sat, sun", "$start")  # in double quotes
     setup = f"""#!/bin/sh
 {WAIT_PENDING}
 start=$(date -u -d '+2 min' +%H:%M)
-sed -i '{windows % ("mon, tue, wed, thu, fri, sat, sun", "$start")}' /etc/omaha-agent/agent.yaml
+sed -i "{near}" /etc/omaha-agent/agent.yaml
 systemctl restart omaha-agent.service
 """
     srv = await start_server(image, "window", "2.0.0", "payload-2.0.0.ext4.zst")
