@@ -50,7 +50,11 @@ async def _call(member: str, signature: str = "", body: tuple = (), fds: bool = 
     if reply.message_type == MessageType.ERROR:
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
         raise LogindError(f"logind {member}: {reply.error_name}{': ' + text[:200] if text else ''}")
-    return reply.body
+    if not fds:
+        return reply.body
+    # an "h" in the body is an index into the descriptors that came with the message (dbus-next's low level)
+    return [reply.unix_fds[value] if isinstance(value, int) and sig == "h" else value
+            for value, sig in zip(reply.body, reply.signature)], reply.unix_fds
 
 
 async def reboot() -> None:
@@ -78,10 +82,15 @@ class DelayLock:
 
     async def __aenter__(self):
         try:
-            (fd,) = await _call("Inhibit", "ssss", ("shutdown", "omaha-agent", self.why, "delay"), fds=True)
-            self.fd = fd
-        except (LogindError, ValueError, TypeError) as exc:
+            body, received = await _call("Inhibit", "ssss", ("shutdown", "omaha-agent", self.why, "delay"), fds=True)
+        except LogindError as exc:
             log.debug("no shutdown delay lock: %s", exc)
+            return self
+        for fd in received:  # the lock's descriptor is ours to keep; anything else that came along is closed
+            if fd != body[0]:
+                os.close(fd)
+        if isinstance(body[0], int) and body[0] in received:
+            self.fd = body[0]
         return self
 
     async def __aexit__(self, *exc_info) -> None:
