@@ -87,7 +87,7 @@ class PrivateBus:
     """A dbus-daemon configured like the system bus, with the project's policy file, on a socket in a
     world-readable directory (so an unprivileged caller can connect and be refused by the policy)."""
 
-    def __init__(self, group: str | None = None):
+    def __init__(self, group: str | None = None, extra: str = ""):
         import pwd
         import subprocess
         import tempfile
@@ -98,6 +98,8 @@ class PrivateBus:
             policy = policy.replace('user="root"', f'user="{pwd.getpwuid(os.geteuid()).pw_name}"')
         if group:  # stand-in for group omaha-agent, so the test does not add a group to the host
             policy = policy.replace('group="omaha-agent"', f'group="{group}"')
+        if extra:  # more <policy> elements (a test's stand-in service)
+            policy = policy.replace("</busconfig>", extra + "</busconfig>")
         self.policy = os.path.join(self.dir, "policy.conf")
         with open(self.policy, "w") as f:
             f.write(policy)
