@@ -47,13 +47,16 @@ async def confirm_on_b(machine: Machine, srv) -> None:
 async def test_a_shutdown_inhibitor_holds_the_reboot_back_until_it_is_released(image, tmp_path):
     setup = f"""#!/bin/sh
 # a block lock on shutdown from the agent's start (the bus and logind are up by then) until a minute after the
-# agent wants to reboot
+# agent wants to reboot; what it says goes to the kernel log, so to the serial console
+exec >/dev/kmsg 2>&1
 i=0
 until {OPERATION} >/dev/null 2>&1; do
   i=$((i + 1)); [ $i -gt 600 ] && exit 1; sleep 1
 done
+echo "omaha-test-setup: the agent is up; taking a block lock on shutdown"
 exec systemd-inhibit --what=shutdown --mode=block --who=omaha-test --why="the test holds shutdown" sh -c '
 {WAIT_PENDING}
+echo "omaha-test-setup: the agent waits to reboot; releasing the lock in 60 s"
 sleep 60'
 """
     srv = await start_server(image, "inhibit", "2.0.0", "payload-2.0.0.ext4.zst")
