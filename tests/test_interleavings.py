@@ -17,6 +17,7 @@ import os
 import random
 import time
 
+import pytest
 from dbus_next import BusType, Message, MessageType
 from dbus_next.aio import MessageBus
 
@@ -214,6 +215,7 @@ async def one_run(seed: int, root, server, bus, errors: Errors) -> list[str]:
     return []
 
 
+@pytest.mark.timeout(900)  # 200 seeds take 2-4 min; far longer only on a machine busy with other work
 async def test_random_interleavings_keep_every_invariant(tmp_path, system_bus):
     server = DevServer([image(tmp_path, "2.0.0")], faults=Faults(drip_delay=0.004))
     await server.start()
