@@ -77,6 +77,7 @@ sleep 60'
         assert srv.event_codes() == ["13/1", "14/1", "3/1"]
         await confirm_on_b(machine, srv)
     finally:
+        await machine.close()
         await srv.stop()
     assert srv.event_codes() == ["13/1", "14/1", "3/1", "3/2"]
 
@@ -115,6 +116,7 @@ systemctl restart omaha-agent.service
         assert opens - 3 <= rebooted <= opens + 120  # not before the window (host and guest share the clock)
         await confirm_on_b(machine, srv)
     finally:
+        await machine.close()
         await srv.stop()
     assert srv.event_codes() == ["13/1", "14/1", "3/1", "3/2"]
     check_grubenv(machine, tmp_path, {"a": "good", "b": "good"})

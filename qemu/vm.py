@@ -150,7 +150,13 @@ class Machine:
         stderr = open(f"{stem}.qemu.log", "wb")
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
         stderr.close()
-        return Boot(proc, serial, marker, time.monotonic())
+        self.current = Boot(proc, serial, marker, time.monotonic())
+        return self.current
+
+    async def close(self) -> None:
+        """Pulls the plug of a boot still running (a test that failed while waiting on it)."""
+        if getattr(self, "current", None) is not None:
+            await self.current.power_off()
 
     def fsck_esp(self, scratch: str) -> str:
         """Checks the ESP's FAT read-only (fsck.vfat -n) on a copy taken out of the disk image; returns its
