@@ -91,6 +91,7 @@ async def test_the_windows_policy_reboots_when_a_window_opens_after_the_install(
     near = windows.replace('"', '\\"') % ("mon, tue, wed, thu, fri, sat, sun", "$start")  # in double quotes
     setup = f"""#!/bin/sh
 {WAIT_PENDING}
+sleep 30  # long enough for the host to see the far window in the report
 start=$(date -u -d '+2 min' +%H:%M)
 sed -i "{near}" /etc/omaha-agent/agent.yaml
 systemctl restart omaha-agent.service
