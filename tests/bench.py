@@ -210,8 +210,33 @@ class DevServer:
         stop(self.proc)
 
 
+class ReleaseKey:
+    """An Ed25519 release key in ``tmp``: the benchmark signs each payload with it, as a build host would, and the
+    devices trust its public half (``trust.require_signature`` stays on, its default)."""
+
+    def __init__(self, tmp: str):
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+        self.key = ed25519.Ed25519PrivateKey.generate()
+        self.public = os.path.join(tmp, "release.pub.pem")
+        with open(self.public, "wb") as f:
+            f.write(self.key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def sign(self, path: str, sha256_hex: str, size: int) -> None:
+        """``<path>.sig``, the DSSE envelope the agent fetches from beside the payload's URL."""
+        from agent.trust import sign_statement, statement
+        body = statement(os.path.basename(path), sha256_hex, APP, "2.0.0", size)
+        with open(path + ".sig", "wb") as f:
+            f.write(sign_statement(body, self.key))
+
+
+KEY: ReleaseKey | None = None  # set by main()
+
+
 def device(workdir: str, url: str, slot_size: int, extra: str = "") -> str:
-    """A file-slot device with the sim bootloader at 1.0.0 (like tests/simdevice.py); returns its config path."""
+    """A file-slot device with the sim bootloader at 1.0.0 (like tests/simdevice.py) that trusts ``KEY``; returns
+    its config path."""
     from agent.boot.sim import SimBoot
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
@@ -231,6 +256,7 @@ boot: {{backend: sim, env: {workdir}/bootenv.json, tries: 2}}
 state_dir: {workdir}/state
 reboot: {{policy: manual}}
 health: {{commands: ["true"], after: start}}
+trust: {{keys: ["{KEY.public}"]}}
 {extra}""")
     return config
 
@@ -244,12 +270,14 @@ class Payload:
         self.path = os.path.join(www, self.name)
         make_payload(self.path, size)
         self.sha256 = sha256_of(self.path)
+        KEY.sign(self.path, self.sha256, size)
         self.url = nginx.base + self.name
         self.server = DevServer(self.path, nginx.base)
 
     def close(self) -> None:
         self.server.close()
         os.unlink(self.path)
+        os.unlink(self.path + ".sig")
 
 
 def agent_update(workdir: str, payload: Payload) -> dict:
@@ -508,7 +536,9 @@ def main() -> int:
         return reap_main(int(sys.argv[2]), sys.argv[3:])
     results: dict = {"machine": machine(), "quick": QUICK}
     started = time.monotonic()
+    global KEY
     with tempfile.TemporaryDirectory(prefix="omaha-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
+        KEY = ReleaseKey(tmp)
         www = os.path.join(tmp, "www")
         os.makedirs(www)
         nginx = Nginx(www, tmp)
