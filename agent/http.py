@@ -210,3 +210,132 @@ async def fetch_small(session, url: str, limit: int, timeout: float = 30.0) -> b
         raise FetchError(f"{url}: {exc}", missing=True) from None
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise FetchError(f"{url}: {describe_error(exc, 'timed out')}") from None
+
+
+class BodyCut(OSError):
+    """The connection ended before the end of a body read by ``DirectBody`` (an ``OSError``: the transfer
+    errors' handlers take it like a reset)."""
+
+
+class DirectBody(asyncio.BufferedProtocol):
+    """The rest of a response body read from the socket straight into the caller's buffers (``recv_into``: no
+    bytes object per read, no copy out of aiohttp's queue). ``take`` switches an aiohttp response's connection
+    over to it after aiohttp parsed the status line and the headers, so the request, the redirect policy
+    (``open_get``) and TLS stay aiohttp's; the connection is closed afterwards, never reused.
+
+    Only for a body of a declared length, sent as is (no chunked transfer coding, no content coding): it reads
+    exactly that many bytes and never more, whatever the server sends after them. A connection that ends early
+    raises ``BodyCut``; no byte for ``timeout`` seconds while it waits for data raises ``asyncio.TimeoutError``."""
+
+    def __init__(self, transport, length: int, received: int, timeout: float):
+        self.transport = transport
+        self.length = length  # the declared body length
+        self.received = received  # bytes of it received so far (the ones aiohttp had already parsed included)
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        self.view: memoryview | None = None  # where the next bytes go
+        self.pos = 0
+        self.waiter: asyncio.Future | None = None
+        self.error: BaseException | None = None
+        self.last = self.loop.time()
+        self.watchdog = None
+
+    @property
+    def remaining(self) -> int:
+        return self.length - self.received
+
+    @classmethod
+    def take(cls, resp, timeout: float) -> "tuple[bytes, DirectBody | None]":
+        """The body bytes aiohttp already holds, and the reader of the rest (``None`` when the whole body is in
+        those bytes, or when the connection cannot be taken over: then read on through ``resp.content``)."""
+        conn, length = resp.connection, resp.content_length
+        transport = conn.transport if conn is not None else None
+        coded = "Transfer-Encoding" in resp.headers or \
+            resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+        if (length is None or coded or transport is None or transport.is_closing()
+                or resp.content.exception() is not None):
+            return b"", None
+        head = resp.content.read_nowait(-1)  # what the parser already queued
+        if len(head) >= length or resp.content.is_eof():
+            return head, None
+        conn.protocol.pause_reading()  # aiohttp's handler stops (its sock_read timer too) ...
+        body = cls(transport, length, len(head), timeout)
+        transport.set_protocol(body)  # ... and this one takes over, with nothing read in between
+        return head, body
+
+    # -- what the caller awaits
+    async def fill(self, view: memoryview) -> int:
+        """Reads into ``view`` until it is full or the body ends; the count of bytes put there."""
+        if self.error is not None:
+            raise self.error
+        self.view, self.pos = view[:self.remaining], 0
+        if not len(self.view):
+            return 0
+        self.waiter = self.loop.create_future()
+        self.last = self.loop.time()
+        if self.watchdog is None:
+            self.watchdog = self.loop.call_later(self.timeout, self._watch)
+        self.transport.resume_reading()
+        try:
+            await self.waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if not self.pos:
+                raise  # else the bytes that did arrive count first; the next call raises
+        finally:
+            self.transport.pause_reading()  # nothing lands in a buffer the caller handed on
+            self.view, self.waiter = None, None
+        return self.pos
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        self.transport.close()
+
+    def _wake(self, error: BaseException | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        if self.waiter is not None and not self.waiter.done():
+            if self.error is not None:
+                self.waiter.set_exception(self.error)
+            else:
+                self.waiter.set_result(None)
+
+    def _watch(self) -> None:
+        self.watchdog = None
+        if self.waiter is None or self.error is not None:
+            return
+        idle = self.loop.time() - self.last
+        if idle >= self.timeout:
+            self._wake(asyncio.TimeoutError())
+            self.transport.abort()
+        else:
+            self.watchdog = self.loop.call_later(self.timeout - idle, self._watch)
+
+    # -- the protocol
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view[self.pos:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.pos += nbytes
+        self.received += nbytes
+        self.last = self.loop.time()
+        if self.pos == len(self.view):
+            self.transport.pause_reading()
+            self._wake()
+
+    def eof_received(self):
+        if self.remaining:
+            self._wake(BodyCut(f"the connection closed before the end of the body ({self.received} of "
+                               f"{self.length} bytes)"))
+        return False  # close the transport
+
+    def connection_lost(self, exc) -> None:
+        if self.remaining:
+            self._wake(BodyCut(f"the connection closed before the end of the body ({self.received} of "
+                               f"{self.length} bytes)" + (f": {exc}" if exc else "")))
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None

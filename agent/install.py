@@ -142,6 +142,19 @@ class _Pipeline:
                 handed.append(self._submit())
         return handed
 
+    async def space(self) -> memoryview:
+        """Where the next bytes go: the rest of the chunk being filled (for reads straight into the ring)."""
+        if self.current is None:
+            self.current = await self._acquire()
+        buf = self.buffers[self.current]
+        return memoryview(buf)[self.fill:len(buf) - (self.fed % len(buf))]
+
+    def commit(self, n: int) -> int:
+        """``n`` bytes landed at the start of ``space()``; the size of the chunk this handed on (0: none)."""
+        self.fill += n
+        size = len(self.buffers[self.current])
+        return self._submit() if self.fill == size - (self.fed % size) else 0
+
     async def finish(self) -> None:
         """Hands on the partly filled chunk, and waits for every chunk in flight."""
         if self.fill:
@@ -328,7 +341,7 @@ class Installer:
         offset = writer.received
         if offset >= pkg.size:  # a checkpoint taken after the last byte: nothing left to fetch, only to verify
             return
-        from .http import RedirectRefused, open_get
+        from .http import DirectBody, RedirectRefused, open_get
 
         # identity: a Range is counted in the bytes as sent, so a resume needs the body as sent (aiohttp would
         # otherwise ask for gzip and hand over decoded bytes)
@@ -363,8 +376,12 @@ class Installer:
                     raise _TransferFailed(f"HTTP {resp.status} {resp.reason or ''}".strip())
                 complete_body = resp.content_length is not None  # aiohttp raises if it is not satisfied
                 pipe = _Pipeline(writer, self._buffers, self._pools, offset)
+                head, body = b"", None
+                if not encoded and complete_body and offset + resp.content_length == pkg.size:
+                    # the expected body, as is: read from the socket straight into the ring
+                    head, body = DirectBody.take(resp, self.read_timeout)
                 await self._pump(resp.content.iter_any(), pipe, slot, pkg, version, attempt_start, attempt_base,
-                                 checkpoints=not encoded)
+                                 checkpoints=not encoded, head=head, body=body)
         except asyncio.CancelledError:
             await self._save_partial(pipe, slot, pkg, version, encoded)
             raise
@@ -388,21 +405,41 @@ class Installer:
             raise _TransferFailed(f"short body: {received} of {pkg.size} bytes")
 
     async def _pump(self, pieces, pipe: "_Pipeline", slot: str, pkg: PackageOffer, version: str, attempt_start: float,
-                    attempt_base: int, checkpoints: bool = True) -> None:
+                    attempt_base: int, checkpoints: bool = True, head: bytes = b"", body=None) -> None:
         """Feeds the pieces of a body onto the slot through ``pipe``, with checkpoints (unless the body cannot be
-        resumed: a content-encoded one) and progress."""
+        resumed: a content-encoded one) and progress. With ``body`` (an ``http.DirectBody``), ``head`` and then
+        what ``body`` reads straight into the ring instead of ``pieces``."""
         since_checkpoint = 0
-        async for data in pieces:
+
+        async def handed_on(size: int) -> None:
+            nonlocal since_checkpoint
+            since_checkpoint += size
+            if since_checkpoint >= self.checkpoint_every and checkpoints:
+                await pipe.drain()
+                await self._checkpoint(pipe.writer, slot, pkg, version)
+                since_checkpoint = 0
+            self._progress(pipe.writer, pkg, attempt_start, attempt_base)
+
+        async def put(data) -> None:
             if pipe.fed + pipe.pending + len(data) > pkg.size:
                 raise PayloadError(f"the source sent more than the promised {pkg.size} bytes", "size")
             handed = await pipe.put(data)
             if handed:
-                since_checkpoint += sum(handed)
-                if since_checkpoint >= self.checkpoint_every and checkpoints:
-                    await pipe.drain()
-                    await self._checkpoint(pipe.writer, slot, pkg, version)
-                    since_checkpoint = 0
-                self._progress(pipe.writer, pkg, attempt_start, attempt_base)
+                await handed_on(sum(handed))
+
+        if head:
+            await put(head)
+        if body is None:
+            async for data in pieces:
+                await put(data)
+        else:
+            try:
+                while body.remaining:  # the body's length is the payload's rest: never more than promised
+                    handed = pipe.commit(await body.fill(await pipe.space()))
+                    if handed:
+                        await handed_on(handed)
+            finally:
+                body.close()
         await pipe.finish()
 
     async def _fetch_file(self, url: str, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str) -> None:
