@@ -225,7 +225,13 @@ class DirectBody(asyncio.BufferedProtocol):
 
     Only for a body of a declared length, sent as is (no chunked transfer coding, no content coding): it reads
     exactly that many bytes and never more, whatever the server sends after them. A connection that ends early
-    raises ``BodyCut``; no byte for ``timeout`` seconds while it waits for data raises ``asyncio.TimeoutError``."""
+    raises ``BodyCut``; no byte for ``timeout`` seconds while it waits for data raises ``asyncio.TimeoutError``.
+
+    Reading goes on from one ``fill`` to the next without pausing the transport (a pause and a resume cost two
+    system calls per buffer). Bytes the transport delivers while the caller holds no buffer here go to a small
+    spill buffer, and reading pauses until the next ``fill``, which takes them first: memory stays bounded."""
+
+    SPILL = 256 << 10  # at most what one read of the transport delivers (asyncio's TLS reads 256 KiB at most)
 
     def __init__(self, transport, length: int, received: int, timeout: float):
         self.transport = transport
@@ -235,6 +241,8 @@ class DirectBody(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.view: memoryview | None = None  # where the next bytes go
         self.pos = 0
+        self.spill = bytearray()  # received while no view was given (in order, before whatever comes next)
+        self.into: "memoryview | bytearray | None" = None  # what the last get_buffer handed out
         self.waiter: asyncio.Future | None = None
         self.error: BaseException | None = None
         self.last = self.loop.time()
@@ -242,7 +250,13 @@ class DirectBody(asyncio.BufferedProtocol):
 
     @property
     def remaining(self) -> int:
+        """Bytes of the body not received yet."""
         return self.length - self.received
+
+    @property
+    def left(self) -> int:
+        """Bytes of the body not handed to the caller yet."""
+        return self.length - self.received + len(self.spill)
 
     @classmethod
     def take(cls, resp, timeout: float) -> "tuple[bytes, DirectBody | None]":
@@ -261,32 +275,47 @@ class DirectBody(asyncio.BufferedProtocol):
         conn.protocol.pause_reading()  # aiohttp's handler stops (its sock_read timer too) ...
         body = cls(transport, length, len(head), timeout)
         transport.set_protocol(body)  # ... and this one takes over, with nothing read in between
+        transport.pause_reading()
         return head, body
 
     # -- what the caller awaits
     async def fill(self, view: memoryview) -> int:
         """Reads into ``view`` until it is full or the body ends; the count of bytes put there."""
+        view = view[:self.left]
+        n = min(len(self.spill), len(view))
+        if n:  # what arrived in between comes first
+            view[:n] = self.spill[:n]
+            del self.spill[:n]
+        if n == len(view):
+            return n
         if self.error is not None:
+            if n:
+                return n
             raise self.error
-        self.view, self.pos = view[:self.remaining], 0
-        if not len(self.view):
-            return 0
+        self.view, self.pos = view, n
         self.waiter = self.loop.create_future()
         self.last = self.loop.time()
         if self.watchdog is None:
             self.watchdog = self.loop.call_later(self.timeout, self._watch)
-        self.transport.resume_reading()
+        self.transport.resume_reading()  # (nothing to do unless it was paused)
         try:
             await self.waiter
         except asyncio.CancelledError:
+            self.transport.pause_reading()
             raise
         except Exception:
+            self.transport.pause_reading()
             if not self.pos:
                 raise  # else the bytes that did arrive count first; the next call raises
         finally:
-            self.transport.pause_reading()  # nothing lands in a buffer the caller handed on
             self.view, self.waiter = None, None
         return self.pos
+
+    def pause(self) -> None:
+        """The caller will not come back at once (it waits for a buffer): stop reading until the next ``fill``
+        rather than spill."""
+        if self.waiter is None:
+            self.transport.pause_reading()
 
     def close(self) -> None:
         if self.watchdog is not None:
@@ -315,16 +344,27 @@ class DirectBody(asyncio.BufferedProtocol):
             self.watchdog = self.loop.call_later(self.timeout - idle, self._watch)
 
     # -- the protocol
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.view[self.pos:]
+    def get_buffer(self, sizehint: int):
+        if self.view is not None and self.pos < len(self.view) and not self.waiter.done():
+            self.into = self.view
+            return self.view[self.pos:]
+        self.transport.pause_reading()  # no buffer of the caller's: this read, then none until the next fill
+        room = min(self.SPILL, self.remaining)
+        self.into = bytearray(room if room > 0 else 4096)  # past the declared body: read only to be dropped
+        return self.into
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.pos += nbytes
-        self.received += nbytes
-        self.last = self.loop.time()
-        if self.pos == len(self.view):
-            self.transport.pause_reading()
-            self._wake()
+        if self.into is not None and self.into is self.view:
+            self.pos += nbytes
+            self.received += nbytes
+            self.last = self.loop.time()
+            if self.pos == len(self.view):
+                self._wake()
+        elif self.remaining > 0:
+            self.spill += memoryview(self.into)[:nbytes]
+            self.received += nbytes
+            self.last = self.loop.time()
+        self.into = None
 
     def eof_received(self):
         if self.remaining:

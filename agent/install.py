@@ -122,6 +122,11 @@ class _Pipeline:
         self.plain = None if offset == 0 else writer.decoder is None  # decided by the first bytes at offset 0
 
     @property
+    def full(self) -> bool:
+        """Whether ``space`` has to wait for a chunk in flight."""
+        return self.current is None and not self.free
+
+    @property
     def pending(self) -> int:
         """Bytes received but not yet handed to the threads."""
         return self.fill
@@ -434,7 +439,9 @@ class Installer:
                 await put(data)
         else:
             try:
-                while body.remaining:  # the body's length is the payload's rest: never more than promised
+                while body.left:  # the body's length is the payload's rest: never more than promised
+                    if pipe.full:
+                        body.pause()
                     handed = pipe.commit(await body.fill(await pipe.space()))
                     if handed:
                         await handed_on(handed)

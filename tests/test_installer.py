@@ -594,3 +594,29 @@ async def test_direct_read_that_is_cancelled_keeps_a_true_checkpoint(device):
     assert saved and 0 < saved[-1].received <= (1 << 20) + 100
     with open(slots["b"], "rb") as f:
         assert f.read(saved[-1].received) == data[:saved[-1].received]
+
+
+async def test_direct_read_while_the_ring_is_full_keeps_every_byte_in_order(device, monkeypatch):
+    # a slow slot: the reader waits for a free buffer again and again; what the transport delivers in between
+    # (spilled, then handed over first) and the pauses must keep the bytes in order
+    from agent.payload import SlotWriter
+    data = os.urandom((4 << 20) + 777)
+    real = SlotWriter.write_plain
+
+    def slow(self, view, offset, aligned=False):
+        import time
+        time.sleep(0.03)
+        return real(self, view, offset, aligned)
+    monkeypatch.setattr(SlotWriter, "write_plain", slow)
+
+    async def fast(writer, start, _):
+        for at in range(start, len(data), 100_000):
+            writer.write(data[at:at + 100_000])
+        await writer.drain()
+    server = await RawServer(data, fast).start()
+    taken = []
+    try:
+        result = await direct_install(device, server, data, taken=taken, monkeypatch=monkeypatch)
+    finally:
+        await server.stop()
+    assert taken == [True] and result.received == len(data) and slot_holds(device[1]["b"], data)
