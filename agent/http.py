@@ -242,7 +242,7 @@ class DirectBody(asyncio.BufferedProtocol):
         self.view: memoryview | None = None  # where the next bytes go
         self.pos = 0
         self.spill = bytearray()  # received while no view was given (in order, before whatever comes next)
-        self.into: "memoryview | bytearray | None" = None  # what the last get_buffer handed out
+        self.into: memoryview | None = None  # what the last get_buffer handed out
         self.waiter: asyncio.Future | None = None
         self.error: BaseException | None = None
         self.last = self.loop.time()
@@ -350,8 +350,8 @@ class DirectBody(asyncio.BufferedProtocol):
             return self.view[self.pos:]
         self.transport.pause_reading()  # no buffer of the caller's: this read, then none until the next fill
         room = min(self.SPILL, self.remaining)
-        self.into = bytearray(room if room > 0 else 4096)  # past the declared body: read only to be dropped
-        return self.into
+        self.into = memoryview(bytearray(room if room > 0 else 4096))  # past the declared body: dropped
+        return self.into  # (a memoryview: asyncio's TLS reads on into slices of what it gets here)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.into is not None and self.into is self.view:
@@ -361,7 +361,7 @@ class DirectBody(asyncio.BufferedProtocol):
             if self.pos == len(self.view):
                 self._wake()
         elif self.remaining > 0:
-            self.spill += memoryview(self.into)[:nbytes]
+            self.spill += self.into[:nbytes]
             self.received += nbytes
             self.last = self.loop.time()
         self.into = None
