@@ -1,7 +1,8 @@
 """The streaming installer: download → hash → write → fsync → verify, then hand the slot to the bootloader.
 
 Order, and nothing else: mark the target ``bad`` → stream the payload onto it (1 MiB chunks in a ring of
-three reused buffers, each hashed and written in two threads while the next downloads; aligned writes
+three reused buffers, each hashed and written in two threads while the next downloads; a body of the
+expected length is read from the socket straight into the ring, ``http.DirectBody``; aligned writes
 bypass the page cache) → fsync → verify size and every hash (and optionally re-read the slot) → set the
 target for a trial boot. A failure at any step leaves the target ``bad`` and
 the booted slot untouched.
@@ -97,10 +98,11 @@ async def _maybe_await(value) -> None:
 
 
 class _Pipeline:
-    """Moves the body from the HTTP client into a small ring of reused, page-aligned buffers and hands each
-    filled chunk to the writer: for an uncompressed payload, hashing (one thread, in order) and writing (another
-    thread, O_DIRECT when aligned) of a chunk run at the same time as each other and as the download of the
-    next chunks; a compressed one goes through ``SlotWriter.feed`` in the writing thread. Chunk boundaries lie
+    """Moves the body into a small ring of reused, page-aligned buffers (copied from the HTTP client's pieces by
+    ``put``, or read there by the caller through ``space`` and ``commit``) and hands each filled chunk to the
+    writer: for an uncompressed payload, hashing (one thread, in order; a SHA-1 in a third) and writing (another
+    thread, O_DIRECT when aligned) of a chunk run at the same time as each other and as the download of the next
+    chunks; a compressed one goes through ``SlotWriter.feed`` in the writing thread. Chunk boundaries lie
     at multiples of the chunk size in the payload, so after a resume at an odd offset the writes align again.
     Memory: ``RING`` chunks, whatever the payload's size.
 
@@ -112,7 +114,7 @@ class _Pipeline:
     def __init__(self, writer: SlotWriter, buffers: list, pools: tuple, offset: int):
         self.writer = writer
         self.buffers = buffers
-        self.hash_pool, self.write_pool = pools
+        self.hash_pool, self.write_pool, self.sha1_pool = pools
         self.fed = offset  # payload bytes handed to the threads
         self.inflight: collections.deque = collections.deque()  # (buffer index, futures), oldest first
         self.free = collections.deque(range(len(buffers)))
@@ -175,8 +177,10 @@ class _Pipeline:
             self.plain = self.writer.plain(view)
         if self.plain:
             aligned = offset % len(buf) == 0
-            futures = (loop.run_in_executor(self.hash_pool, self.writer.hash_plain, view),
+            futures = (loop.run_in_executor(self.hash_pool, self.writer.hash_plain, view, False),
                        loop.run_in_executor(self.write_pool, self.writer.write_plain, view, offset, aligned))
+            if self.writer.sha1 is not None:  # both digests the server gave are verified: each in its own thread
+                futures += (loop.run_in_executor(self.sha1_pool, self.writer.sha1_plain, view),)
         else:
             futures = (loop.run_in_executor(self.write_pool, self.writer.feed, view),)
         self.inflight.append((index, futures))
@@ -274,7 +278,8 @@ class Installer:
             raise InstallError(str(exc), exc.kind) from None
         # page-aligned (anonymous mmap), reused for every chunk of every attempt
         self._buffers = [mmap.mmap(-1, self.chunk) for _ in range(RING)]
-        self._pools = (ThreadPoolExecutor(1, "omaha-hash"), ThreadPoolExecutor(1, "omaha-write"))
+        self._pools = (ThreadPoolExecutor(1, "omaha-hash"), ThreadPoolExecutor(1, "omaha-write"),
+                       ThreadPoolExecutor(1, "omaha-sha1"))  # (its thread starts only when a SHA-1 is given)
         try:
             resumed_from = await self._resume(writer, slot, pkg, version, resume)
             return await self._fetch_all(writer, slot, pkg, version, resumed_from, phases or InstallHooks())
