@@ -9,8 +9,10 @@ payload URLs point at nginx (``devserver --payload-base``), so the server is not
      the cached payload, ``dd`` of zeros onto a slot file with O_DIRECT and fsync) and the slowest of them;
    - the shell pipeline doing the agent's job: ``curl | tee >(openssl dgst -sha256) | dd oflag=direct
      conv=fsync``;
-   - the agent: a whole update through ``omaha-agent daemon --once`` (check, stream onto a file slot while
-     hashing, fsync, verify, set the trial, report), measured from outside the process.
+   - the agent: a whole update through ``omaha-agent daemon --once`` (check, the release's signature, stream
+     onto a file slot while hashing, fsync, verify, set the trial, report), measured from outside the process.
+     Each payload is signed with a release key made for the run (``<payload>.sig`` beside it on nginx) and the
+     devices trust it: ``trust.require_signature`` stays on, as in the default configuration.
    Every command runs under a small reaper (this module with ``--reap``) that waits for all its descendants,
    process substitutions included, so CPU time and peak RSS cover the whole pipeline.
 2. Memory: the peak RSS of ``daemon --once`` for a 1 GiB and a 4 GiB payload; the RSS of the idle daemon on
