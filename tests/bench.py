@@ -18,7 +18,8 @@ payload URLs point at nginx (``devserver --payload-base``), so the server is not
 2. Memory: the peak RSS of ``daemon --once`` for a 1 GiB and a 4 GiB payload; the RSS of the idle daemon on
    a private system bus; start-up time to ``READY=1`` on a notify socket.
 3. ``GetStatus`` latency over D-Bus, 20 calls a second, while a full-speed install runs, over
-   ``BENCH_LATENCY_ROUNDS`` installs (default 10) so the p99 rests on a few hundred calls.
+   ``BENCH_LATENCY_ROUNDS`` installs (default 10) so the p99 rests on a few hundred calls; and the same calls
+   to the idle daemon just before, the floor the machine sets at the time.
 4. A fleet: 100 000 devices over 7 days with ``agent.schedule``'s own functions, a 6-hour server outage in
    the middle.
 
@@ -457,6 +458,22 @@ async def _poll_status(rate_hz: float, limit_s: float) -> tuple[list[float], lis
         client.bus.disconnect()
 
 
+async def _idle_status(rate_hz: float, count: int) -> list[float]:
+    """``GetStatus`` of an idle daemon: what the machine (the bus, the scheduler) alone costs at the moment."""
+    from agent.dbus.client import Client
+    client = await Client.connect()
+    try:
+        calls = []
+        for _ in range(count):
+            start = time.perf_counter()
+            await client.status()
+            calls.append((time.perf_counter() - start) * 1000)
+            await asyncio.sleep(1 / rate_hz)
+        return calls
+    finally:
+        client.bus.disconnect()
+
+
 def getstatus_latency(tmp: str, www: str, nginx: Nginx, results: dict) -> None:
     """``LATENCY_ROUNDS`` whole installs, each by a new daemon onto a new device, every call during them counted:
     one install of 1 GiB lasts a few seconds, too few calls for a p99 of their own."""
@@ -466,13 +483,16 @@ def getstatus_latency(tmp: str, www: str, nginx: Nginx, results: dict) -> None:
         return
     payload = Payload(tmp, www, nginx, SIZE_MIB * MiB)
     during: list[float] = []
+    idle: list[float] = []
     try:
-        for _ in range(LATENCY_ROUNDS):
+        for i in range(LATENCY_ROUNDS):
             config = device(os.path.join(tmp, "latency"), payload.server.url, payload.size + MiB,
                             "schedule: {initial_delay: 3600}\n")
             daemon = NotifiedDaemon(tmp, config)
             try:
                 daemon.wait_ready()
+                if i == 0:
+                    idle = sorted(asyncio.run(_idle_status(20, 200)))
                 calls, _, last = asyncio.run(_poll_status(20, TIMEOUT))
             finally:
                 daemon.close()
@@ -484,10 +504,13 @@ def getstatus_latency(tmp: str, www: str, nginx: Nginx, results: dict) -> None:
         bus.close()
     during.sort()
     p = lambda q: during[min(len(during) - 1, int(q * len(during)))]
+    q = lambda values, at: values[min(len(values) - 1, int(at * len(values)))]
     results.update({"getstatus_p50_ms": p(0.5), "getstatus_p99_ms": p(0.99), "getstatus_max_ms": during[-1],
-                    "getstatus_calls": len(during), "getstatus_rounds": LATENCY_ROUNDS})
+                    "getstatus_calls": len(during), "getstatus_rounds": LATENCY_ROUNDS,
+                    "getstatus_idle_p50_ms": q(idle, 0.5), "getstatus_idle_p99_ms": q(idle, 0.99)})
     print(f"GetStatus during the install, {len(during)} calls at 20/s over {LATENCY_ROUNDS} installs: p50 "
-          f"{p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, max {during[-1]:.1f} ms", flush=True)
+          f"{p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, max {during[-1]:.1f} ms (the idle daemon, {len(idle)} calls "
+          f"just before: p50 {q(idle, 0.5):.1f} ms, p99 {q(idle, 0.99):.1f} ms)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- 4. fleet
