@@ -77,15 +77,17 @@ def make_session(ca_file: str | None = None, timeout: float = 30.0, client_cert:
                  client_key: str | None = None):
     """An aiohttp session (aiohttp is imported here, when the first check runs, not at start-up); its TLS settings
     (the extra CA, the device's certificate) apply to the checks, the events, the payloads and their signatures."""
-    import ssl
-
     import aiohttp
 
-    ssl_context = ssl.create_default_context()
-    if ca_file:
-        ssl_context.load_verify_locations(ca_file)
-    if client_cert and client_key:
-        ssl_context.load_cert_chain(client_cert, client_key)
+    ssl_context = True  # aiohttp's own verifying context (ssl.create_default_context(), made when aiohttp is
+    # imported): a context of our own would load the system's CA bundle once more (~0.1 s, ~0.7 MiB)
+    if ca_file or (client_cert and client_key):
+        import ssl
+        ssl_context = ssl.create_default_context()
+        if ca_file:
+            ssl_context.load_verify_locations(ca_file)
+        if client_cert and client_key:
+            ssl_context.load_cert_chain(client_cert, client_key)
     connector = aiohttp.TCPConnector(ssl=ssl_context, limit=4)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
                                                                                    sock_read=timeout))
@@ -210,3 +212,172 @@ async def fetch_small(session, url: str, limit: int, timeout: float = 30.0) -> b
         raise FetchError(f"{url}: {exc}", missing=True) from None
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise FetchError(f"{url}: {describe_error(exc, 'timed out')}") from None
+
+
+class BodyCut(OSError):
+    """The connection ended before the end of a body read by ``DirectBody`` (an ``OSError``: the transfer
+    errors' handlers take it like a reset)."""
+
+
+class DirectBody(asyncio.BufferedProtocol):
+    """The rest of a response body read from the socket straight into the caller's buffers (``recv_into``: no
+    bytes object per read, no copy out of aiohttp's queue). ``take`` switches an aiohttp response's connection
+    over to it after aiohttp parsed the status line and the headers, so the request, the redirect policy
+    (``open_get``) and TLS stay aiohttp's; the connection is closed afterwards, never reused.
+
+    Only for a body of a declared length, sent as is (no chunked transfer coding, no content coding): it reads
+    exactly that many bytes and never more, whatever the server sends after them. A connection that ends early
+    raises ``BodyCut``; no byte for ``timeout`` seconds while it waits for data raises ``asyncio.TimeoutError``.
+
+    Reading goes on from one ``fill`` to the next without pausing the transport (a pause and a resume cost two
+    system calls per buffer). Bytes the transport delivers while the caller holds no buffer here go to a small
+    spill buffer, and reading pauses until the next ``fill``, which takes them first: memory stays bounded."""
+
+    SPILL = 256 << 10  # at most what one read of the transport delivers (asyncio's TLS reads 256 KiB at most)
+
+    def __init__(self, transport, length: int, received: int, timeout: float):
+        self.transport = transport
+        self.length = length  # the declared body length
+        self.received = received  # bytes of it received so far (the ones aiohttp had already parsed included)
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        self.view: memoryview | None = None  # where the next bytes go
+        self.pos = 0
+        self.spill = bytearray()  # received while no view was given (in order, before whatever comes next)
+        self.into: memoryview | None = None  # what the last get_buffer handed out
+        self.waiter: asyncio.Future | None = None
+        self.error: BaseException | None = None
+        self.last = self.loop.time()
+        self.watchdog = None
+
+    @property
+    def remaining(self) -> int:
+        """Bytes of the body not received yet."""
+        return self.length - self.received
+
+    @property
+    def left(self) -> int:
+        """Bytes of the body not handed to the caller yet."""
+        return self.length - self.received + len(self.spill)
+
+    @classmethod
+    def take(cls, resp, timeout: float) -> "tuple[bytes, DirectBody | None]":
+        """The body bytes aiohttp already holds, and the reader of the rest (``None`` when the whole body is in
+        those bytes, or when the connection cannot be taken over: then read on through ``resp.content``)."""
+        conn, length = resp.connection, resp.content_length
+        transport = conn.transport if conn is not None else None
+        coded = "Transfer-Encoding" in resp.headers or \
+            resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+        if (length is None or coded or transport is None or transport.is_closing()
+                or resp.content.exception() is not None):
+            return b"", None
+        head = resp.content.read_nowait(-1)  # what the parser already queued
+        if len(head) >= length or resp.content.is_eof():
+            return head, None
+        conn.protocol.pause_reading()  # aiohttp's handler stops (its sock_read timer too) ...
+        body = cls(transport, length, len(head), timeout)
+        transport.set_protocol(body)  # ... and this one takes over, with nothing read in between
+        transport.pause_reading()
+        return head, body
+
+    # -- what the caller awaits
+    async def fill(self, view: memoryview) -> int:
+        """Reads into ``view`` until it is full or the body ends; the count of bytes put there."""
+        view = view[:self.left]
+        n = min(len(self.spill), len(view))
+        if n:  # what arrived in between comes first
+            view[:n] = self.spill[:n]
+            del self.spill[:n]
+        if n == len(view):
+            return n
+        if self.error is not None:
+            if n:
+                return n
+            raise self.error
+        self.view, self.pos = view, n
+        self.waiter = self.loop.create_future()
+        self.last = self.loop.time()
+        if self.watchdog is None:
+            self.watchdog = self.loop.call_later(self.timeout, self._watch)
+        self.transport.resume_reading()  # (nothing to do unless it was paused)
+        try:
+            await self.waiter
+        except asyncio.CancelledError:
+            self.transport.pause_reading()
+            raise
+        except Exception:
+            self.transport.pause_reading()
+            if not self.pos:
+                raise  # else the bytes that did arrive count first; the next call raises
+        finally:
+            self.view, self.waiter = None, None
+        return self.pos
+
+    def pause(self) -> None:
+        """The caller will not come back at once (it waits for a buffer): stop reading until the next ``fill``
+        rather than spill."""
+        if self.waiter is None:
+            self.transport.pause_reading()
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        self.transport.close()
+
+    def _wake(self, error: BaseException | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        if self.waiter is not None and not self.waiter.done():
+            if self.error is not None:
+                self.waiter.set_exception(self.error)
+            else:
+                self.waiter.set_result(None)
+
+    def _watch(self) -> None:
+        self.watchdog = None
+        if self.waiter is None or self.error is not None:
+            return
+        idle = self.loop.time() - self.last
+        if idle >= self.timeout:
+            self._wake(asyncio.TimeoutError())
+            self.transport.abort()
+        else:
+            self.watchdog = self.loop.call_later(self.timeout - idle, self._watch)
+
+    # -- the protocol
+    def get_buffer(self, sizehint: int):
+        if self.view is not None and self.pos < len(self.view) and not self.waiter.done():
+            self.into = self.view
+            return self.view[self.pos:]
+        self.transport.pause_reading()  # no buffer of the caller's: this read, then none until the next fill
+        room = min(self.SPILL, self.remaining)
+        self.into = memoryview(bytearray(room if room > 0 else 4096))  # past the declared body: dropped
+        return self.into  # (a memoryview: asyncio's TLS reads on into slices of what it gets here)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.into is not None and self.into is self.view:
+            self.pos += nbytes
+            self.received += nbytes
+            self.last = self.loop.time()
+            if self.pos == len(self.view):
+                self._wake()
+        elif self.remaining > 0:
+            self.spill += self.into[:nbytes]
+            self.received += nbytes
+            self.last = self.loop.time()
+        self.into = None
+
+    def eof_received(self):
+        if self.remaining:
+            self._wake(BodyCut(f"the connection closed before the end of the body ({self.received} of "
+                               f"{self.length} bytes)"))
+        return False  # close the transport
+
+    def connection_lost(self, exc) -> None:
+        if self.remaining:
+            self._wake(BodyCut(f"the connection closed before the end of the body ({self.received} of "
+                               f"{self.length} bytes)" + (f": {exc}" if exc else "")))
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None

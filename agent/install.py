@@ -1,7 +1,8 @@
 """The streaming installer: download → hash → write → fsync → verify, then hand the slot to the bootloader.
 
 Order, and nothing else: mark the target ``bad`` → stream the payload onto it (1 MiB chunks in a ring of
-three reused buffers, each hashed and written in two threads while the next downloads; aligned writes
+three reused buffers, each hashed and written in two threads while the next downloads; a body of the
+expected length is read from the socket straight into the ring, ``http.DirectBody``; aligned writes
 bypass the page cache) → fsync → verify size and every hash (and optionally re-read the slot) → set the
 target for a trial boot. A failure at any step leaves the target ``bad`` and
 the booted slot untouched.
@@ -97,10 +98,11 @@ async def _maybe_await(value) -> None:
 
 
 class _Pipeline:
-    """Moves the body from the HTTP client into a small ring of reused, page-aligned buffers and hands each
-    filled chunk to the writer: for an uncompressed payload, hashing (one thread, in order) and writing (another
-    thread, O_DIRECT when aligned) of a chunk run at the same time as each other and as the download of the
-    next chunks; a compressed one goes through ``SlotWriter.feed`` in the writing thread. Chunk boundaries lie
+    """Moves the body into a small ring of reused, page-aligned buffers (copied from the HTTP client's pieces by
+    ``put``, or read there by the caller through ``space`` and ``commit``) and hands each filled chunk to the
+    writer: for an uncompressed payload, hashing (one thread, in order; a SHA-1 in a third) and writing (another
+    thread, O_DIRECT when aligned) of a chunk run at the same time as each other and as the download of the next
+    chunks; a compressed one goes through ``SlotWriter.feed`` in the writing thread. Chunk boundaries lie
     at multiples of the chunk size in the payload, so after a resume at an odd offset the writes align again.
     Memory: ``RING`` chunks, whatever the payload's size.
 
@@ -112,7 +114,7 @@ class _Pipeline:
     def __init__(self, writer: SlotWriter, buffers: list, pools: tuple, offset: int):
         self.writer = writer
         self.buffers = buffers
-        self.hash_pool, self.write_pool = pools
+        self.hash_pool, self.write_pool, self.sha1_pool = pools
         self.fed = offset  # payload bytes handed to the threads
         self.inflight: collections.deque = collections.deque()  # (buffer index, futures), oldest first
         self.free = collections.deque(range(len(buffers)))
@@ -120,6 +122,11 @@ class _Pipeline:
         self.fill = 0
         self.broken = False
         self.plain = None if offset == 0 else writer.decoder is None  # decided by the first bytes at offset 0
+
+    @property
+    def full(self) -> bool:
+        """Whether ``space`` has to wait for a chunk in flight."""
+        return self.current is None and not self.free
 
     @property
     def pending(self) -> int:
@@ -142,6 +149,19 @@ class _Pipeline:
                 handed.append(self._submit())
         return handed
 
+    async def space(self) -> memoryview:
+        """Where the next bytes go: the rest of the chunk being filled (for reads straight into the ring)."""
+        if self.current is None:
+            self.current = await self._acquire()
+        buf = self.buffers[self.current]
+        return memoryview(buf)[self.fill:len(buf) - (self.fed % len(buf))]
+
+    def commit(self, n: int) -> int:
+        """``n`` bytes landed at the start of ``space()``; the size of the chunk this handed on (0: none)."""
+        self.fill += n
+        size = len(self.buffers[self.current])
+        return self._submit() if self.fill == size - (self.fed % size) else 0
+
     async def finish(self) -> None:
         """Hands on the partly filled chunk, and waits for every chunk in flight."""
         if self.fill:
@@ -157,8 +177,10 @@ class _Pipeline:
             self.plain = self.writer.plain(view)
         if self.plain:
             aligned = offset % len(buf) == 0
-            futures = (loop.run_in_executor(self.hash_pool, self.writer.hash_plain, view),
+            futures = (loop.run_in_executor(self.hash_pool, self.writer.hash_plain, view, False),
                        loop.run_in_executor(self.write_pool, self.writer.write_plain, view, offset, aligned))
+            if self.writer.sha1 is not None:  # both digests the server gave are verified: each in its own thread
+                futures += (loop.run_in_executor(self.sha1_pool, self.writer.sha1_plain, view),)
         else:
             futures = (loop.run_in_executor(self.write_pool, self.writer.feed, view),)
         self.inflight.append((index, futures))
@@ -256,7 +278,8 @@ class Installer:
             raise InstallError(str(exc), exc.kind) from None
         # page-aligned (anonymous mmap), reused for every chunk of every attempt
         self._buffers = [mmap.mmap(-1, self.chunk) for _ in range(RING)]
-        self._pools = (ThreadPoolExecutor(1, "omaha-hash"), ThreadPoolExecutor(1, "omaha-write"))
+        self._pools = (ThreadPoolExecutor(1, "omaha-hash"), ThreadPoolExecutor(1, "omaha-write"),
+                       ThreadPoolExecutor(1, "omaha-sha1"))  # (its thread starts only when a SHA-1 is given)
         try:
             resumed_from = await self._resume(writer, slot, pkg, version, resume)
             return await self._fetch_all(writer, slot, pkg, version, resumed_from, phases or InstallHooks())
@@ -328,7 +351,7 @@ class Installer:
         offset = writer.received
         if offset >= pkg.size:  # a checkpoint taken after the last byte: nothing left to fetch, only to verify
             return
-        from .http import RedirectRefused, open_get
+        from .http import DirectBody, RedirectRefused, open_get
 
         # identity: a Range is counted in the bytes as sent, so a resume needs the body as sent (aiohttp would
         # otherwise ask for gzip and hand over decoded bytes)
@@ -363,8 +386,12 @@ class Installer:
                     raise _TransferFailed(f"HTTP {resp.status} {resp.reason or ''}".strip())
                 complete_body = resp.content_length is not None  # aiohttp raises if it is not satisfied
                 pipe = _Pipeline(writer, self._buffers, self._pools, offset)
+                head, body = b"", None
+                if not encoded and complete_body and offset + resp.content_length == pkg.size:
+                    # the expected body, as is: read from the socket straight into the ring
+                    head, body = DirectBody.take(resp, self.read_timeout)
                 await self._pump(resp.content.iter_any(), pipe, slot, pkg, version, attempt_start, attempt_base,
-                                 checkpoints=not encoded)
+                                 checkpoints=not encoded, head=head, body=body)
         except asyncio.CancelledError:
             await self._save_partial(pipe, slot, pkg, version, encoded)
             raise
@@ -388,21 +415,43 @@ class Installer:
             raise _TransferFailed(f"short body: {received} of {pkg.size} bytes")
 
     async def _pump(self, pieces, pipe: "_Pipeline", slot: str, pkg: PackageOffer, version: str, attempt_start: float,
-                    attempt_base: int, checkpoints: bool = True) -> None:
+                    attempt_base: int, checkpoints: bool = True, head: bytes = b"", body=None) -> None:
         """Feeds the pieces of a body onto the slot through ``pipe``, with checkpoints (unless the body cannot be
-        resumed: a content-encoded one) and progress."""
+        resumed: a content-encoded one) and progress. With ``body`` (an ``http.DirectBody``), ``head`` and then
+        what ``body`` reads straight into the ring instead of ``pieces``."""
         since_checkpoint = 0
-        async for data in pieces:
+
+        async def handed_on(size: int) -> None:
+            nonlocal since_checkpoint
+            since_checkpoint += size
+            if since_checkpoint >= self.checkpoint_every and checkpoints:
+                await pipe.drain()
+                await self._checkpoint(pipe.writer, slot, pkg, version)
+                since_checkpoint = 0
+            self._progress(pipe.writer, pkg, attempt_start, attempt_base)
+
+        async def put(data) -> None:
             if pipe.fed + pipe.pending + len(data) > pkg.size:
                 raise PayloadError(f"the source sent more than the promised {pkg.size} bytes", "size")
             handed = await pipe.put(data)
             if handed:
-                since_checkpoint += sum(handed)
-                if since_checkpoint >= self.checkpoint_every and checkpoints:
-                    await pipe.drain()
-                    await self._checkpoint(pipe.writer, slot, pkg, version)
-                    since_checkpoint = 0
-                self._progress(pipe.writer, pkg, attempt_start, attempt_base)
+                await handed_on(sum(handed))
+
+        if head:
+            await put(head)
+        if body is None:
+            async for data in pieces:
+                await put(data)
+        else:
+            try:
+                while body.left:  # the body's length is the payload's rest: never more than promised
+                    if pipe.full:
+                        body.pause()
+                    handed = pipe.commit(await body.fill(await pipe.space()))
+                    if handed:
+                        await handed_on(handed)
+            finally:
+                body.close()
         await pipe.finish()
 
     async def _fetch_file(self, url: str, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str) -> None:

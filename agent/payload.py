@@ -166,12 +166,19 @@ class SlotWriter:
         """Whether a stream starting with ``head`` (at byte 0) is written as served (not decompressed)."""
         return not self.decompress or sniff(bytes(head[:8])) is None
 
-    def hash_plain(self, data) -> None:
-        """The hashing half of ``feed`` for an uncompressed payload; runs beside ``write_plain`` of the same bytes."""
-        self._hash_in(data)
+    def hash_plain(self, data, sha1: bool = True) -> None:
+        """The hashing half of ``feed`` for an uncompressed payload; runs beside ``write_plain`` of the same bytes.
+        ``sha1=False``: the SHA-1 (when the server gave one) is left to ``sha1_plain`` in a thread of its own."""
+        self.sha256.update(data)
+        if sha1 and self.sha1 is not None:
+            self.sha1.update(data)
         if self.out_sha256 is not None:  # written as served: the slot's hash is the payload's
             self.out_sha256.update(data)
         self.received += len(data)
+
+    def sha1_plain(self, data) -> None:
+        """The SHA-1 part of ``hash_plain`` (in order, in one thread), beside the SHA-256 of the same bytes."""
+        self.sha1.update(data)
 
     def write_plain(self, data, offset: int, aligned: bool = False) -> None:
         """The writing half of ``feed`` for an uncompressed payload: ``data`` at ``offset`` of the slot, with

@@ -408,3 +408,215 @@ async def test_power_cut_at_random_offsets_never_leaves_a_partial_trial(device, 
     finally:
         await server.stop()
     assert any(s is SlotState.BAD for s, _ in outcomes)
+
+
+# ------------------------------------------------------------------ the direct body reader (http.DirectBody)
+class RawServer:
+    """A file server on 127.0.0.1 that writes exact bytes: each GET is answered by ``behave(writer, start, n)``
+    after a status line and headers this class writes (206 for a Range, Content-Length as the server chooses)."""
+
+    def __init__(self, data: bytes, behave, declared=None):
+        self.data, self.behave, self.declared = data, behave, declared
+        self.starts: list[int] = []
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v2.img"
+        return self
+
+    async def stop(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            start = 0
+            for line in head.decode().split("\r\n"):
+                if line.lower().startswith("range: bytes="):
+                    start = int(line.split("=", 1)[1].split("-")[0])
+            self.starts.append(start)
+            rest = len(self.data) - start
+            length = self.declared(start, rest) if self.declared else rest
+            status = "206 Partial Content" if start else "200 OK"
+            extra = f"Content-Range: bytes {start}-{len(self.data) - 1}/{len(self.data)}\r\n" if start else ""
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {length}\r\n{extra}"
+                         "Content-Type: application/octet-stream\r\n\r\n".encode())
+            await self.behave(writer, start, len(self.starts))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def direct_install(device, server, data, read_timeout=5.0, taken=None, monkeypatch=None):
+    from agent import http as agent_http
+    from agent.omaha.outcome import PackageOffer
+    boot, slots = device
+    if monkeypatch is not None:  # count the bodies the direct reader took over
+        real = agent_http.DirectBody.take
+
+        def take(resp, timeout):
+            head, body = real(resp, timeout)
+            taken.append(body is not None)
+            return head, body
+        monkeypatch.setattr(agent_http.DirectBody, "take", staticmethod(take))
+    pkg = PackageOffer("v2.img", (server.url,), len(data), hashlib.sha256(data).digest(), None)
+    async with aiohttp.ClientSession() as session:
+        inst = Installer(session, chunk=256 << 10, checkpoint_every=1 << 20, read_timeout=read_timeout)
+        return await inst.install(BootWorker(boot), "b", slots["b"], 8 << 20, pkg, "2.0.0", 3)
+
+
+async def test_direct_reads_of_any_size_fill_the_ring_exactly(device, monkeypatch):
+    # pieces of 1 byte to 300 KiB with pauses: every read lands where the last one stopped, across chunk borders
+    data = os.urandom((5 << 20) + 12345)
+
+    async def pieces(writer, start, _):
+        rng, at = random.Random(7), start
+        while at < len(data):
+            n = rng.choice([1, 7, 4096, 65537, 300_000])
+            writer.write(data[at:at + n])
+            await writer.drain()
+            at += n
+            if rng.random() < 0.05:
+                await asyncio.sleep(0.01)
+    server = await RawServer(data, pieces).start()
+    taken = []
+    try:
+        result = await direct_install(device, server, data, taken=taken, monkeypatch=monkeypatch)
+    finally:
+        await server.stop()
+    assert taken == [True] and result.received == len(data) and slot_holds(device[1]["b"], data)
+
+
+async def test_direct_read_cut_mid_body_resumes_from_what_arrived(device, monkeypatch):
+    data = os.urandom(3 << 20)
+
+    async def cut_once(writer, start, request):
+        end = len(data) if request > 1 else 1_000_003  # the first answer ends mid-chunk
+        writer.write(data[start:end])
+        await writer.drain()
+    server = await RawServer(data, cut_once).start()
+    taken = []
+    try:
+        await direct_install(device, server, data, taken=taken, monkeypatch=monkeypatch)
+    finally:
+        await server.stop()
+    assert taken == [True, True] and server.starts[0] == 0 and 0 < server.starts[1] <= 1_000_003
+    assert slot_holds(device[1]["b"], data) and device[0].status()["b"].state is SlotState.TRIAL
+
+
+async def test_direct_read_stops_at_the_declared_length(device, monkeypatch):
+    # bytes after the declared body are not the payload's: never read onto the slot, and the install verifies
+    data = os.urandom((2 << 20) + 5)
+
+    async def too_much(writer, start, _):
+        writer.write(data[start:] + os.urandom(1 << 20))
+        await writer.drain()
+    server = await RawServer(data, too_much).start()
+    taken = []
+    try:
+        result = await direct_install(device, server, data, taken=taken, monkeypatch=monkeypatch)
+    finally:
+        await server.stop()
+    assert taken == [True] and result.received == len(data) and slot_holds(device[1]["b"], data)
+    with open(device[1]["b"], "rb") as f:
+        f.seek(len(data))
+        assert f.read(1 << 20) == bytes(1 << 20)  # nothing written past the payload
+
+
+async def test_a_body_declared_longer_than_the_payload_is_refused(device, monkeypatch):
+    # not the expected body: read the ordinary way, and its extra bytes refused as before
+    data = os.urandom(1 << 20)
+
+    async def longer(writer, start, _):
+        writer.write(data[start:] + os.urandom(4096))
+        await writer.drain()
+    server = await RawServer(data, longer, declared=lambda start, rest: rest + 4096).start()
+    taken = []
+    try:
+        with pytest.raises(InstallError) as err:
+            await direct_install(device, server, data, taken=taken, monkeypatch=monkeypatch)
+    finally:
+        await server.stop()
+    assert taken == [] and err.value.kind == "size" and "more than the promised" in str(err.value)
+    assert device[0].status()["b"].state is SlotState.BAD
+
+
+async def test_direct_read_stall_times_out_and_resumes(device, monkeypatch):
+    data = os.urandom(2 << 20)
+
+    async def stall_once(writer, start, request):
+        if request == 1:
+            writer.write(data[:700_000])
+            await writer.drain()
+            await asyncio.sleep(30)  # holds the connection open, sends nothing
+        writer.write(data[start:])
+        await writer.drain()
+    server = await RawServer(data, stall_once).start()
+    taken = []
+    try:
+        started = asyncio.get_running_loop().time()
+        await direct_install(device, server, data, read_timeout=0.5, taken=taken, monkeypatch=monkeypatch)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        await server.stop()
+    assert taken == [True, True] and server.starts[1] > 0 and took < 10
+    assert slot_holds(device[1]["b"], data)
+
+
+async def test_direct_read_that_is_cancelled_keeps_a_true_checkpoint(device):
+    # a cancel in the middle of a read: the checkpoint covers only bytes that are on the slot
+    from agent.omaha.outcome import PackageOffer
+    boot, slots = device
+    data = os.urandom(4 << 20)
+    gate = asyncio.Event()
+
+    async def slow(writer, start, _):
+        writer.write(data[:(1 << 20) + 100])
+        await writer.drain()
+        gate.set()
+        await asyncio.sleep(30)
+    server = await RawServer(data, slow).start()
+    saved = []
+    pkg = PackageOffer("v2.img", (server.url,), len(data), hashlib.sha256(data).digest(), None)
+    try:
+        async with aiohttp.ClientSession() as session:
+            inst = Installer(session, chunk=256 << 10, checkpoint_every=1 << 20, on_checkpoint=saved.append)
+            task = asyncio.create_task(inst.install(BootWorker(boot), "b", slots["b"], 8 << 20, pkg, "2.0.0", 3))
+            await gate.wait()
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        await server.stop()
+    assert saved and 0 < saved[-1].received <= (1 << 20) + 100
+    with open(slots["b"], "rb") as f:
+        assert f.read(saved[-1].received) == data[:saved[-1].received]
+
+
+async def test_direct_read_while_the_ring_is_full_keeps_every_byte_in_order(device, monkeypatch):
+    # a slow slot: the reader waits for a free buffer again and again; what the transport delivers in between
+    # (spilled, then handed over first) and the pauses must keep the bytes in order
+    from agent.payload import SlotWriter
+    data = os.urandom((4 << 20) + 777)
+    real = SlotWriter.write_plain
+
+    def slow(self, view, offset, aligned=False):
+        import time
+        time.sleep(0.03)
+        return real(self, view, offset, aligned)
+    monkeypatch.setattr(SlotWriter, "write_plain", slow)
+
+    async def fast(writer, start, _):
+        for at in range(start, len(data), 100_000):
+            writer.write(data[at:at + 100_000])
+        await writer.drain()
+    server = await RawServer(data, fast).start()
+    taken = []
+    try:
+        result = await direct_install(device, server, data, taken=taken, monkeypatch=monkeypatch)
+    finally:
+        await server.stop()
+    assert taken == [True] and result.received == len(data) and slot_holds(device[1]["b"], data)
