@@ -50,14 +50,15 @@ fi
   echo "build-image-arm64: qemu-aarch64 is not registered in binfmt_misc (apt-get install qemu-user-static binfmt-support)" >&2; exit 1; }
 
 mkdir -p "$OUT"
-KEY=$( (echo "$PACKAGES"; echo "$INITRAMFS_MODULES"; echo "$PRUNE"; cat "$SOURCES"; echo arm64-v1) | sha256sum | cut -c1-16)
+KEY=$( (echo "$PACKAGES"; echo "$INITRAMFS_MODULES"; echo "$PRUNE"; cat "$SOURCES"; echo arm64-v2) | sha256sum | cut -c1-16)
 BASE=$OUT/base-$KEY.tar
 
 if [ ! -s "$BASE" ]; then
   echo "build-image-arm64: building the Debian arm64 root filesystem under qemu-user (cache key $KEY)"
-  setup='set -e; mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/etc/initramfs-tools/modules.d";
+  # (mkinitramfs reads its list from /etc/initramfs-tools/modules, a conffile, and /usr/share/initramfs-tools/modules.d)
+  setup='set -e; mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d";
          printf "MODULES=list\nCOMPRESS=gzip\n" > "$1/etc/initramfs-tools/conf.d/omaha-qemu.conf";
-         for m in '"$INITRAMFS_MODULES"'; do echo $m; done > "$1/etc/initramfs-tools/modules.d/omaha-qemu.conf"'
+         for m in '"$INITRAMFS_MODULES"'; do echo $m; done > "$1/usr/share/initramfs-tools/modules.d/omaha-qemu"'
   hook='set -e; for k in "$1"/usr/lib/modules/*; do v=$(basename "$k"); for d in '"$(echo $PRUNE)"'; do
         rm -rf "$k/kernel/$d"; done; chroot "$1" depmod -a "$v"; done;
         rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/*'
@@ -67,6 +68,8 @@ if [ ! -s "$BASE" ]; then
     --dpkgopt='path-include=/usr/share/locale/locale.alias' \
     --setup-hook="$setup" --customize-hook="$hook" \
     bookworm "$OUT/partial-$KEY.tar" "$SOURCES"
+  tar -tf "$OUT/partial-$KEY.tar" | grep 'initramfs-tools/modules.d/omaha-qemu$' >/dev/null || {
+    echo "build-image-arm64: the initramfs module list is missing from the root filesystem" >&2; exit 1; }
   mv "$OUT/partial-$KEY.tar" "$BASE"
   find "$OUT" -maxdepth 1 -name 'base-*.tar' ! -name "base-$KEY.tar" -delete
 fi

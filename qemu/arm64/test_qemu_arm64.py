@@ -174,8 +174,8 @@ async def test_arm64_power_cut_during_download_then_resume_and_finish(image, tmp
 async def test_arm64_torn_env_write_still_boots_the_trial_slot_and_the_update_completes(image, tmp_path):
     """The plug is pulled in the boot where U-Boot writes B's countdown, and that write is left torn: the copy
     U-Boot wrote gets its first 512-byte sector new and the rest as it was, as a power cut after the first
-    sector would leave it. A single env would now fail its CRC and U-Boot would fall back to its built-in
-    defaults; with the pair it reads the intact copy, boots B again and counts that try instead."""
+    sector would leave it. A single env file would now fail its CRC and the script would find no A/B variables
+    at all; with the pair it reads the intact copy, boots B again and counts that try instead."""
     srv = await start_server(image, "tornenv", "2.0.0", "payload-2.0.0.ext4.zst")
     machine = ArmMachine("tornenv", image["disk"])
     try:
