@@ -11,7 +11,7 @@ import pytest
 
 from agent.boot.uboot import UBootBoot
 
-from .vm import BOOT_OFFSET, ENV_FILES, ENV_SIZE, QEMU, UBOOT, ArmMachine, env_copy
+from .vm import ENV_FILES, ENV_SIZE, QEMU, UBOOT, ArmMachine, env_copy
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(900)]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -171,3 +171,12 @@ async def test_uboot_and_libubootenv_agree_that_flags_0_is_newer_than_255(tools,
     assert ok and flags == 1 and env["BOOT_B_LEFT"] == "2", (ok, flags, env)
     assert rig.printenv()["BOOT_B_LEFT"] == "2"
     assert rig.states() == {"a": "good", "b": ("trial", 2)}
+
+
+async def test_uboot_boots_a_and_writes_nothing_when_neither_copy_is_readable(tools, tmp_path):
+    rig = Rig(tmp_path)
+    blank = {n: bytes(ENV_SIZE) for n in ENV_FILES}
+    rig.put(blank)
+    boot, after = await rig.run("blank")
+    assert boot.uboot_slot() == "A", boot.tail()
+    assert after == blank  # no countdown without a trial, so no write either
