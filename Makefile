@@ -99,6 +99,7 @@ install:
 	install -D -m 0644 systemd/omaha-agent.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/omaha-agent.conf
 	install -D -m 0644 systemd/omaha-agent.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/omaha-agent.conf
 	install -D -m 0644 config/grub/grub.cfg $(DESTDIR)$(PREFIX)/share/omaha-agent/grub.cfg
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/omaha-agent/uboot config/uboot/boot.cmd config/uboot/fw_env.config
 	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/omaha-agent/README.md
 	install -d -m 0755 $(DESTDIR)/etc/omaha-agent/keys
 	test -e $(DESTDIR)/etc/omaha-agent/agent.yaml || install -D -m 0644 config/agent.yaml $(DESTDIR)/etc/omaha-agent/agent.yaml
