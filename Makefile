@@ -53,8 +53,8 @@ qemu-image: qemu-deps $(STAMP)
 qemu-test: qemu-image
 	PATH="$$PATH:/usr/sbin:/sbin" unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s $(QEMU_TESTS) $(PYTEST_ARGS)'
 
-# The QEMU aarch64 (virt, U-Boot) image and its boot test (root; see README "QEMU test (arm64)"): the rootfs is
-# built under qemu-user through binfmt_misc.
+# The QEMU aarch64 (virt, U-Boot) image and its boot test (root; see README "QEMU test (arm64, U-Boot)"): the
+# rootfs is built under qemu-user through binfmt_misc.
 QEMU_ARM64_PACKAGES := qemu-system-arm u-boot-qemu u-boot-tools qemu-user-static binfmt-support mmdebstrap \
 	dosfstools mtools fdisk e2fsprogs zstd iproute2 util-linux openssl libubootenv-tool
 QEMU_ARM64_TESTS ?= qemu/arm64
