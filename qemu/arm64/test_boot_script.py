@@ -180,3 +180,18 @@ async def test_uboot_boots_a_and_writes_nothing_when_neither_copy_is_readable(to
     boot, after = await rig.run("blank")
     assert boot.uboot_slot() == "A", boot.tail()
     assert after == blank  # no countdown without a trial, so no write either
+
+
+async def test_uboot_wraps_its_flags_from_255_to_0_and_libubootenv_reads_that_copy_as_newer(tools, tmp_path):
+    rig = Rig(tmp_path)
+    rig.backend.set_trial("b", 2)
+    files = rig.files()
+    cur = newer(files)
+    other = next(n for n in ENV_FILES if n != cur)
+    rig.put({cur: with_flags(files[cur], 255), other: with_flags(files[other], 254)})
+    boot, after = await rig.run("uwrap")
+    assert boot.uboot_slot() == "B", boot.tail()
+    ok, flags, env = env_copy(str(rig.dir / "after1" / other))
+    assert ok and flags == 0 and env["BOOT_B_LEFT"] == "1", (ok, flags, env)
+    assert rig.printenv()["BOOT_B_LEFT"] == "1"
+    assert rig.states() == {"a": "good", "b": ("trial", 1)}
