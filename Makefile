@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
 	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl
 
-.PHONY: test fuzz demo bench system-deps venv clean install qemu-deps qemu-image qemu-test
+.PHONY: test fuzz demo bench system-deps venv clean install qemu-deps qemu-image qemu-test \
+	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64
 
 venv: $(STAMP)
 
@@ -39,7 +40,7 @@ fuzz: $(STAMP)
 # The QEMU amd64-generic image and its boot test (root; see README "QEMU test").
 QEMU_PACKAGES := qemu-system-x86 ovmf mmdebstrap grub-efi-amd64-bin grub-common dosfstools mtools fdisk e2fsprogs \
 	zstd iproute2 util-linux openssl
-QEMU_TESTS ?= qemu
+QEMU_TESTS ?= qemu --ignore=qemu/arm64
 qemu-deps:
 	@missing=""; for pkg in $(QEMU_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
@@ -51,6 +52,22 @@ qemu-image: qemu-deps $(STAMP)
 # Inside a new network namespace with only lo: the dev server and QEMU's user network stay on this machine.
 qemu-test: qemu-image
 	PATH="$$PATH:/usr/sbin:/sbin" unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s $(QEMU_TESTS) $(PYTEST_ARGS)'
+
+# The QEMU aarch64 (virt, U-Boot) image and its boot test (root; see README "QEMU test (arm64, U-Boot)"): the
+# rootfs is built under qemu-user through binfmt_misc.
+QEMU_ARM64_PACKAGES := qemu-system-arm u-boot-qemu u-boot-tools qemu-user-static binfmt-support mmdebstrap \
+	dosfstools mtools fdisk e2fsprogs zstd iproute2 util-linux openssl libubootenv-tool
+QEMU_ARM64_TESTS ?= qemu/arm64
+qemu-deps-arm64:
+	@missing=""; for pkg in $(QEMU_ARM64_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+qemu-image-arm64: qemu-deps-arm64 $(STAMP)
+	PATH="$$PATH:/usr/sbin:/sbin" bash qemu/build-image-arm64.sh
+
+qemu-test-arm64: qemu-image-arm64
+	PATH="$$PATH:/usr/sbin:/sbin" unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s $(QEMU_ARM64_TESTS) $(PYTEST_ARGS)'
 
 demo: $(STAMP)
 	$(VENV)/bin/omaha-agent demo
@@ -82,6 +99,7 @@ install:
 	install -D -m 0644 systemd/omaha-agent.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/omaha-agent.conf
 	install -D -m 0644 systemd/omaha-agent.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/omaha-agent.conf
 	install -D -m 0644 config/grub/grub.cfg $(DESTDIR)$(PREFIX)/share/omaha-agent/grub.cfg
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/omaha-agent/uboot config/uboot/boot.cmd config/uboot/fw_env.config
 	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/omaha-agent/README.md
 	install -d -m 0755 $(DESTDIR)/etc/omaha-agent/keys
 	test -e $(DESTDIR)/etc/omaha-agent/agent.yaml || install -D -m 0644 config/agent.yaml $(DESTDIR)/etc/omaha-agent/agent.yaml

@@ -349,3 +349,32 @@ def test_sim_bricked_device_is_reported(device):
     boot.mark_bad("a")
     with pytest.raises(BootError, match="bricked"):
         boot.reboot()
+
+
+def test_uboot_redundant_pair_keeps_the_state_before_a_torn_write(tmp_path):
+    """config/uboot/fw_env.config's pair: each fw_setenv writes the copy that is not current, one flags step
+    ahead; a write torn after its first sector fails its CRC and both libubootenv and the backend read the
+    intact copy, the state before that write (U-Boot's boot.cmd does the same; qemu/arm64 checks it there)."""
+    need_tool("fw_setenv")
+    files = [tmp_path / "uboot.env", tmp_path / "uboot-redund.env"]
+    for f in files:
+        f.write_bytes(bytes(0x4000))
+    config = tmp_path / "fw_env.config"
+    config.write_text("".join(f"{f} 0x0000 0x4000\n" for f in files))
+    defaults = tmp_path / "defaults.txt"
+    defaults.write_text("bootdelay=0\n")
+    boot = UBootBoot(str(config))
+    boot.initialize("a", defaults=str(defaults))
+    boot.set_trial("b", 2)
+    before = [f.read_bytes() for f in files]
+    assert sorted(b[4] for b in before) == [1, 2]  # flags: the newer copy is one ahead
+    boot.mark_good("b")
+    after = [f.read_bytes() for f in files]
+    written = next(i for i in (0, 1) if after[i] != before[i])
+    assert after[written][4] == 3 and after[1 - written] == before[1 - written]  # the current copy untouched
+    assert boot.status()["b"] == SlotStatus(SlotState.GOOD)
+    files[written].write_bytes(after[written][:512] + before[written][512:])  # the power went after one sector
+    assert boot.status() == {"a": SlotStatus(SlotState.GOOD), "b": SlotStatus(SlotState.TRIAL, 2)}
+    assert printenv(str(config))["BOOT_B_LEFT"] == "2"
+    boot.mark_good("b")  # the next write goes over the torn copy again, one step ahead of the intact one
+    assert files[written].read_bytes()[4] == 3 and boot.status()["b"] == SlotStatus(SlotState.GOOD)

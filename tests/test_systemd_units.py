@@ -39,7 +39,8 @@ def test_make_install_lays_out_a_working_agent(installed):
                  "usr/share/dbus-1/system.d/org.omaha_agent.Agent1.conf",
                  "usr/share/dbus-1/system-services/org.omaha_agent.Agent1.service",
                  "usr/lib/tmpfiles.d/omaha-agent.conf", "usr/lib/sysusers.d/omaha-agent.conf",
-                 "etc/omaha-agent/agent.yaml", "usr/share/omaha-agent/grub.cfg"):
+                 "etc/omaha-agent/agent.yaml", "usr/share/omaha-agent/grub.cfg",
+                 "usr/share/omaha-agent/uboot/boot.cmd", "usr/share/omaha-agent/uboot/fw_env.config"):
         assert (installed / path).is_file(), path
     env = dict(os.environ, PYTHONPATH=str(installed / "usr/lib/python3/dist-packages"))
     proc = subprocess.run([sys.executable, str(installed / "usr/bin/omaha-agent"), "config", "check", "--config",

@@ -1,13 +1,14 @@
 """U-Boot environment backend through ``fw_printenv``/``fw_setenv`` (libubootenv or u-boot-tools).
 
 Variables, RAUC-compatible, plus one for the confirmation: ``BOOT_ORDER`` (e.g. ``B A``),
-``BOOT_X_LEFT`` (attempts left; the boot script boots the first slot in ``BOOT_ORDER`` with attempts left
-after decrementing them) and ``BOOT_X_OK`` (1 = confirmed good). State: ``BOOT_X_OK=1`` → good; attempts
-left → trial; else bad. The boot script counts down a good slot's attempts too, so they are refilled to
-``GOOD_ATTEMPTS`` when the agent confirms a slot (``mark_good``) and on every start while the booted slot is
-good (``refill``, as RAUC's mark-good service does at each boot); without that a confirmed slot would stop
-booting after ``GOOD_ATTEMPTS`` reboots. A trial slot's attempts are never refilled: that is its countdown.
-Every change is one ``fw_setenv -s`` call, so a redundant environment switches in a single write.
+``BOOT_X_LEFT`` (attempts left) and ``BOOT_X_OK`` (1 = confirmed good). State: ``BOOT_X_OK=1`` → good;
+attempts left → trial; else bad. The project's boot script (config/uboot/boot.cmd) boots the first good slot
+in ``BOOT_ORDER`` as is, or the first trial after counting one attempt down. A RAUC-style script counts a good
+slot's attempts down too, so they are refilled to ``GOOD_ATTEMPTS`` when the agent confirms a slot
+(``mark_good``) and on every start while the booted slot is good (``refill``, as RAUC's mark-good service
+does at each boot); without that a confirmed slot would stop booting after ``GOOD_ATTEMPTS`` reboots. A trial
+slot's attempts are never refilled: that is its countdown. Every change is one ``fw_setenv -s`` call, so a
+redundant environment (two copies in fw_env.config) switches in a single write to the copy that is not current.
 """
 from __future__ import annotations
 
