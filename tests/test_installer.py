@@ -408,3 +408,27 @@ async def test_power_cut_at_random_offsets_never_leaves_a_partial_trial(device, 
     finally:
         await server.stop()
     assert any(s is SlotState.BAD for s, _ in outcomes)
+
+
+def test_booted_slot_is_read_from_the_kernel_command_line_and_the_source_is_named(tmp_path, caplog):
+    from agent.slots import detect_booted, detect_booted_from
+    specs = {"a": SlotSpec("partlabel", "ROOT-A"), "b": SlotSpec("partlabel", "ROOT-B")}
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("BOOT_IMAGE=/vmlinuz root=PARTLABEL=ROOT-A ro omaha_agent.slot=B\n")
+    assert detect_booted_from(specs, str(cmdline)) == ("b", "the kernel command line (omaha_agent.slot=B)")
+    cmdline.write_text("root=PARTLABEL=ROOT-A ro\n")
+    assert detect_booted_from(specs, str(cmdline)) == ("a", "the kernel command line (root=PARTLABEL=ROOT-A)")
+    with caplog.at_level("INFO", logger="omaha-agent"):
+        assert detect_booted(specs, str(cmdline)) == "a"
+    assert "booted slot a, read from the kernel command line (root=PARTLABEL=ROOT-A)" in caplog.text
+
+
+def test_booted_slot_unknown_when_the_cmdline_is_hidden_and_no_slot_holds_the_root_says_both(tmp_path, caplog):
+    from agent.slots import detect_booted, detect_booted_from
+    specs = {"a": SlotSpec("file", str(tmp_path / "a.img")), "b": SlotSpec("file", str(tmp_path / "b.img"))}
+    hidden = str(tmp_path / "no-cmdline")  # as under ProcSubset=pid
+    assert detect_booted_from(specs, hidden) == (
+        None, f"neither {hidden} (it is unreadable) nor the root filesystem's device")
+    with caplog.at_level("WARNING", logger="omaha-agent"):
+        assert detect_booted(specs, hidden) is None
+    assert "cannot tell the booted slot" in caplog.text
