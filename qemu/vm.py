@@ -3,6 +3,7 @@ test decides what happens next, like a power cycle). KVM when it works, TCG othe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -73,6 +74,13 @@ class Boot:
         for line in self.lines():
             if line.startswith("BOOTED "):
                 return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv).get("version")
+        return None
+
+    def slot_source(self) -> str | None:
+        """The agent's log line naming where it read the booted slot from (the guest reports it once)."""
+        for line in self.lines():
+            if line.startswith("AGENTSLOT "):
+                return line[len("AGENTSLOT "):]
         return None
 
     def status(self) -> dict | None:
@@ -172,3 +180,22 @@ class Machine:
         subprocess.run(["mcopy", "-o", "-i", f"{self.disk}@@1048576", "::/grubenv", dest], check=True,
                        env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
         return dest
+
+    def partition_sha256(self, name: str, length: int) -> str:
+        """SHA-256 of the first ``length`` bytes of the partition named ``name`` in the disk image (the table
+        read by sfdisk, the bytes straight from the image file)."""
+        table = json.loads(subprocess.run(["sfdisk", "-J", self.disk], capture_output=True, text=True, check=True,
+                                          env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"))
+                           .stdout)["partitiontable"]
+        part = next(p for p in table["partitions"] if p.get("name") == name)
+        assert length <= part["size"] * 512, f"{length} bytes do not fit partition {name}"
+        digest = hashlib.sha256()
+        with open(self.disk, "rb") as f:
+            f.seek(part["start"] * 512)
+            left = length
+            while left:
+                piece = f.read(min(left, 8 << 20))
+                assert piece, f"the disk image ends inside partition {name}"
+                digest.update(piece)
+                left -= len(piece)
+        return digest.hexdigest()
