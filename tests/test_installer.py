@@ -432,3 +432,31 @@ def test_booted_slot_unknown_when_the_cmdline_is_hidden_and_no_slot_holds_the_ro
     with caplog.at_level("WARNING", logger="omaha-agent"):
         assert detect_booted(specs, hidden) is None
     assert "cannot tell the booted slot" in caplog.text
+
+
+async def test_devserver_records_each_payload_stream_and_holds_the_last_piece_when_asked(tmp_path):
+    import time
+
+    import aiohttp
+
+    from agent.tools.devserver import DevServer, Faults, Image
+    path = tmp_path / "p.img"
+    path.write_bytes(os.urandom(320 << 10))  # five 64 KiB pieces
+    srv = DevServer([Image(str(path), "2.0.0", "{0a0b0c0d-1111-4222-8333-444455556666}")], faults=Faults(hold_last=0.6))
+    await srv.start()
+    try:
+        url = f"{srv.url.rsplit('/', 3)[0]}/packages/p.img"
+        async with aiohttp.ClientSession() as session:
+            started = time.monotonic()
+            async with session.get(url) as resp:
+                first = await resp.content.readexactly(256 << 10)
+                assert srv.streams == [{"start": 0, "sent_to": 256 << 10, "done": False}]
+                body = first + await resp.read()
+            took = time.monotonic() - started
+            async with session.get(url, headers={"Range": f"bytes={100 << 10}-"}) as resp:
+                await resp.read()
+    finally:
+        await srv.stop()
+    assert body == path.read_bytes() and took >= 0.6
+    assert srv.streams == [{"start": 0, "sent_to": 320 << 10, "done": True},
+                           {"start": 100 << 10, "sent_to": 320 << 10, "done": True}]
