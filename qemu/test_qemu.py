@@ -64,15 +64,16 @@ async def boot_and_report(machine: Machine, expect_version: str, expect_slot: st
     print(f"{machine.name} boot {machine.boots}: {boot.booted_version()} on slot {expect_slot} reported after "
           f"{up:.0f} s ({accel()})")
     line = next(line for line in boot.lines() if line.startswith("BOOTED "))
-    assert boot.booted_version() == expect_version and f"omaha_agent.slot={expect_slot}" in line, line
+    assert boot.booted_version() == expect_version and f"omaha_agent.slot={expect_slot}" in line.split(), line
     return boot
 
 
 async def assert_slot_read_from_the_cmdline(boot, slot: str) -> None:
-    """The agent, under its unit's sandbox, read the booted slot from /proc/cmdline (not the root device)."""
+    """The agent, under its unit's sandbox, read the booted slot from /proc/cmdline's omaha_agent.slot= (not
+    from root=, nor the root device)."""
     line = await boot.wait_for(boot.slot_source, BOOT_TIMEOUT, "the agent's booted-slot log line")
     print(f"agent: {line}")
-    assert line.startswith(f"booted slot {slot}, read from the kernel command line"), line
+    assert line == f"booted slot {slot}, read from the kernel command line (omaha_agent.slot={slot.upper()})", line
 
 
 def check_grubenv(machine: Machine, tmp_path, expect: dict[str, str]) -> None:
@@ -207,9 +208,10 @@ def payload_digest(name: str) -> tuple[str, int]:
     return digest.hexdigest(), length
 
 
-def inspect_after_pull(machine: Machine, tmp_path, digest: tuple[str, int]) -> tuple[dict, list[str]]:
-    """The disk after the plug was pulled: the ESP's FAT, the grubenv by our reader and grub-editenv, and the
-    bytes of any trial slot. Returns the slot states and what misbehaved."""
+def inspect_after_pull(machine: Machine, tmp_path, digest: tuple[str, int]) -> tuple[dict, dict, list[str]]:
+    """The disk after the plug was pulled: the ESP's FAT, the grubenv by our reader and grub-editenv, the bytes
+    of any trial slot, and the agent's state file (its journal replayed on a copy). Returns the slot states, the
+    state file and what misbehaved."""
     problems = []
     try:
         machine.fsck_esp(str(tmp_path / "esp.img"))
@@ -217,13 +219,35 @@ def inspect_after_pull(machine: Machine, tmp_path, digest: tuple[str, int]) -> t
         states = {slot: st.state.value for slot, st in GrubEnvBoot(path).status().items()}
         subprocess.run(["grub-editenv", path, "list"], capture_output=True, text=True, check=True)
     except (AssertionError, BootError, subprocess.CalledProcessError) as exc:
-        return {}, [f"the ESP or its grubenv: {str(exc).splitlines()[0]}"]
+        return {}, {}, [f"the ESP or its grubenv: {str(exc).splitlines()[0]}"]
+    try:
+        state = machine.read_state(str(tmp_path / "state.img")) or {}
+    except (AssertionError, ValueError) as exc:
+        state, problems = {}, [f"the state file: {str(exc).splitlines()[0]}"]
     if states.get("a") != "good":
         problems.append(f"slot a is {states.get('a')}, not good")
-    for slot, state in states.items():
-        if state == "trial" and machine.partition_sha256(f"ROOT-{slot.upper()}", digest[1]) != digest[0]:
+    for slot, st in states.items():
+        if st == "trial" and machine.partition_sha256(f"ROOT-{slot.upper()}", digest[1]) != digest[0]:
             problems.append(f"slot {slot} is trial with bytes other than the payload's")
-    return states, problems
+    if (state.get("trial") or {}).get("armed") and states.get(state["trial"]["slot"]) not in ("trial", "good"):
+        problems.append(f"the state says {state['trial']} armed, the grubenv says {states}")
+    return states, state, problems
+
+
+def stage(states: dict, state: dict, events: list[str]) -> str:
+    """How far the update had got when the plug was pulled, from the disk and the server."""
+    trial, armed = state.get("trial"), (state.get("trial") or {}).get("armed")
+    if "3/1" in events:
+        return "after the 3/1 report (the reboot requested)"
+    if armed:
+        return "armed and saved, before the 3/1 report"
+    if trial:
+        return ("verified and the trial recorded, " + ("the grubenv written, before the arm was saved"
+                                                       if states.get(trial["slot"]) == "trial" else
+                                                       "before the grubenv write"))
+    if state.get("download"):
+        return f"in the download (checkpoint at {state['download'].get('received', 0) >> 20} MiB)"
+    return "before the download was recorded"
 
 
 class Watch:
@@ -284,7 +308,7 @@ class Windows:
 async def pull_plug(watch: Watch, moment: dict, windows: Windows) -> dict:
     """Waits for ``moment`` in this boot's update and pulls the plug; returns where it landed."""
     boot, size = watch.boot, watch.srv.images[0].size
-    phase, started = moment["phase"], time.monotonic()
+    phase = moment["phase"]
     if phase == "download":
         target = int(moment["at"] * size)
         # a resumed download may start past the chosen byte: then its first bytes are the moment
@@ -299,7 +323,7 @@ async def pull_plug(watch: Watch, moment: dict, windows: Windows) -> dict:
         await watch.until(lambda: watch.sent_all, "the payload's last byte")
         if watch.sent_all is None:
             return {"landed": "missed: the guest stopped before the download ended", "pulled": False, "watch": watch}
-        delay = moment["u"] * 1.3 * windows.finalisation_s()
+        delay = (0.5 + 0.6 * moment["u"]) * windows.finalisation_s()  # the window's end: verify, arm, save
         origin, what = watch.sent_all, "after the payload's last piece"
     else:
         await watch.until(lambda: watch.applied, "the 3/1 report")
@@ -312,12 +336,12 @@ async def pull_plug(watch: Watch, moment: dict, windows: Windows) -> dict:
         windows.learn(watch)
         return {"landed": f"missed: the guest had shut down {watch.exited - origin:.1f} s {what}", "pulled": False,
                 "watch": watch}
-    status = boot.status() or {}
     await boot.power_off()
-    where = "after the 3/1 report (reboot requested)" if "3/1" in watch.events() else "before the 3/1 report"
+    watch.sample()
     windows.learn(watch)
-    return {"landed": f"{phase} {delay:.2f} s {what}: {where}; guest status {status.get('operation', '?')} "
-                      f"(polled every 2 s)", "pulled": True, "watch": watch, "since_start": time.monotonic() - started}
+    if phase == "finalisation" and watch.applied is None:
+        windows.finalisation.append(delay)  # the window lasts at least this long
+    return {"landed": f"{phase} {delay:.2f} s {what}", "pulled": True, "watch": watch}
 
 
 @pytest.mark.timeout(900 * (PULLS + 3))
@@ -335,14 +359,14 @@ async def test_plug_pulls_in_download_and_finalisation_always_boot_a_good_slot_a
     def check_source(boot) -> None:
         if (source := boot.slot_source()) is not None:
             sources.append(source)
-            if "read from the kernel command line" not in source:
+            if "read from the kernel command line (omaha_agent.slot=" not in source:
                 misbehaved.append(f"boot {boot.marker}: {source}")
 
     def summary() -> None:
         print(f"plug pulls: {sum(r['pulled'] for r in results)} done, "
               f"{sum(not r['pulled'] for r in results)} missed, in {chains} device(s), "
-              f"{time.monotonic() - began:.0f} s; the agent read its slot from the kernel command line on "
-              f"{sum('kernel command line' in x for x in sources)} of {len(sources)} boots that logged it; "
+              f"{time.monotonic() - began:.0f} s; the agent read its slot from omaha_agent.slot= on "
+              f"{sum('(omaha_agent.slot=' in x for x in sources)} of {len(sources)} boots that logged it; "
               f"misbehaved: {len(misbehaved)}")
         print(f"windows measured (s): last payload piece to the 3/1 report {windows.finalisation[1:]}, "
               f"3/1 report to QEMU gone {windows.reboot[1:]}")
@@ -362,7 +386,8 @@ async def test_plug_pulls_in_download_and_finalisation_always_boot_a_good_slot_a
             boot = await machine.boot()
             await boot.wait_for(boot.booted_version, BOOT_TIMEOUT, "the guest to boot")
             line = next(line for line in boot.lines() if line.startswith("BOOTED "))
-            booted = (boot.booted_version(), line.rsplit("omaha_agent.slot=", 1)[-1][:1])
+            booted = (boot.booted_version(), next((w[len("omaha_agent.slot="):] for w in line.split()
+                                                   if w.startswith("omaha_agent.slot=")), "?"))
             print(f"{machine.name} boot {machine.boots}: {booted[0]} on slot {booted[1]} after "
                   f"{time.monotonic() - boot.started:.0f} s")
             if booted != expect:  # the bootloader or the disk disagrees with what the last pull left
@@ -380,7 +405,7 @@ async def test_plug_pulls_in_download_and_finalisation_always_boot_a_good_slot_a
                 print(f"{machine.name}: done; events {codes}; GETs from {[s['start'] for s in srv.streams]}")
                 if codes.count("3/2") != 1 or "3/0" in codes:
                     misbehaved.append(f"{machine.name}: events {codes}, not exactly one 3/2 and no 3/0")
-                states, problems = inspect_after_pull(machine, tmp_path, digest)
+                states, _, problems = inspect_after_pull(machine, tmp_path, digest)
                 if states != {"a": "good", "b": "good"}:
                     problems.append(f"slots {states} at the end, not both good")
                 misbehaved.extend(f"{machine.name} at the end: {p}" for p in problems)
@@ -399,15 +424,14 @@ async def test_plug_pulls_in_download_and_finalisation_always_boot_a_good_slot_a
                 results.append(landed)
             await boot.wait_exit(60, "QEMU to end")
             check_source(boot)
-            states, problems = inspect_after_pull(machine, tmp_path, digest)
+            states, state, problems = inspect_after_pull(machine, tmp_path, digest)
             streams = watch.streams()
             if resume_limit is not None and streams and streams[0]["start"] > resume_limit:
                 problems.append(f"the download resumed at byte {streams[0]['start']}, past the {resume_limit} sent")
             resume_limit = landed.get("sent_to")
             if resume_limit is not None and states.get("b") != "bad":
                 problems.append(f"slot b is {states.get('b')} after a pull in the download")
-            if landed["pulled"] and landed["landed"].endswith("before the 3/1 report"):
-                landed["landed"] += " (slot b armed)" if states.get("b") == "trial" else " (slot b not armed yet)"
+            landed["landed"] += f": {stage(states, state, watch.events())}"
             if (w := landed.get("watch")) and w.sent_all and w.applied:
                 landed["landed"] += f"; the 3/1 report came {w.applied - w.sent_all:.1f} s after the last piece"
             print(f"  {'pull ' + str(len(results)) if landed['pulled'] else 'no pull'}: {landed['landed']}; "

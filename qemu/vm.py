@@ -181,17 +181,36 @@ class Machine:
                        env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
         return dest
 
-    def partition_sha256(self, name: str, length: int) -> str:
-        """SHA-256 of the first ``length`` bytes of the partition named ``name`` in the disk image (the table
-        read by sfdisk, the bytes straight from the image file)."""
+    def partition(self, name: str) -> tuple[int, int]:
+        """Offset and size in bytes of the partition named ``name`` (the GPT read by sfdisk)."""
         table = json.loads(subprocess.run(["sfdisk", "-J", self.disk], capture_output=True, text=True, check=True,
                                           env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"))
                            .stdout)["partitiontable"]
         part = next(p for p in table["partitions"] if p.get("name") == name)
-        assert length <= part["size"] * 512, f"{length} bytes do not fit partition {name}"
+        return part["start"] * 512, part["size"] * 512
+
+    def read_state(self, scratch: str) -> dict | None:
+        """The agent's state.json from the STATE partition, as the next boot will see it: the partition is copied
+        out, e2fsck -fy replays its journal on the copy, debugfs reads the file. None when there is none;
+        AssertionError when e2fsck cannot repair the copy."""
+        start, size = self.partition("STATE")
+        subprocess.run(["dd", f"if={self.disk}", f"of={scratch}", "bs=1M", f"skip={start >> 20}",
+                        f"count={size >> 20}", "status=none"], check=True)
+        env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+        done = subprocess.run(["e2fsck", "-fy", scratch], capture_output=True, text=True, env=env)
+        if done.returncode >= 4:
+            raise AssertionError(f"the STATE file system is damaged beyond repair:\n{done.stdout}{done.stderr}")
+        out = subprocess.run(["debugfs", "-R", "cat /state.json", scratch], capture_output=True, env=env)
+        return json.loads(out.stdout) if out.stdout.strip() else None
+
+    def partition_sha256(self, name: str, length: int) -> str:
+        """SHA-256 of the first ``length`` bytes of the partition named ``name`` in the disk image (the bytes
+        straight from the image file)."""
+        start, size = self.partition(name)
+        assert length <= size, f"{length} bytes do not fit partition {name}"
         digest = hashlib.sha256()
         with open(self.disk, "rb") as f:
-            f.seek(part["start"] * 512)
+            f.seek(start)
             left = length
             while left:
                 piece = f.read(min(left, 8 << 20))
