@@ -41,6 +41,7 @@ fuzz: $(STAMP)
 QEMU_PACKAGES := qemu-system-x86 ovmf mmdebstrap grub-efi-amd64-bin grub-common dosfstools mtools fdisk e2fsprogs \
 	zstd iproute2 util-linux openssl
 QEMU_TESTS ?= qemu --ignore=qemu/arm64
+QEMU_PULLS ?= 5# plug pulls in the campaign scenario (QEMU_PULL_SEED=N repeats a printed draw)
 qemu-deps:
 	@missing=""; for pkg in $(QEMU_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
@@ -51,7 +52,7 @@ qemu-image: qemu-deps $(STAMP)
 
 # Inside a new network namespace with only lo: the dev server and QEMU's user network stay on this machine.
 qemu-test: qemu-image
-	PATH="$$PATH:/usr/sbin:/sbin" unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s $(QEMU_TESTS) $(PYTEST_ARGS)'
+	PATH="$$PATH:/usr/sbin:/sbin" QEMU_PULLS=$(QEMU_PULLS) unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s $(QEMU_TESTS) $(PYTEST_ARGS)'
 
 # The QEMU aarch64 (virt, U-Boot) image and its boot test (root; see README "QEMU test (arm64, U-Boot)"): the
 # rootfs is built under qemu-user through binfmt_misc.

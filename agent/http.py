@@ -31,6 +31,9 @@ def describe_error(exc: BaseException, timed_out: str = "timed out") -> str:
     or say no more than ``400, message:``)."""
     if isinstance(exc, asyncio.TimeoutError):
         return timed_out
+    refused = exc if isinstance(exc, LinkLocalRefused) else getattr(exc, "os_error", None) or exc.__cause__
+    if isinstance(refused, LinkLocalRefused):
+        return refused.strerror
     tls = _tls_reason(exc)
     if tls:
         return tls
@@ -73,10 +76,41 @@ class Answer:
     trusted: bool = False  # over verified TLS, or with a valid CUP proof: its X-Retry-After may be honoured
 
 
+class LinkLocalRefused(OSError):
+    """A host name resolved to a link-local address: no connection is made."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EACCES, message)  # aiohttp quotes the strerror in its connection error
+
+
+class RefusingResolver:
+    """aiohttp's resolver interface around another resolver (the system's by default): a host name any of whose
+    addresses is link-local is refused before any connection (a name is no safer than the literal address
+    ``omaha.urls`` refuses: metadata services answer at 169.254.169.254 under names of their own)."""
+
+    def __init__(self, inner=None):
+        if inner is None:
+            import aiohttp
+            inner = aiohttp.DefaultResolver()
+        self.inner = inner
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict]:
+        addresses = await self.inner.resolve(host, port, family)
+        for address in addresses:
+            if urls.link_local(str(address.get("host", ""))):
+                raise LinkLocalRefused(f"refused: {urls.short(host, 60)} resolves to the link-local address "
+                                       f"{address['host']} (a metadata service, not an update server)")
+        return addresses
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 def make_session(ca_file: str | None = None, timeout: float = 30.0, client_cert: str | None = None,
-                 client_key: str | None = None):
+                 client_key: str | None = None, resolver=None):
     """An aiohttp session (aiohttp is imported here, when the first check runs, not at start-up); its TLS settings
-    (the extra CA, the device's certificate) apply to the checks, the events, the payloads and their signatures."""
+    (the extra CA, the device's certificate) apply to the checks, the events, the payloads and their signatures.
+    Host names are resolved by ``resolver`` (the system's by default) through ``RefusingResolver``."""
     import aiohttp
 
     ssl_context = True  # aiohttp's own verifying context (ssl.create_default_context(), made when aiohttp is
@@ -88,7 +122,7 @@ def make_session(ca_file: str | None = None, timeout: float = 30.0, client_cert:
             ssl_context.load_verify_locations(ca_file)
         if client_cert and client_key:
             ssl_context.load_cert_chain(client_cert, client_key)
-    connector = aiohttp.TCPConnector(ssl=ssl_context, limit=4)
+    connector = aiohttp.TCPConnector(ssl=ssl_context, limit=4, resolver=RefusingResolver(resolver))
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
                                                                                    sock_read=timeout))
 

@@ -9,9 +9,12 @@ payload larger than the target.
 """
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from dataclasses import dataclass
+
+log = logging.getLogger("omaha-agent")
 
 KINDS = ("device", "partlabel", "partuuid", "file")
 
@@ -108,8 +111,30 @@ def booted_from_root_device(specs: dict[str, SlotSpec], root: str = "/") -> str 
     return None
 
 
+def detect_booted_from(specs: dict[str, SlotSpec], cmdline_path: str = "/proc/cmdline") -> tuple[str | None, str]:
+    """The booted slot and where it was read: the kernel command line (``omaha_agent.slot=``, then ``root=``),
+    else the block device holding ``/`` (fragile under dm-verity or an overlay root, so the source is named)."""
+    readable = os.access(cmdline_path, os.R_OK)
+    cmdline = kernel_cmdline(cmdline_path)
+    slot = booted_from_cmdline(specs, cmdline)
+    if slot:
+        key = "omaha_agent.slot" if cmdline.get("omaha_agent.slot", "").lower() == slot else "root"
+        return slot, f"the kernel command line ({key}={cmdline[key]})"
+    why = "names no slot" if readable else "is unreadable"
+    slot = booted_from_root_device(specs)
+    if slot:
+        return slot, f"the root filesystem's device ({cmdline_path} {why})"
+    return None, f"neither {cmdline_path} (it {why}) nor the root filesystem's device"
+
+
 def detect_booted(specs: dict[str, SlotSpec], cmdline_path: str = "/proc/cmdline") -> str | None:
-    return booted_from_cmdline(specs, kernel_cmdline(cmdline_path)) or booted_from_root_device(specs)
+    """The booted slot (see ``detect_booted_from``); logs which source said so."""
+    slot, source = detect_booted_from(specs, cmdline_path)
+    if slot:
+        log.info("booted slot %s, read from %s", slot, source)
+    else:
+        log.warning("cannot tell the booted slot: %s names one", source)
+    return slot
 
 
 def _mounted_devices(mountinfo: str) -> set[int]:

@@ -4,14 +4,17 @@ and the development server on the host's loopback (the guest reaches it at 10.0.
 Run through ``make qemu-test``: it builds the image and runs this inside a new network namespace that has
 only ``lo``, so no traffic can leave the machine."""
 import asyncio
+import hashlib
 import json
 import os
+import random
 import socket
 import subprocess
 import time
 
 import pytest
 
+from agent.boot import BootError
 from agent.boot.grubenv import GrubEnvBoot
 from agent.tools.devserver import DevServer, Faults, Image
 
@@ -61,8 +64,16 @@ async def boot_and_report(machine: Machine, expect_version: str, expect_slot: st
     print(f"{machine.name} boot {machine.boots}: {boot.booted_version()} on slot {expect_slot} reported after "
           f"{up:.0f} s ({accel()})")
     line = next(line for line in boot.lines() if line.startswith("BOOTED "))
-    assert boot.booted_version() == expect_version and f"omaha_agent.slot={expect_slot}" in line, line
+    assert boot.booted_version() == expect_version and f"omaha_agent.slot={expect_slot}" in line.split(), line
     return boot
+
+
+async def assert_slot_read_from_the_cmdline(boot, slot: str) -> None:
+    """The agent, under its unit's sandbox, read the booted slot from /proc/cmdline's omaha_agent.slot= (not
+    from root=, nor the root device)."""
+    line = await boot.wait_for(boot.slot_source, BOOT_TIMEOUT, "the agent's booted-slot log line")
+    print(f"agent: {line}")
+    assert line == f"booted slot {slot}, read from the kernel command line (omaha_agent.slot={slot.upper()})", line
 
 
 def check_grubenv(machine: Machine, tmp_path, expect: dict[str, str]) -> None:
@@ -81,11 +92,13 @@ async def test_success_update_reboot_confirm_and_report(image, tmp_path):
     machine = Machine("success", image["disk"])
     try:
         first = await boot_and_report(machine, "1.0.0", "A")
+        await assert_slot_read_from_the_cmdline(first, "a")
         took = await first.wait_exit(INSTALL_TIMEOUT, "the agent to install 2.0.0 and reboot")
         print(f"boot 1: checked, streamed {srv.images[0].size >> 20} MiB onto ROOT-B and rebooted after {took:.0f} s")
         assert srv.event_codes() == ["13/1", "14/1", "3/1"]
 
         second = await boot_and_report(machine, "2.0.0", "B")
+        await assert_slot_read_from_the_cmdline(second, "b")
         await second.wait_for(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report")
         status = await second.wait_for(
             lambda: (s := second.status()) and s["slots"]["b"]["state"]["data"] == "good" and s, 120,
@@ -162,3 +175,278 @@ async def test_power_cut_during_download_then_resume_and_finish(image, tmp_path)
         await srv.stop()
     assert srv.event_codes()[-3:] == ["14/1", "3/1", "3/2"] and srv.event_codes().count("3/2") == 1
     check_grubenv(machine, tmp_path, {"a": "good", "b": "good"})
+
+
+# ---------------------------------------------------------------- the plug-pull campaign
+PULLS = int(os.environ.get("QEMU_PULLS") or 5)
+PHASES = ("download", "finalisation", "reboot")
+HOLD_LAST = 10.0  # the server waits this long before the payload's last 64 KiB: the guest has the rest by then
+
+
+def plan_pulls(n: int, rng: random.Random) -> list[dict]:
+    """``n`` moments, the phases in turn: a byte of the download (a fraction of the payload), a delay after the
+    server sent the payload's last piece (the last write and hash, verifying, recording the trial, the grubenv
+    write on the FAT ESP, the state save, the 3/1 report), a delay after the 3/1 report (the reboot request, the
+    shutdown). The delays are fractions of each window as measured so far in the run. Ordered as devices meet
+    them: the downloads, then a reboot pull (its device measures both windows on the way), then finalisation."""
+    moments = [{"phase": PHASES[i % 3], "u": rng.random()} for i in range(n)]
+    for m in moments:
+        if m["phase"] == "download":
+            m["at"] = 0.03 + 0.92 * m["u"]
+    order = ("download", "reboot", "finalisation")
+    return sorted(moments, key=lambda m: (order.index(m["phase"]), m["u"]))
+
+
+def payload_digest(name: str) -> tuple[str, int]:
+    """SHA-256 and length of the decompressed payload: the bytes a verified slot holds."""
+    proc = subprocess.Popen(["zstd", "-dcq", os.path.join(BUILD, name)], stdout=subprocess.PIPE)
+    digest, length = hashlib.sha256(), 0
+    while piece := proc.stdout.read(8 << 20):
+        digest.update(piece)
+        length += len(piece)
+    assert proc.wait() == 0
+    return digest.hexdigest(), length
+
+
+def inspect_after_pull(machine: Machine, tmp_path, digest: tuple[str, int]) -> tuple[dict, dict, list[str]]:
+    """The disk after the plug was pulled: the ESP's FAT, the grubenv by our reader and grub-editenv, the bytes
+    of any trial slot, and the agent's state file (its journal replayed on a copy). Returns the slot states, the
+    state file and what misbehaved."""
+    problems = []
+    try:
+        machine.fsck_esp(str(tmp_path / "esp.img"))
+        path = machine.read_grubenv(str(tmp_path / "grubenv"))
+        states = {slot: st.state.value for slot, st in GrubEnvBoot(path).status().items()}
+        subprocess.run(["grub-editenv", path, "list"], capture_output=True, text=True, check=True)
+    except (AssertionError, BootError, subprocess.CalledProcessError) as exc:
+        return {}, {}, [f"the ESP or its grubenv: {str(exc).splitlines()[0]}"]
+    try:
+        state = machine.read_state(str(tmp_path / "state.img")) or {}
+    except (AssertionError, ValueError) as exc:
+        state, problems = {}, [f"the state file: {str(exc).splitlines()[0]}"]
+    if states.get("a") != "good":
+        problems.append(f"slot a is {states.get('a')}, not good")
+    for slot, st in states.items():
+        if st == "trial" and machine.partition_sha256(f"ROOT-{slot.upper()}", digest[1]) != digest[0]:
+            problems.append(f"slot {slot} is trial with bytes other than the payload's")
+    if (state.get("trial") or {}).get("armed") and states.get(state["trial"]["slot"]) not in ("trial", "good"):
+        problems.append(f"the state says {state['trial']} armed, the grubenv says {states}")
+    return states, state, problems
+
+
+def stage(states: dict, state: dict, events: list[str]) -> str:
+    """How far the update had got when the plug was pulled, from the disk and the server."""
+    trial, armed = state.get("trial"), (state.get("trial") or {}).get("armed")
+    if "3/1" in events:
+        return "after the 3/1 report (the reboot requested)"
+    if armed:
+        return "armed and saved, before the 3/1 report"
+    if trial:
+        return ("verified and the trial recorded, " + ("the grubenv written, before the arm was saved"
+                                                       if states.get(trial["slot"]) == "trial" else
+                                                       "before the grubenv write"))
+    if state.get("download"):
+        return f"in the download (checkpoint at {state['download'].get('received', 0) >> 20} MiB)"
+    return "before the download was recorded"
+
+
+class Watch:
+    """Host-side times of one boot's update, sampled every 50 ms: the payload's last byte sent, the 3/1 report
+    received, QEMU gone."""
+
+    def __init__(self, boot, srv, first_stream: int, first_event: int):
+        """``first_stream``, ``first_event``: the server's counts when this boot started."""
+        self.boot, self.srv, self.first_stream, self.first_event = boot, srv, first_stream, first_event
+        self.sent_all = self.applied = self.exited = None
+
+    def streams(self) -> list[dict]:
+        return self.srv.streams[self.first_stream:]
+
+    def events(self) -> list[str]:
+        return self.srv.event_codes()[self.first_event:]
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        if self.sent_all is None and any(s["done"] for s in self.streams()):
+            self.sent_all = now
+        if self.applied is None and "3/1" in self.events():
+            self.applied = now
+        if self.exited is None and self.boot.proc.returncode is not None:
+            self.exited = now
+
+    async def until(self, predicate, what: str, timeout: float = INSTALL_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sample()
+            if value := predicate():
+                return value
+            if self.exited is not None:
+                return None
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.boot.tail()}")
+
+
+class Windows:
+    """The finalisation and reboot windows as measured in this run (seconds), first guesses until measured."""
+
+    def __init__(self):
+        self.finalisation, self.reboot = [3.0], [6.0]
+        self.at_least = []  # finalisation pulls that came before the 3/1 report: the window is longer
+
+    def learn(self, watch: Watch) -> None:
+        if watch.sent_all and watch.applied:
+            self.finalisation.append(watch.applied - watch.sent_all)
+        if watch.applied and watch.exited:
+            self.reboot.append(watch.exited - watch.applied)
+
+    def finalisation_s(self) -> float:
+        """The latest measurement (the window varies with the host's load), at least its latest lower bound."""
+        return max([self.finalisation[-1]] + self.at_least[-1:])
+
+    def reboot_s(self) -> float:
+        return min(self.reboot[1:] or self.reboot)
+
+
+async def pull_plug(watch: Watch, moment: dict, windows: Windows) -> dict:
+    """Waits for ``moment`` in this boot's update and pulls the plug; returns where it landed."""
+    boot, size = watch.boot, watch.srv.images[0].size
+    phase = moment["phase"]
+    if phase == "download":
+        target = int(moment["at"] * size)
+        # a resumed download may start past the chosen byte: then its first bytes are the moment
+        stream = await watch.until(lambda: next((s for s in watch.streams() if not s["done"] and s["sent_to"] >= max(
+            target, s["start"] + (1 << 16))), None), f"byte {target} of the download")
+        if stream is None:
+            return {"landed": "missed: the download ended first", "pulled": False, "watch": watch}
+        await boot.power_off()
+        return {"landed": f"download at {stream['sent_to'] >> 20} MiB of {size >> 20} (from {stream['start'] >> 20})",
+                "sent_to": stream["sent_to"], "pulled": True, "watch": watch}
+    if phase == "finalisation":
+        await watch.until(lambda: watch.sent_all, "the payload's last byte")
+        if watch.sent_all is None:
+            return {"landed": "missed: the guest stopped before the download ended", "pulled": False, "watch": watch}
+        # the window's last 2 s and the half second after: most of it is the guest writing the zeros the last
+        # compressed bytes expand to; verifying, the grubenv write and the state saves come at its end
+        delay = max(0.0, windows.finalisation_s() - 2.0 + 2.5 * moment["u"])
+        origin, what = watch.sent_all, "after the payload's last piece"
+    else:
+        await watch.until(lambda: watch.applied, "the 3/1 report")
+        if watch.applied is None:
+            return {"landed": "missed: the guest stopped before the 3/1 report", "pulled": False, "watch": watch}
+        delay = moment["u"] * 0.9 * windows.reboot_s()
+        origin, what = watch.applied, "after the 3/1 report"
+    await watch.until(lambda: time.monotonic() >= origin + delay, "the moment", timeout=delay + 5)
+    if watch.exited is not None:
+        windows.learn(watch)
+        return {"landed": f"missed: the guest had shut down {watch.exited - origin:.1f} s {what}", "pulled": False,
+                "watch": watch}
+    watch.sample()
+    windows.learn(watch)  # before the kill: QEMU's end after it is no shutdown to measure
+    await boot.power_off()
+    if phase == "finalisation" and watch.applied is None:
+        windows.at_least.append(delay)
+    return {"landed": f"{phase} {delay:.2f} s {what}", "pulled": True, "watch": watch}
+
+
+@pytest.mark.timeout(900 * (PULLS + 3))
+async def test_plug_pulls_in_download_and_finalisation_always_boot_a_good_slot_and_never_a_wrong_trial(image,
+                                                                                                     tmp_path):
+    seed = int(os.environ.get("QEMU_PULL_SEED") or random.SystemRandom().randrange(1 << 32))
+    rng = random.Random(seed)
+    queue = plan_pulls(PULLS, rng)
+    print(f"\nplug-pull campaign: {PULLS} pulls (QEMU_PULLS), seed {seed} (QEMU_PULL_SEED={seed} repeats the draw)")
+    digest = payload_digest("payload-2.0.0.ext4.zst")
+    windows, results, misbehaved, chains = Windows(), [], [], 0
+    machine = srv = resume_limit = None
+    began, sources = time.monotonic(), []
+
+    def check_source(boot) -> None:
+        if (source := boot.slot_source()) is not None:
+            sources.append(source)
+            if "read from the kernel command line (omaha_agent.slot=" not in source:
+                misbehaved.append(f"boot {boot.marker}: {source}")
+
+    def summary() -> None:
+        print(f"plug pulls: {sum(r['pulled'] for r in results)} done, "
+              f"{sum(not r['pulled'] for r in results)} missed, in {chains} device(s), "
+              f"{time.monotonic() - began:.0f} s; the agent read its slot from omaha_agent.slot= on "
+              f"{sum('(omaha_agent.slot=' in x for x in sources)} of {len(sources)} boots that logged it; "
+              f"misbehaved: {len(misbehaved)}")
+        print(f"windows measured (s): last payload piece to the 3/1 report {windows.finalisation[1:]}, "
+              f"3/1 report to QEMU gone {windows.reboot[1:]}")
+        for m in misbehaved:
+            print(f"  MISBEHAVED: {m}")
+
+    try:
+        for _ in range(4 * PULLS + 12):  # boots: a bound, far above what the pulls need
+            if not queue and machine is None:
+                break
+            if machine is None:
+                chains += 1
+                srv = await start_server(image, f"pulls{chains}", "2.0.0", "payload-2.0.0.ext4.zst",
+                                         Faults(hold_last=HOLD_LAST))
+                machine, expect = Machine(f"pulls{chains}", image["disk"]), ("1.0.0", "A")
+            counts = len(srv.streams), len(srv.events)
+            boot = await machine.boot()
+            await boot.wait_for(boot.booted_version, BOOT_TIMEOUT, "the guest to boot")
+            line = next(line for line in boot.lines() if line.startswith("BOOTED "))
+            booted = (boot.booted_version(), next((w[len("omaha_agent.slot="):] for w in line.split()
+                                                   if w.startswith("omaha_agent.slot=")), "?"))
+            print(f"{machine.name} boot {machine.boots}: {booted[0]} on slot {booted[1]} after "
+                  f"{time.monotonic() - boot.started:.0f} s")
+            if booted != expect:  # the bootloader or the disk disagrees with what the last pull left
+                misbehaved.append(f"{machine.name} boot {machine.boots}: booted {booted}, expected {expect}")
+                raise AssertionError(misbehaved[-1])
+            watch = Watch(boot, srv, *counts)
+            if booted[1] == "B":  # a verified trial: it confirms itself and the device is done
+                await boot.wait_for(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report")
+                await boot.wait_for(lambda: (s := boot.status()) and s["slots"]["b"]["state"]["data"] == "good", 120,
+                                    "busctl to show slot b good")
+                check_source(boot)
+                await boot.power_off()
+                await srv.stop()
+                codes = srv.event_codes()
+                print(f"{machine.name}: done; events {codes}; GETs from {[s['start'] for s in srv.streams]}")
+                if codes.count("3/2") != 1 or "3/0" in codes:
+                    misbehaved.append(f"{machine.name}: events {codes}, not exactly one 3/2 and no 3/0")
+                states, _, problems = inspect_after_pull(machine, tmp_path, digest)
+                if states != {"a": "good", "b": "good"}:
+                    problems.append(f"slots {states} at the end, not both good")
+                misbehaved.extend(f"{machine.name} at the end: {p}" for p in problems)
+                machine = srv = None
+                continue
+            if not queue:  # no pull left: the update runs to its reboot
+                await watch.until(lambda: watch.exited, "the agent to install 2.0.0 and reboot")
+                windows.learn(watch)
+                landed = {"landed": "none: ran to the reboot", "pulled": False}
+            else:
+                moment = queue.pop(0)
+                landed = await pull_plug(watch, moment, windows)
+                retried = moment.get("retried", 0)
+                if not landed["pulled"] and retried < 2:  # the next chance gets it (a window measured since)
+                    queue.insert(0, dict(moment, retried=retried + 1))
+                results.append(landed)
+            await boot.wait_exit(60, "QEMU to end")
+            check_source(boot)
+            states, state, problems = inspect_after_pull(machine, tmp_path, digest)
+            streams = watch.streams()
+            if resume_limit is not None and streams and streams[0]["start"] > resume_limit:
+                problems.append(f"the download resumed at byte {streams[0]['start']}, past the {resume_limit} sent")
+            resume_limit = landed.get("sent_to")
+            if resume_limit is not None and states.get("b") != "bad":
+                problems.append(f"slot b is {states.get('b')} after a pull in the download")
+            landed["landed"] += f": {stage(states, state, watch.events())}"
+            if (w := landed.get("watch")) and w.sent_all and w.applied:
+                landed["landed"] += f"; the 3/1 report came {w.applied - w.sent_all:.1f} s after the last piece"
+            print(f"  {'pull ' + str(len(results)) if landed['pulled'] else 'no pull'}: {landed['landed']}; "
+                  f"slots after: {states}; GETs from {[s['start'] for s in streams]}; events {watch.events()}")
+            misbehaved.extend(f"{machine.name} boot {machine.boots} ({landed['landed']}): {p}" for p in problems)
+            expect = ("2.0.0", "B") if states.get("b") == "trial" else ("1.0.0", "A")
+        else:
+            raise AssertionError(f"the campaign did not end within its bound of boots; left: {queue}")
+    finally:
+        if srv is not None:
+            await srv.stop()
+        summary()
+    assert not misbehaved, misbehaved
+    assert sum(r["pulled"] for r in results) == PULLS, [r["landed"] for r in results]

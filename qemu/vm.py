@@ -3,6 +3,7 @@ test decides what happens next, like a power cycle). KVM when it works, TCG othe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -73,6 +74,13 @@ class Boot:
         for line in self.lines():
             if line.startswith("BOOTED "):
                 return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv).get("version")
+        return None
+
+    def slot_source(self) -> str | None:
+        """The agent's log line naming where it read the booted slot from (the guest reports it once)."""
+        for line in self.lines():
+            if line.startswith("AGENTSLOT "):
+                return line[len("AGENTSLOT "):]
         return None
 
     def status(self) -> dict | None:
@@ -178,3 +186,41 @@ class Machine:
         subprocess.run(["mcopy", "-o", "-i", f"{self.disk}@@1048576", "::/grubenv", dest], check=True,
                        env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
         return dest
+
+    def partition(self, name: str) -> tuple[int, int]:
+        """Offset and size in bytes of the partition named ``name`` (the GPT read by sfdisk)."""
+        table = json.loads(subprocess.run(["sfdisk", "-J", self.disk], capture_output=True, text=True, check=True,
+                                          env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"))
+                           .stdout)["partitiontable"]
+        part = next(p for p in table["partitions"] if p.get("name") == name)
+        return part["start"] * 512, part["size"] * 512
+
+    def read_state(self, scratch: str) -> dict | None:
+        """The agent's state.json from the STATE partition, as the next boot will see it: the partition is copied
+        out, e2fsck -fy replays its journal on the copy, debugfs reads the file. None when there is none;
+        AssertionError when e2fsck cannot repair the copy."""
+        start, size = self.partition("STATE")
+        subprocess.run(["dd", f"if={self.disk}", f"of={scratch}", "bs=1M", f"skip={start >> 20}",
+                        f"count={size >> 20}", "status=none"], check=True)
+        env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+        done = subprocess.run(["e2fsck", "-fy", scratch], capture_output=True, text=True, env=env)
+        if done.returncode >= 4:
+            raise AssertionError(f"the STATE file system is damaged beyond repair:\n{done.stdout}{done.stderr}")
+        out = subprocess.run(["debugfs", "-R", "cat /state.json", scratch], capture_output=True, env=env)
+        return json.loads(out.stdout) if out.stdout.strip() else None
+
+    def partition_sha256(self, name: str, length: int) -> str:
+        """SHA-256 of the first ``length`` bytes of the partition named ``name`` in the disk image (the bytes
+        straight from the image file)."""
+        start, size = self.partition(name)
+        assert length <= size, f"{length} bytes do not fit partition {name}"
+        digest = hashlib.sha256()
+        with open(self.disk, "rb") as f:
+            f.seek(start)
+            left = length
+            while left:
+                piece = f.read(min(left, 8 << 20))
+                assert piece, f"the disk image ends inside partition {name}"
+                digest.update(piece)
+                left -= len(piece)
+        return digest.hexdigest()

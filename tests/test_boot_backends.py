@@ -90,6 +90,14 @@ def test_grub_cfg_counts_down_with_an_if_chain():
     assert "save_env B_TRY" in cfg and "root=PARTLABEL=${partlabel}" in cfg
 
 
+def test_grub_cfg_never_uses_the_menus_own_chosen_variable():
+    # GRUB's menu sets ${chosen} to the entry's path ("A>Slot A") while the entry runs: the kernel command line
+    # then said omaha_agent.slot=A>Slot A (seen in the QEMU guest)
+    cfg = open(os.path.join(os.path.dirname(__file__), "..", "config", "grub", "grub.cfg")).read()
+    code = "\n".join(line.split("#", 1)[0] for line in cfg.splitlines())
+    assert "chosen" not in code and "omaha_agent.slot=${boot_slot}" in code
+
+
 def make_gpt(path, size_mib=16):
     need_tool("sfdisk")
     with open(path, "wb") as f:

@@ -245,3 +245,65 @@ def test_fuzz_state_file_bytes_never_stop_the_load(tmp_path_factory, raw):
     warning = store.load()
     assert warning is None or (isinstance(warning, str) and len(warning) < MAX_MESSAGE)
     store.commit_now()  # and what it holds now can be written back
+
+
+# ---------------------------------------------------------------------------------------------- memory
+_CHILD = r"""
+import json, sys
+def high_water_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+from tests import test_fuzz
+base = high_water_kib()
+for name in sys.argv[1:]:
+    getattr(test_fuzz, name)()
+print(json.dumps({"base_kib": base, "runs": test_fuzz.RUNS}))
+"""
+_MEMORY_TARGETS = ("test_fuzz_xml_responses_only_raise_protocol_error", "test_fuzz_json_responses_only_raise_protocol_error",
+                   "test_fuzz_bytes_and_damaged_xml_only_raise_protocol_error",
+                   "test_fuzz_config_text_only_raises_config_error", "test_fuzz_config_values_only_raise_config_error",
+                   "test_fuzz_versions_always_compare_in_a_total_order")
+_MEMORY_BOUND_MIB = 768  # generous: a decoder that let a response or a config grow unbounded would pass it
+
+
+def _child_peak(target: str, root: str) -> tuple[float, float, int]:
+    """Runs one fuzz target in a child process; its peak RSS (MiB) as the kernel accounted that one child (wait4),
+    its RSS high-water mark after its imports (MiB), and the examples it ran."""
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, target], cwd=root, stdout=subprocess.PIPE,
+                                stderr=errors, env=dict(os.environ, PYTHONPATH=root))
+        watchdog = threading.Timer(max(600, EXAMPLES / 5), proc.kill)  # a bound on time: 20000 examples take minutes
+        watchdog.start()
+        try:
+            out = proc.stdout.read()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            watchdog.cancel()
+            proc.stdout.close()
+        errors.seek(0)
+        assert proc.returncode == 0, errors.read()[-2000:].decode(errors="replace")
+    report = json.loads(out.decode().strip().splitlines()[-1])
+    return usage.ru_maxrss / 1024, report["base_kib"] / 1024, sum(report["runs"].values())  # ru_maxrss: KiB
+
+
+def test_fuzz_targets_peak_rss_of_their_own_child_processes_is_printed_and_under_768_mib():
+    """Each fuzz target of the decoders, the config loader and the version order runs in a child process of its own;
+    its peak RSS is read by this process from the kernel's accounting of that one child, not from the test
+    runner's own (which holds whatever earlier tests allocated)."""
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    started, peaks = time.monotonic(), {}
+    for target in _MEMORY_TARGETS:
+        peaks[target] = _child_peak(target, root)
+    short = {t: t.removeprefix("test_fuzz_").split("_only")[0].split("_always")[0] for t in peaks}
+    text = (", ".join(f"{short[t]} {p:.0f}" for t, (p, _, _) in peaks.items()) + f" MiB peak RSS per child "
+            f"({min(b for _, b, _ in peaks.values()):.0f} MiB after imports), {sum(n for *_, n in peaks.values())} "
+            f"examples in {time.monotonic() - started:.0f} s")
+    record_count("fuzz memory", text)
+    print(f"\nfuzz memory: {text}")
+    assert max(p for p, _, _ in peaks.values()) < _MEMORY_BOUND_MIB, text

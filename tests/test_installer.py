@@ -620,3 +620,55 @@ async def test_direct_read_while_the_ring_is_full_keeps_every_byte_in_order(devi
     finally:
         await server.stop()
     assert taken == [True] and result.received == len(data) and slot_holds(device[1]["b"], data)
+
+
+def test_booted_slot_is_read_from_the_kernel_command_line_and_the_source_is_named(tmp_path, caplog):
+    from agent.slots import detect_booted, detect_booted_from
+    specs = {"a": SlotSpec("partlabel", "ROOT-A"), "b": SlotSpec("partlabel", "ROOT-B")}
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("BOOT_IMAGE=/vmlinuz root=PARTLABEL=ROOT-A ro omaha_agent.slot=B\n")
+    assert detect_booted_from(specs, str(cmdline)) == ("b", "the kernel command line (omaha_agent.slot=B)")
+    cmdline.write_text("root=PARTLABEL=ROOT-A ro\n")
+    assert detect_booted_from(specs, str(cmdline)) == ("a", "the kernel command line (root=PARTLABEL=ROOT-A)")
+    with caplog.at_level("INFO", logger="omaha-agent"):
+        assert detect_booted(specs, str(cmdline)) == "a"
+    assert "booted slot a, read from the kernel command line (root=PARTLABEL=ROOT-A)" in caplog.text
+
+
+def test_booted_slot_unknown_when_the_cmdline_is_hidden_and_no_slot_holds_the_root_says_both(tmp_path, caplog):
+    from agent.slots import detect_booted, detect_booted_from
+    specs = {"a": SlotSpec("file", str(tmp_path / "a.img")), "b": SlotSpec("file", str(tmp_path / "b.img"))}
+    hidden = str(tmp_path / "no-cmdline")  # as under ProcSubset=pid
+    assert detect_booted_from(specs, hidden) == (
+        None, f"neither {hidden} (it is unreadable) nor the root filesystem's device")
+    with caplog.at_level("WARNING", logger="omaha-agent"):
+        assert detect_booted(specs, hidden) is None
+    assert "cannot tell the booted slot" in caplog.text
+
+
+async def test_devserver_records_each_payload_stream_and_holds_the_last_piece_when_asked(tmp_path):
+    import time
+
+    import aiohttp
+
+    from agent.tools.devserver import DevServer, Faults, Image
+    path = tmp_path / "p.img"
+    path.write_bytes(os.urandom(320 << 10))  # five 64 KiB pieces
+    srv = DevServer([Image(str(path), "2.0.0", "{0a0b0c0d-1111-4222-8333-444455556666}")], faults=Faults(hold_last=0.6))
+    await srv.start()
+    try:
+        url = f"{srv.url.rsplit('/', 3)[0]}/packages/p.img"
+        async with aiohttp.ClientSession() as session:
+            started = time.monotonic()
+            async with session.get(url) as resp:
+                first = await resp.content.readexactly(256 << 10)
+                assert srv.streams == [{"start": 0, "sent_to": 256 << 10, "done": False}]
+                body = first + await resp.read()
+            took = time.monotonic() - started
+            async with session.get(url, headers={"Range": f"bytes={100 << 10}-"}) as resp:
+                await resp.read()
+    finally:
+        await srv.stop()
+    assert body == path.read_bytes() and took >= 0.6
+    assert srv.streams == [{"start": 0, "sent_to": 320 << 10, "done": True},
+                           {"start": 100 << 10, "sent_to": 320 << 10, "done": True}]

@@ -143,3 +143,71 @@ async def test_an_error_status_keeps_the_retry_after():
     with pytest.raises(http.OmahaHttpError) as info:
         await _check(handler)
     assert (str(info.value), info.value.status, info.value.retry_after) == ("server answered HTTP 503", 503, 120)
+
+
+class _Names:
+    """A resolver answering from a table (the system's resolver is not asked): names that resolve to link-local
+    addresses without a DNS server. Unknown names fail as a lookup does."""
+
+    def __init__(self, table: dict[str, str]):
+        self.table, self.asked = table, []
+
+    async def resolve(self, host, port=0, family=0):
+        import socket
+        self.asked.append(host)
+        if host not in self.table:
+            raise OSError(f"no such name: {host}")
+        address = self.table[host]
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return [{"hostname": host, "host": address, "port": port, "family": fam, "proto": 0,
+                 "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self):
+        pass
+
+
+@pytest.fixture
+def connects(monkeypatch):
+    """Every socket connection attempted in the test (one outside 127.0.0.1 is stopped)."""
+    import socket
+    seen, real = [], socket.socket.connect
+
+    def guarded(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        seen.append(host)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and host != "127.0.0.1":
+            raise OSError(f"test guard: no connection to {host} outside 127.0.0.1")
+        return real(sock, address)
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    return seen
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "169.254.0.1", "fe80::1", "::ffff:169.254.169.254"])
+async def test_a_server_name_resolving_to_a_link_local_address_is_refused_before_connecting(address, connects):
+    names = _Names({"metadata.test": address, "updates.test": "127.0.0.1"})
+
+    async def handler(request):
+        await request.read()
+        return web.Response(body=RESPONSE, content_type="text/xml")
+    runner, url = await _serve(handler)
+    port = url.split(":")[2].split("/")[0]
+    req = update_check(ClientInfo(appid=APPID, version="1.0.0"), requestid="r", sessionid="s", interactive=False,
+                       ping=None)
+    try:
+        async with http.make_session(timeout=5, resolver=names) as session:
+            with pytest.raises(http.OmahaHttpError) as info:
+                await http.post(session, f"http://metadata.test:{port}/v1/update/", req, interactive=False, timeout=5)
+            # a payload GET through the same session is refused the same way
+            with pytest.raises(OSError, match="link-local"):
+                async with session.get(f"http://metadata.test:{port}/payload"):
+                    pass
+            # the same session still reaches a name that resolves to an ordinary address
+            answer = await http.post(session, f"http://updates.test:{port}/v1/update/", req, interactive=False,
+                                     timeout=5)
+    finally:
+        await runner.cleanup()
+    message = str(info.value)
+    assert message.startswith("cannot reach the update server: refused: 'metadata.test' resolves to the link-local "
+                              f"address {address} (a metadata service") and "\n" not in message, message
+    assert answer.response.apps and names.asked.count("metadata.test") == 2
+    assert connects == ["127.0.0.1"], connects  # only the ordinary name was connected to

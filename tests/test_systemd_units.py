@@ -106,3 +106,10 @@ def test_tmpfiles_and_sysusers_apply_with_systemds_tools(installed, tmp_path):
     proc = run("systemd-sysusers", f"--root={root}", str(installed / "usr/lib/sysusers.d/omaha-agent.conf"))
     assert proc.returncode == 0, proc.stderr
     assert any(line.startswith("omaha-agent:") for line in (root / "etc/group").read_text().splitlines())
+
+
+def test_main_unit_leaves_proc_cmdline_readable_for_the_booted_slot():
+    # ProcSubset=pid hides /proc/cmdline: the agent would fall back to the root filesystem's device (the QEMU
+    # test asserts which source the guest's agent used)
+    svc = read_unit("omaha-agent.service")["Service"]
+    assert svc.get("ProcSubset", "all") == "all" and "/proc/cmdline" not in svc.get("InaccessiblePaths", "")

@@ -2,7 +2,8 @@
 
 Refused, before any connection: a scheme other than http(s); a URL that does not parse or has no host; a host
 that is a link-local address (169.254.0.0/16, fe80::/10: cloud metadata services live there, and no update
-server does); plain http where only https is allowed; and a redirect from https down to http (the TLS the
+server does), or a host name that resolves to one (checked by the session's resolver, ``http.make_session``,
+between the lookup and the connection); plain http where only https is allowed; and a redirect from https down to http (the TLS the
 configuration asked for would end there). Pure: no I/O.
 """
 from __future__ import annotations
@@ -34,14 +35,20 @@ def problem(url: str, *, allow_http: bool = True) -> str | None:
         return f"{short(url)} names no host"
     if parts.scheme == "http" and not allow_http:
         return f"{short(url)} is plain http, where only https is allowed"
+    if link_local(host):
+        return f"{short(url)} points at a link-local address (a metadata service, not an update server)"
+    return None
+
+
+def link_local(host: str) -> bool:
+    """Whether ``host`` is a link-local address literal (169.254.0.0/16, fe80::/10, or IPv4 link-local mapped into
+    IPv6). A host name is not: the connection checks the addresses it resolves to (``http.make_session``)."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        address = None
-    if address is not None and (address.is_link_local or (address.version == 6 and address.ipv4_mapped is not None
-                                                          and address.ipv4_mapped.is_link_local)):
-        return f"{short(url)} points at a link-local address (a metadata service, not an update server)"
-    return None
+        return False
+    return address.is_link_local or (address.version == 6 and address.ipv4_mapped is not None
+                                     and address.ipv4_mapped.is_link_local)
 
 
 def redirect(current: str, location: str | None, *, allow_http: bool) -> str:

@@ -77,6 +77,8 @@ class Faults:
     #                              the encoded bytes, as a server of precompressed files does)
     event_stall: bool = False  # record an event report, then never answer it
     redirect_check: str | None = None  # answer update checks and events with 307 to this URL
+    hold_last: float = 0.0  # seconds to wait before a payload's last 64 KiB piece (the client has all the rest by
+    #                         then: the moment the body ends is known to within that piece)
 
 
 @dataclass
@@ -98,6 +100,9 @@ class DevServer:
     def __post_init__(self):
         self.requests: list[dict] = []
         self.events: list[dict] = []
+        # one record per payload response: {"start": offset, "sent_to": offset reached, "done": whole body sent}
+        # (a test watching a download from the host, e.g. to pull a guest's plug at a chosen byte)
+        self.streams: list[dict] = []
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -317,6 +322,8 @@ class DevServer:
             limit = length // 2
         cut = f.reset_after if f.resets and f.reset_after else 0
         sent = 0
+        stream = {"start": start, "sent_to": start, "done": False}
+        self.streams.append(stream)
         with open(image.path, "rb") as fh:
             fh.seek(start)
             while sent < limit:
@@ -328,18 +335,22 @@ class DevServer:
                     f.resets -= 1
                     request.transport.abort() if request.transport else None
                     return resp
+                if f.hold_last and start + sent + len(piece) >= image.size:
+                    await asyncio.sleep(f.hold_last)
                 if f.stall_after and sent + len(piece) >= f.stall_after:
                     f.stall_after = 0
                     await resp.write(piece)
                     await asyncio.sleep(3600)
                 await resp.write(piece)
                 sent += len(piece)
+                stream["sent_to"] = start + sent
                 if f.drip_delay:
                     await asyncio.sleep(f.drip_delay)
         if limit < length:
             request.transport.abort() if request.transport else None
             return resp
         await resp.write_eof()
+        stream["done"] = True
         return resp
 
 
