@@ -131,8 +131,6 @@ async def test_a_payload_read_straight_into_buffers_over_tls_arrives_whole(pki):
     import hashlib
     import random
 
-    import aiohttp
-
     from agent import http as agent_http
     data = os.urandom((3 << 20) + 4321)
 
