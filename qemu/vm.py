@@ -59,6 +59,22 @@ def accel() -> str:
     return _ACCEL
 
 
+def fsck_fat(disk: str, scratch: str, start_mib: int, mib: int, what: str) -> str:
+    """fsck.vfat -n on a copy of the FAT partition at ``start_mib`` of ``disk``; returns its report, or raises
+    AssertionError with it when the filesystem is damaged."""
+    subprocess.run(["dd", f"if={disk}", f"of={scratch}", "bs=1M", f"skip={start_mib}", f"count={mib}",
+                    "status=none"], check=True)
+    done = subprocess.run(["fsck.vfat", "-n", scratch], capture_output=True, text=True,
+                          env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"))
+    report = (done.stdout + done.stderr).strip()
+    # a FAT mounted when the plug is pulled keeps its dirty bit: that alone is expected (exit 1 with -n)
+    damage = [line for line in report.splitlines() if line.strip() and not line.startswith("fsck.fat")
+              and not any(ok in line for ok in FSCK_EXPECTED) and not line.startswith(scratch)]
+    if done.returncode not in (0, 1) or damage:
+        raise AssertionError(f"{what}'s FAT is damaged after the power cut:\n{report}")
+    return report
+
+
 class Boot:
     def __init__(self, proc, serial: str, marker: str, started: float):
         self.proc, self.serial, self.marker, self.started = proc, serial, marker, started
@@ -169,17 +185,7 @@ class Machine:
     def fsck_esp(self, scratch: str) -> str:
         """Checks the ESP's FAT read-only (fsck.vfat -n) on a copy taken out of the disk image; returns its
         report, or raises AssertionError with it when the filesystem is damaged."""
-        subprocess.run(["dd", f"if={self.disk}", f"of={scratch}", "bs=1M", "skip=1", f"count={ESP_MIB}",
-                        "status=none"], check=True)
-        done = subprocess.run(["fsck.vfat", "-n", scratch], capture_output=True, text=True,
-                              env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"))
-        report = (done.stdout + done.stderr).strip()
-        # a FAT mounted when the plug is pulled keeps its dirty bit: that alone is expected (exit 1 with -n)
-        damage = [line for line in report.splitlines() if line.strip() and not line.startswith("fsck.fat")
-                  and not any(ok in line for ok in FSCK_EXPECTED) and not line.startswith(scratch)]
-        if done.returncode not in (0, 1) or damage:
-            raise AssertionError(f"the ESP's FAT is damaged after the power cut:\n{report}")
-        return report
+        return fsck_fat(self.disk, scratch, 1, ESP_MIB, "the ESP")
 
     def read_grubenv(self, dest: str) -> str:
         """Copies the ESP's grubenv out of the disk image (no mount): the ESP starts at 1 MiB."""
