@@ -277,6 +277,7 @@ class DirectBody(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.view: memoryview | None = None  # where the next bytes go
         self.pos = 0
+        self.landed = 0  # after a cancelled ``fill``: how many bytes it had put in the view
         self.spill = bytearray()  # received while no view was given (in order, before whatever comes next)
         self.into: memoryview | None = None  # what the last get_buffer handed out
         self.waiter: asyncio.Future | None = None
@@ -338,6 +339,7 @@ class DirectBody(asyncio.BufferedProtocol):
             await self.waiter
         except asyncio.CancelledError:
             self.transport.pause_reading()
+            self.landed = self.pos  # bytes already in ``view``: the caller keeps them (a cancel saves them)
             raise
         except Exception:
             self.transport.pause_reading()

@@ -447,7 +447,14 @@ class Installer:
                 while body.left:  # the body's length is the payload's rest: never more than promised
                     if pipe.full:
                         body.pause()
-                    handed = pipe.commit(await body.fill(await pipe.space()))
+                    view = await pipe.space()
+                    try:
+                        n = await body.fill(view)
+                    except asyncio.CancelledError:
+                        if body.landed:  # what arrived before the cancel: the checkpoint keeps it
+                            pipe.commit(body.landed)
+                        raise
+                    handed = pipe.commit(n)
                     if handed:
                         await handed_on(handed)
             finally:
