@@ -26,15 +26,18 @@ class Service:
         self._loop = asyncio.get_running_loop()
         self._latest: dict | None = None
         self._operation = None
+        self._reboot = None  # the planned reboot's time: a change goes out at once (RebootScheduled), never merged
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
         agent.listeners.append(self.on_status)
 
     def on_status(self, snapshot: dict) -> None:
-        """Operation changes go out at once; progress at most every MIN_INTERVAL, and the last one always."""
+        """Operation and reboot-plan changes go out at once; progress at most every MIN_INTERVAL, and the last one
+        always."""
         self._latest = snapshot
         now = self._loop.time()
-        if snapshot["operation"] != self._operation or now - self._last >= MIN_INTERVAL:
+        if (snapshot["operation"] != self._operation or snapshot.get("reboot_time") != self._reboot
+                or now - self._last >= MIN_INTERVAL):
             self._flush()
         elif self._timer is None:
             self._timer = self._loop.call_later(MIN_INTERVAL - (now - self._last), self._flush)
@@ -46,7 +49,7 @@ class Service:
         snapshot, self._last = self._latest, self._loop.time()
         if snapshot is None or not self.bus.connected:
             return
-        self._operation = snapshot["operation"]
+        self._operation, self._reboot = snapshot["operation"], snapshot.get("reboot_time")
         for interface in self.interfaces:
             try:
                 interface.publish(snapshot)
