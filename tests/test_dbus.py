@@ -347,7 +347,8 @@ async def test_cli_status_check_and_watch(running, server):
     rc, out, err = await cli("status")
     assert rc == 0, err
     assert "operation:      idle" in out and "running:        1.0.0 on slot a" in out and "a  good" in out
-    watch = asyncio.create_task(cli("watch", "--limit", "20", timeout=60))
+    # watch for the check, the status and the second check: 20 s was too short on a loaded host
+    watch = asyncio.create_task(cli("watch", "--limit", "40", timeout=90))
     rc, out, err = await cli("check", "--wait", timeout=120)
     assert rc == 0, err
     lines = out.splitlines()
