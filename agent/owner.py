@@ -210,7 +210,12 @@ class Owner:
         if action is Action.REBOOT:
             return self._plan_reboot(forced=True)
         if action is Action.POSTPONE_REBOOT:
-            return self.rebooter.postpone(command.seconds), None
+            message = self.rebooter.postpone(command.seconds)
+            try:  # on disk before the caller hears it: a restart keeps the postponement
+                await ctx.store.commit()
+            except OSError as exc:
+                log.error("could not save the postponement: %s", describe(exc))
+            return message, None
         raise AssertionError(f"no execution for {action}")
 
     async def _settle(self) -> tuple[str, asyncio.Task | None]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from . import windows
 from .machine import Refuse
+from .state import Postponed
 
 log = logging.getLogger("omaha-agent")
 
@@ -103,7 +104,14 @@ class Rebooter:
         at = now if forced else now + self.config.notice
         if not forced and self.config.policy == "windows":
             at = windows.allowed_at(self.config.windows, at)
-        self.plan = Plan(version, at, at, forced)
+        first, kept = at, self.ctx.state.postponed
+        if kept is not None and kept.version == version and not forced:
+            # postponed before a restart: still postponed, and still bounded from the first announced time
+            at, first = max(at, kept.at), min(kept.first, at)
+            log.info("the reboot into %s stays postponed (to %s)", version, windows.describe(at))
+        elif kept is not None:  # another version's, or an operator asked for the reboot now
+            self._save(None)
+        self.plan = Plan(version, at, first, forced)
         self._publish(self.plan, "its time")
         self._wake.set()
         log.info("reboot into %s planned for %s%s", version, windows.describe(at),
@@ -119,6 +127,7 @@ class Rebooter:
             raise Refused(answer)
         plan.at, cut = answer
         plan.forced = False  # a postponed reboot waits again for what a planned one waits for
+        self._save(Postponed(plan.version, plan.at, plan.first))
         self._publish(plan, "its time")
         self._wake.set()
         log.info("reboot into %s postponed to %s", plan.version, windows.describe(plan.at))
@@ -127,8 +136,15 @@ class Rebooter:
 
     def drop(self) -> None:
         self.plan = None
+        if self.ctx.state.postponed is not None:
+            self._save(None)
         self.ctx.status.reboot = None
         self.ctx.status.notify()
+
+    def _save(self, postponed: Postponed | None) -> None:
+        """Records a postponement (or its end) in the state file, so that a restart keeps it."""
+        self.ctx.state.postponed = postponed
+        self.ctx.spawn(self.ctx.store.commit(), "saving the postponed reboot")
 
     def _publish(self, plan: Plan, waiting_for: str) -> None:
         plan.waiting_for = waiting_for

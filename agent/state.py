@@ -49,6 +49,15 @@ class Blocked:
 
 
 @dataclass(frozen=True)
+class Postponed:
+    """A reboot an operator postponed: a restart keeps its time and the bound counted from ``first``."""
+
+    version: str
+    at: float  # the postponed time (epoch seconds)
+    first: float  # the first time announced for this version's reboot
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """What survives a restart: which payload, how far it is durable on the slot."""
 
@@ -84,10 +93,11 @@ class State:
     retry_after_until: float | None = None
     last_error: str = ""
     fleet_lock: str = ""  # the FleetLock group whose reboot slot may be held (asked for, not yet given back)
+    postponed: Postponed | None = None
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("download", "trial", "blocked"):
+        for key in ("download", "trial", "blocked", "postponed"):
             out[key] = asdict(out[key]) if out[key] is not None else None
         out["events"] = [dict(asdict(e), event={k: v for k, v in e.event.__dict__.items()}) for e in self.events]
         return out
@@ -137,6 +147,11 @@ def blocked_from(data) -> Blocked | None:
     return _record(Blocked, data, {"version": str, "until": (int, float), "count": int}, lambda b: b.count >= 1)
 
 
+def postponed_from(data) -> Postponed | None:
+    return _record(Postponed, data, {"version": str, "at": (int, float), "first": (int, float)},
+                   lambda p: 0 < len(p.version) <= 256 and p.first <= p.at)
+
+
 def checkpoint_from(data) -> Checkpoint | None:
     return _record(Checkpoint, data, {"version": str, "slot": str, "sha256": str, "size": int, "received": int,
                                       "compressed": bool}, lambda c: 0 <= c.received <= c.size)
@@ -181,7 +196,7 @@ class _EventFields:
 _PLAIN = {"ping": dict, "cohort": dict, "failures": int, "last_check": (int, float, type(None)),
           "next_check": (int, float, type(None)), "retry_after_until": (int, float, type(None)), "last_error": str,
           "fleet_lock": str}
-_RECORDS = {"trial": trial_from, "blocked": blocked_from, "download": checkpoint_from}
+_RECORDS = {"trial": trial_from, "blocked": blocked_from, "download": checkpoint_from, "postponed": postponed_from}
 
 
 def from_json(data: dict) -> tuple[State, list[str]]:

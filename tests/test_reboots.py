@@ -166,6 +166,29 @@ async def test_a_notice_announces_the_reboot_ahead_and_postponement_is_bounded(t
     assert sim.rebooted_at[0] >= planned + 1800
 
 
+async def test_a_postponement_survives_a_restart_and_stays_bounded_from_the_first_planned_time(
+        tmp_path, server, clock, devices):
+    sim = devices(tmp_path, server.url, "{policy: immediate, notice: 600, max_postpone: 3600}", clock)
+    agent = await sim.start()
+    await sim.install()
+    planned = agent.snapshot()["reboot_time"]
+    assert (await agent.submit(PostponeReboot(1800))).acted
+    await sim.stop()  # the daemon restarts (an upgrade of itself, a crash) before the reboot
+    clock.t += 60
+    agent = await sim.start()
+    assert sim.op() is Operation.REBOOT_PENDING
+    assert agent.snapshot()["reboot_time"] == planned + 1800  # not a fresh notice from now
+    reply = await agent.submit(PostponeReboot(7200))  # the bound still counts from the first planned time
+    assert reply.acted and agent.snapshot()["reboot_time"] == planned + 3600, reply.message
+    # a reset drops the postponement with the plan: the next start plans afresh from the policy
+    assert (await agent.submit(Reset())).acted
+    await sim.stop()
+    restarted = clock.now()
+    agent = await sim.start()
+    assert agent.snapshot()["reboot_time"] == restarted + 600
+    await until(lambda: sim.rebooted_at, "the reboot", 60)
+
+
 async def test_reset_drops_a_planned_reboot_and_an_operator_reboot_skips_the_window(tmp_path, server, clock, devices):
     sim = devices(tmp_path, server.url, window("sun", 60), clock)
     agent = await sim.start()

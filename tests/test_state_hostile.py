@@ -30,6 +30,9 @@ DAMAGED = [
      "1 malformed event(s)"),
     ({"events": [{"event": {"eventtype": 3, "eventresult": 2, "errorcode": "a"}, "created": 1, "requestid": "{r}"}]},
      "1 malformed event(s)"),
+    ({"postponed": {"version": "2.0.0", "at": "later", "first": 1}}, "postponed"),
+    ({"postponed": {"version": "2.0.0", "at": 1, "first": 2e9}}, "postponed"),  # postponed to before it was due
+    ({"postponed": {"version": "x" * 300, "at": 2, "first": 1}}, "postponed"),
     ({"failures": -5, "last_check": "noon"}, "failures, last_check"),
     ({"ping": ["not", "a", "dict"], "cohort": 7}, "ping, cohort"),
 ]
@@ -87,6 +90,8 @@ _state = st.fixed_dictionaries({}, optional={
         {"slot": st.sampled_from(["a", "b", "c"]) | _json, "version": st.text(max_size=8) | _json},
         optional={"armed": st.booleans() | _json}) | _json,
     "blocked": st.fixed_dictionaries({"version": st.text(max_size=8) | _json, "until": st.floats() | _json}) | _json,
+    "postponed": st.fixed_dictionaries({"version": st.text(max_size=8) | _json, "at": st.floats() | _json,
+                                        "first": st.floats() | st.integers() | _json}) | _json,
     "failures": st.integers() | _json, "next_check": st.floats() | _json, "ping": _json, "cohort": _json,
     "download": _json, "last_error": _json})
 
@@ -104,6 +109,9 @@ def test_whatever_the_file_holds_what_is_kept_is_usable(data):
         assert state.trial.slot in ("a", "b") and isinstance(state.trial.version, str)
     if state.blocked is not None:
         assert isinstance(state.blocked.version, str) and math.isfinite(state.blocked.until)
+    if state.postponed is not None:
+        p = state.postponed
+        assert p.version and math.isfinite(p.at) and math.isfinite(p.first) and p.first <= p.at
     info = ClientInfo(appid="{a}", version="1.0.0")
     for record in state.events:  # every kept event can be sent as it is, as the daemon does it
         req = event_report(info, (record.event,), requestid=record.requestid, sessionid=record.sessionid,
