@@ -181,11 +181,13 @@ async def watch(limit: float | None = None) -> int:
         printer = Printer()
         printer.show(await client.status())
         deadline = time.monotonic() + limit if limit else None
-        while deadline is None or time.monotonic() < deadline:
-            s = await client.next_status(5 if deadline is None else max(0.1, deadline - time.monotonic()))
-            if s is not None:
-                printer.show(s)
-        printer.end()
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                s = await client.next_status(5 if deadline is None else max(0.1, deadline - time.monotonic()))
+                if s is not None:
+                    printer.show(s)
+        finally:  # (the agent stopped: its error line starts on a line of its own)
+            printer.end()
         return 0
     return await _with_client(run)
 

@@ -347,8 +347,8 @@ async def test_cli_status_check_and_watch(running, server):
     rc, out, err = await cli("status")
     assert rc == 0, err
     assert "operation:      idle" in out and "running:        1.0.0 on slot a" in out and "a  good" in out
-    # watch for the check, the status and the second check: 20 s was too short on a loaded host
-    watch = asyncio.create_task(cli("watch", "--limit", "40", timeout=90))
+    # watches until the daemon stops (the limit only bounds the test)
+    watch = asyncio.create_task(cli("watch", "--limit", "300", timeout=320))
     rc, out, err = await cli("check", "--wait", timeout=120)
     assert rc == 0, err
     lines = out.splitlines()
@@ -361,10 +361,14 @@ async def test_cli_status_check_and_watch(running, server):
     assert status["slots"]["b"] == {"state": "trial", "tries_left": 2, "version": "2.0.0"}
     rc, out, err = await cli("check", "--wait")
     assert rc == 0 and "waits for a reboot" in out
+    stopped = time.monotonic()
     daemon.proc.terminate()
     await daemon.proc.wait()
     rc, wout, err = await watch
     assert "checking" in wout and "updated-need-reboot (2.0.0)" in wout
+    assert rc == 1 and err.strip().splitlines() == [
+        "omaha-agent: omaha-agent stopped (it left the system bus); see: journalctl -u omaha-agent"], err
+    assert time.monotonic() - stopped < 60  # when the daemon left, not at the limit
 
 
 async def test_client_commands_without_a_daemon_say_so_in_one_line(system_bus):

@@ -18,6 +18,9 @@ class ClientError(Exception):
     """One line for the user; the CLI prints it and exits non-zero."""
 
 
+_GONE = object()  # in the signal queue: the agent left the bus
+
+
 class Client:
     def __init__(self, bus: MessageBus):
         self.bus = bus
@@ -53,26 +56,37 @@ class Client:
         return await self.call("GetStatus")
 
     async def subscribe(self) -> None:
-        """StatusChanged signals go to ``self.signals`` from now on."""
-        rule = f"type='signal',sender='{NAME}',path='{PATH}',interface='{NAME}',member='StatusChanged'"
-        reply = await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                                            body=[rule]))
-        if reply.message_type == MessageType.ERROR:
-            raise ClientError(f"cannot subscribe to status signals: {reply.body[0] if reply.body else ''}")
+        """StatusChanged signals go to ``self.signals`` from now on, and the agent leaving the bus (stopped,
+        crashed, restarted) ends them."""
+        for rule in (f"type='signal',sender='{NAME}',path='{PATH}',interface='{NAME}',member='StatusChanged'",
+                     "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+                     f"member='NameOwnerChanged',arg0='{NAME}'"):
+            reply = await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                                interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                                                body=[rule]))
+            if reply.message_type == MessageType.ERROR:
+                raise ClientError(f"cannot subscribe to status signals: {reply.body[0] if reply.body else ''}")
 
         def handler(msg: Message):
-            if msg.message_type == MessageType.SIGNAL and msg.member == "StatusChanged" and msg.path == PATH:
-                if not self.signals.full():
-                    self.signals.put_nowait(convert.unwrap(msg.body[0]))
+            if msg.message_type != MessageType.SIGNAL or self.signals.full():
+                return
+            if msg.member == "StatusChanged" and msg.path == PATH:
+                self.signals.put_nowait(convert.unwrap(msg.body[0]))
+            elif (msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus"
+                  and msg.body[:1] == [NAME] and not msg.body[2]):
+                self.signals.put_nowait(_GONE)
 
         self.bus.add_message_handler(handler)
 
     async def next_status(self, timeout: float) -> dict | None:
+        """The next status signal; None when ``timeout`` passed without one; ClientError once the agent left."""
         try:
-            return await asyncio.wait_for(self.signals.get(), timeout)
+            status = await asyncio.wait_for(self.signals.get(), timeout)
         except asyncio.TimeoutError:
             return None
+        if status is _GONE:
+            raise ClientError("omaha-agent stopped (it left the system bus); see: journalctl -u omaha-agent")
+        return status
 
     def close(self) -> None:
         self.bus.disconnect()
