@@ -190,6 +190,8 @@ class UpdateAttempt:
                                                  ctx.config.boot.tries, resume, _Hooks(self, offer, target, previous))
             except InstallError as exc:
                 return await self._failed(offer, exc, target)
+            log.info("slot %s set for a trial boot of %s (%s, %d tries)", target, offer.version, ctx.boot.name,
+                     ctx.config.boot.tries)
             state.trial = replace(state.trial, armed=True)
             self.reporter.queue(policy.applied(previous, offer.version), previous)
             state.last_error = ""

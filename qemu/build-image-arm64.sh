@@ -113,6 +113,7 @@ echo omaha-qemu-arm64 > "$TREE/etc/hostname"
 mkdir -p "$TREE/etc/systemd/network"
 printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n' > "$TREE/etc/systemd/network/50-dhcp.network"
 install -m 0755 "$HERE/guest/omaha-test-report" "$TREE/usr/local/bin/omaha-test-report"
+install -m 0755 "$HERE/guest/omaha-test-watch" "$TREE/usr/local/bin/omaha-test-watch"
 install -m 0644 "$HERE/guest/omaha-test-report.service" "$TREE/etc/systemd/system/omaha-test-report.service"
 systemctl --root="$TREE" enable systemd-networkd.service omaha-agent.service omaha-agent-confirm.service \
   omaha-test-report.service >/dev/null 2>&1

@@ -179,20 +179,35 @@ async def test_power_cut_during_download_then_resume_and_finish(image, tmp_path)
 
 # ---------------------------------------------------------------- the plug-pull campaign
 PULLS = int(os.environ.get("QEMU_PULLS") or 5)
-PHASES = ("download", "finalisation", "reboot")
-HOLD_LAST = 10.0  # the server waits this long before the payload's last 64 KiB: the guest has the rest by then
+PHASES = ("download", "finalisation", "reboot", "finalisation")  # in turn: 5 pulls are 2, 2 and 1
+# The finalisation pulls are aimed at what a watcher in the image (qemu/guest/omaha-test-watch) reports on the
+# marker port the moment it happens: the agent's operation changes (OPERATION, from its StatusChanged signal),
+# its state file saves and the grubenv's writes (STATE and GRUBENV, inotify). The agent's journal lines come too
+# (AGENTLOG), a few hundred milliseconds late. Each line carries the guest's monotonic time, so the stages are
+# measured by the guest's clock.
+MARKS = {"verifying": ("OPERATION", "verifying"),  # the slot's fsync, the digests compared
+         "recorded": ("STATE", ":recorded"),  # the trial recorded: the grubenv is written next, then the arm saved
+         "grubenv": ("GRUBENV", "written"),  # (only after "recorded": the mark-bad before the download writes it too)
+         "armed": ("STATE", ":armed"),  # then the 3/1 report
+         "saved": ("AGENTLOG", "verified 2.0.0")}
+STAGES = {"verifying": ("verifying", "recorded"), "bootloader": ("recorded", "armed")}
+GUESSES = {"verifying": 0.9, "bootloader": 0.06}  # seconds by the guest's clock, until a device measures them
 
 
 def plan_pulls(n: int, rng: random.Random) -> list[dict]:
-    """``n`` moments, the phases in turn: a byte of the download (a fraction of the payload), a delay after the
-    server sent the payload's last piece (the last write and hash, verifying, recording the trial, the grubenv
-    write on the FAT ESP, the state save, the 3/1 report), a delay after the 3/1 report (the reboot request, the
-    shutdown). The delays are fractions of each window as measured so far in the run. Ordered as devices meet
-    them: the downloads, then a reboot pull (its device measures both windows on the way), then finalisation."""
-    moments = [{"phase": PHASES[i % 3], "u": rng.random()} for i in range(n)]
+    """``n`` moments, the phases in turn: a byte of the download (a fraction of the payload); a delay into a
+    stage of finalisation (alternately the bootloader's stage, from the state file's save that records the
+    trial to the one that says it is armed, with the grubenv's write between them, and the verifying stage
+    before it), a fraction of that stage's length by the guest's clock as measured so far in the run, up to
+    a quarter past its end; a delay after the 3/1 report (the reboot request, the shutdown). Ordered as devices meet
+    them: the downloads, then a reboot pull (its device measures the stages on the way), then finalisation."""
+    moments = [{"phase": PHASES[i % len(PHASES)], "u": rng.random()} for i in range(n)]
+    finals = 0
     for m in moments:
         if m["phase"] == "download":
             m["at"] = 0.03 + 0.92 * m["u"]
+        elif m["phase"] == "finalisation":
+            m["stage"], finals = ("bootloader", "verifying")[finals % 2], finals + 1
     order = ("download", "reboot", "finalisation")
     return sorted(moments, key=lambda m: (order.index(m["phase"]), m["u"]))
 
@@ -251,13 +266,15 @@ def stage(states: dict, state: dict, events: list[str]) -> str:
 
 
 class Watch:
-    """Host-side times of one boot's update, sampled every 50 ms: the payload's last byte sent, the 3/1 report
-    received, QEMU gone."""
+    """Host-side times of one boot's update: the guest's lines in ``MARKS`` as they came in (host time, and the
+    guest's monotonic time they carry), the 3/1 report received, QEMU gone."""
 
     def __init__(self, boot, srv, first_stream: int, first_event: int):
         """``first_stream``, ``first_event``: the server's counts when this boot started."""
         self.boot, self.srv, self.first_stream, self.first_event = boot, srv, first_stream, first_event
-        self.sent_all = self.applied = self.exited = None
+        self.applied = self.exited = None
+        self.seen: dict[str, tuple[float, float]] = {}  # mark: (host monotonic time, guest monotonic time)
+        self._offset, self._partial = 0, b""
 
     def streams(self) -> list[dict]:
         return self.srv.streams[self.first_stream:]
@@ -265,16 +282,49 @@ class Watch:
     def events(self) -> list[str]:
         return self.srv.event_codes()[self.first_event:]
 
+    def _read_marks(self, now: float) -> None:
+        try:
+            with open(self.boot.marker, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for raw in lines:
+            kind, _, rest = raw.decode(errors="replace").partition(" ")
+            for mark, (want, text) in MARKS.items():
+                if mark in self.seen or kind != want or text not in rest or (mark == "grubenv" and
+                                                                             "recorded" not in self.seen):
+                    continue
+                # AGENTLOG [   44.890244] host unit[pid]: ...; OPERATION 44.890244 verifying; STATE ...; GRUBENV ...
+                stamp = rest.strip("[ ").split("]")[0].split()[0] if rest else ""
+                try:
+                    self.seen[mark] = (now, float(stamp))
+                except ValueError:
+                    self.seen[mark] = (now, float("nan"))
+
     def sample(self) -> None:
         now = time.monotonic()
-        if self.sent_all is None and any(s["done"] for s in self.streams()):
-            self.sent_all = now
+        self._read_marks(now)
         if self.applied is None and "3/1" in self.events():
             self.applied = now
         if self.exited is None and self.boot.proc.returncode is not None:
             self.exited = now
 
-    async def until(self, predicate, what: str, timeout: float = INSTALL_TIMEOUT):
+    def guest_span(self, start: str, end: str) -> float | None:
+        if start in self.seen and end in self.seen:
+            return self.seen[end][1] - self.seen[start][1]
+        return None
+
+    def guest_marks(self) -> str:
+        """The marks seen, by the guest's clock from the first of them."""
+        if not self.seen:
+            return "no finalisation mark"
+        t0 = min(g for _, g in self.seen.values())
+        return ", ".join(f"{mark} +{g - t0:.3f}" for mark, (_, g) in sorted(self.seen.items(), key=lambda x: x[1][1]))
+
+    async def until(self, predicate, what: str, timeout: float = INSTALL_TIMEOUT, poll: float = 0.01):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.sample()
@@ -282,26 +332,30 @@ class Watch:
                 return value
             if self.exited is not None:
                 return None
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(poll)
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.boot.tail()}")
 
 
 class Windows:
-    """The finalisation and reboot windows as measured in this run (seconds), first guesses until measured."""
+    """The stages of finalisation by the guest's clock and the reboot by the host's (seconds), as measured in
+    this run; ``GUESSES`` until measured."""
 
     def __init__(self):
-        self.finalisation, self.reboot = [3.0], [6.0]
-        self.at_least = []  # finalisation pulls that came before the 3/1 report: the window is longer
+        self.guest = {stage: [] for stage in STAGES}
+        self.reboot = [2.0]  # a first guess: the guest has been gone 2.1-2.4 s after the 3/1 report here
 
-    def learn(self, watch: Watch) -> None:
-        if watch.sent_all and watch.applied:
-            self.finalisation.append(watch.applied - watch.sent_all)
-        if watch.applied and watch.exited:
+    def learn(self, watch: Watch, pulled: bool = False) -> None:
+        """``pulled``: the plug was pulled, so QEMU's end is no shutdown to measure."""
+        for stage, (start, end) in STAGES.items():
+            span = watch.guest_span(start, end)
+            if span is not None and span == span and span >= 0:
+                self.guest[stage].append(round(span, 3))
+        if watch.applied and watch.exited and not pulled:
             self.reboot.append(watch.exited - watch.applied)
 
-    def finalisation_s(self) -> float:
-        """The latest measurement (the window varies with the host's load), at least its latest lower bound."""
-        return max([self.finalisation[-1]] + self.at_least[-1:])
+    def stage_s(self, stage: str) -> float:
+        """The latest measurement (the stage's length varies with the host's load)."""
+        return (self.guest[stage] or [GUESSES[stage]])[-1]
 
     def reboot_s(self) -> float:
         return min(self.reboot[1:] or self.reboot)
@@ -321,31 +375,35 @@ async def pull_plug(watch: Watch, moment: dict, windows: Windows) -> dict:
         await boot.power_off()
         return {"landed": f"download at {stream['sent_to'] >> 20} MiB of {size >> 20} (from {stream['start'] >> 20})",
                 "sent_to": stream["sent_to"], "pulled": True, "watch": watch}
+    poll = 0.01
     if phase == "finalisation":
-        await watch.until(lambda: watch.sent_all, "the payload's last byte")
-        if watch.sent_all is None:
-            return {"landed": "missed: the guest stopped before the download ended", "pulled": False, "watch": watch}
-        # the window's last 2 s and the half second after: most of it is the guest writing the zeros the last
-        # compressed bytes expand to; verifying, the grubenv write and the state saves come at its end
-        delay = max(0.0, windows.finalisation_s() - 2.0 + 2.5 * moment["u"])
-        origin, what = watch.sent_all, "after the payload's last piece"
+        part = moment["stage"]
+        start = STAGES[part][0]
+        seen = await watch.until(lambda: watch.seen.get(start), f"the guest's {start} mark", poll=0.002)
+        if seen is None:
+            return {"landed": f"missed: the guest stopped before its {start} mark", "pulled": False, "watch": watch}
+        span = windows.stage_s(part)
+        delay = 1.25 * span * moment["u"]
+        origin, what, poll = seen[0], f"into the {part} stage (measured {span:.3f} s by the guest's clock)", 0.002
     else:
         await watch.until(lambda: watch.applied, "the 3/1 report")
         if watch.applied is None:
             return {"landed": "missed: the guest stopped before the 3/1 report", "pulled": False, "watch": watch}
         delay = moment["u"] * 0.9 * windows.reboot_s()
         origin, what = watch.applied, "after the 3/1 report"
-    await watch.until(lambda: time.monotonic() >= origin + delay, "the moment", timeout=delay + 5)
+    await watch.until(lambda: time.monotonic() >= origin + delay, "the moment", timeout=delay + 5, poll=poll)
     if watch.exited is not None:
         windows.learn(watch)
         return {"landed": f"missed: the guest had shut down {watch.exited - origin:.1f} s {what}", "pulled": False,
                 "watch": watch}
-    watch.sample()
-    windows.learn(watch)  # before the kill: QEMU's end after it is no shutdown to measure
+    late = time.monotonic() - origin - delay
     await boot.power_off()
-    if phase == "finalisation" and watch.applied is None:
-        windows.at_least.append(delay)
-    return {"landed": f"{phase} {delay:.2f} s {what}", "pulled": True, "watch": watch}
+    watch.sample()  # what the guest had said before it stopped
+    windows.learn(watch, pulled=True)
+    landed = f"{phase} {delay:.3f} s {what} (+{late * 1000:.0f} ms late)"
+    if phase == "finalisation":
+        landed += f"; the guest's marks: {watch.guest_marks()}"
+    return {"landed": landed, "pulled": True, "watch": watch}
 
 
 @pytest.mark.timeout(900 * (PULLS + 3))
@@ -372,8 +430,11 @@ async def test_plug_pulls_in_download_and_finalisation_always_boot_a_good_slot_a
               f"{time.monotonic() - began:.0f} s; the agent read its slot from omaha_agent.slot= on "
               f"{sum('(omaha_agent.slot=' in x for x in sources)} of {len(sources)} boots that logged it; "
               f"misbehaved: {len(misbehaved)}")
-        print(f"windows measured (s): last payload piece to the 3/1 report {windows.finalisation[1:]}, "
-              f"3/1 report to QEMU gone {windows.reboot[1:]}")
+        print(f"stages measured by the guest's clock (s): verifying {windows.guest['verifying']}, the "
+              f"bootloader's {windows.guest['bootloader']}; by the host's: 3/1 report to QEMU gone "
+              f"{[round(r, 1) for r in windows.reboot[1:]]}")
+        landed = [r for r in results if r["pulled"] and r["landed"].startswith("finalisation")]
+        print(f"finalisation pulls: {len(landed)}, " + "; ".join(r["landed"] for r in landed))
         for m in misbehaved:
             print(f"  MISBEHAVED: {m}")
 
@@ -383,8 +444,7 @@ async def test_plug_pulls_in_download_and_finalisation_always_boot_a_good_slot_a
                 break
             if machine is None:
                 chains += 1
-                srv = await start_server(image, f"pulls{chains}", "2.0.0", "payload-2.0.0.ext4.zst",
-                                         Faults(hold_last=HOLD_LAST))
+                srv = await start_server(image, f"pulls{chains}", "2.0.0", "payload-2.0.0.ext4.zst")
                 machine, expect = Machine(f"pulls{chains}", image["disk"]), ("1.0.0", "A")
             counts = len(srv.streams), len(srv.events)
             boot = await machine.boot()
@@ -436,8 +496,6 @@ async def test_plug_pulls_in_download_and_finalisation_always_boot_a_good_slot_a
             if resume_limit is not None and states.get("b") != "bad":
                 problems.append(f"slot b is {states.get('b')} after a pull in the download")
             landed["landed"] += f": {stage(states, state, watch.events())}"
-            if (w := landed.get("watch")) and w.sent_all and w.applied:
-                landed["landed"] += f"; the 3/1 report came {w.applied - w.sent_all:.1f} s after the last piece"
             print(f"  {'pull ' + str(len(results)) if landed['pulled'] else 'no pull'}: {landed['landed']}; "
                   f"slots after: {states}; GETs from {[s['start'] for s in streams]}; events {watch.events()}")
             misbehaved.extend(f"{machine.name} boot {machine.boots} ({landed['landed']}): {p}" for p in problems)
