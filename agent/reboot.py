@@ -105,11 +105,12 @@ class Rebooter:
         if not forced and self.config.policy == "windows":
             at = windows.allowed_at(self.config.windows, at)
         first, kept = at, self.ctx.state.postponed
-        if kept is not None and kept.version == version and not forced:
+        if kept is not None and kept.version == version and kept.at > now and not forced:
             # postponed before a restart: still postponed, and still bounded from the first announced time
+            # (a record whose time has passed is stale: this version installed again after a rollback, say)
             at, first = max(at, kept.at), min(kept.first, at)
             log.info("the reboot into %s stays postponed (to %s)", version, windows.describe(at))
-        elif kept is not None:  # another version's, or an operator asked for the reboot now
+        elif kept is not None:  # stale, another version's, or an operator asked for the reboot now
             self._save(None)
         self.plan = Plan(version, at, first, forced)
         self._publish(self.plan, "its time")

@@ -7,6 +7,7 @@ moves only by the reboot job's own waits. logind cannot run here (it needs syste
 tests hand the reboot job a list in logind's shape instead of reading logind; the QEMU test reads the real one."""
 import asyncio
 import datetime as dt
+import json
 import random
 from datetime import timezone
 
@@ -187,6 +188,24 @@ async def test_a_postponement_survives_a_restart_and_stays_bounded_from_the_firs
     agent = await sim.start()
     assert agent.snapshot()["reboot_time"] == restarted + 600
     await until(lambda: sim.rebooted_at, "the reboot", 60)
+
+
+async def test_a_postponement_whose_time_has_passed_is_dropped_and_the_reboot_planned_afresh(
+        tmp_path, server, clock, devices):
+    # e.g. the same version installed again long after a rollback: its old bound must not refuse a postponement
+    sim = devices(tmp_path, server.url, "{policy: immediate, notice: 600, max_postpone: 3600}", clock)
+    await sim.start()
+    await sim.install()
+    await sim.stop()
+    path = sim.dir / "state" / "state.json"
+    state = json.loads(path.read_text())
+    state["postponed"] = {"version": "2.0.0", "at": clock.now() - 10, "first": clock.now() - 4000}
+    path.write_text(json.dumps(state))
+    restarted = clock.now()
+    agent = await sim.start()
+    assert agent.snapshot()["reboot_time"] == restarted + 600
+    reply = await agent.submit(PostponeReboot(60))
+    assert reply.acted, reply.message
 
 
 async def test_reset_drops_a_planned_reboot_and_an_operator_reboot_skips_the_window(tmp_path, server, clock, devices):
