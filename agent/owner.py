@@ -150,6 +150,12 @@ class Owner:
                 log.info("%s in %s: %s (%s)", name, operation.value, type(decision).__name__.lower(), decision.reason)
         return reply
 
+    async def _save(self, what: str) -> None:
+        try:
+            await self.ctx.store.commit()
+        except OSError as exc:
+            log.error("could not save %s: %s", what, describe(exc))
+
     async def _record_error(self, reason: str) -> None:
         self.ctx.state.last_error = reason
         self.ctx.status.notify()
@@ -199,7 +205,8 @@ class Owner:
             failure = f"boot-complete.target was not reached within {command.seconds:g} s"
             return failure, self._start_job(self._health_job(failure), "health step")
         if action is Action.RESET:
-            self.rebooter.drop()
+            if self.rebooter.drop():
+                await self._save("the dropped postponement")  # before the caller hears it
             if self.flow.operation is Operation.REBOOT_PENDING and self.job is not None and not self.job.done():
                 self._reset = True  # the reboot job ends in idle
                 self.job.cancel()
@@ -211,10 +218,7 @@ class Owner:
             return self._plan_reboot(forced=True)
         if action is Action.POSTPONE_REBOOT:
             message = self.rebooter.postpone(command.seconds)
-            try:  # on disk before the caller hears it: a restart keeps the postponement
-                await ctx.store.commit()
-            except OSError as exc:
-                log.error("could not save the postponement: %s", describe(exc))
+            await self._save("the postponement")  # on disk before the caller hears it: a restart keeps it
             return message, None
         raise AssertionError(f"no execution for {action}")
 
@@ -225,6 +229,9 @@ class Owner:
         except Exception as exc:
             self.flow.to(Operation.IDLE)  # the daemon goes on; the next start settles again
             raise CommandFailed(f"start-up could not settle the last update: {describe(exc)}") from None
+        if found is not Found.WAITING and ctx.state.postponed is not None:
+            ctx.state.postponed = None  # the reboot it postponed came (or the update is gone)
+            await self._save("the end of the postponement")
         if found is Found.WAITING:
             self.flow.to(Operation.NEED_REBOOT)
             if ctx.config.reboot.policy != "manual":
@@ -268,7 +275,8 @@ class Owner:
             self._start_timer()
         if before is Operation.REBOOT_PENDING:
             self._reset = False
-            self.rebooter.drop()
+            if self.rebooter.drop():
+                await self._save("the dropped postponement")
         if (done.operation is Operation.NEED_REBOOT and before is Operation.FINALIZING
                 and self.ctx.config.reboot.policy != "manual"):
             message, _ = self._plan_reboot(forced=False)

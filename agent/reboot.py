@@ -105,13 +105,15 @@ class Rebooter:
         if not forced and self.config.policy == "windows":
             at = windows.allowed_at(self.config.windows, at)
         first, kept = at, self.ctx.state.postponed
-        if kept is not None and kept.version == version and kept.at > now and not forced:
-            # postponed before a restart: still postponed, and still bounded from the first announced time
-            # (a record whose time has passed is stale: this version installed again after a rollback, say)
-            at, first = max(at, kept.at), min(kept.first, at)
+        if kept is not None and kept.version == version and not forced and self.config.max_postpone > 0:
+            # postponed before a restart: still postponed, and still bounded from the first announced time (by
+            # today's reboot.max_postpone: a record never takes the reboot further than the configuration allows)
+            first = min(kept.first, at)
+            at = max(at, min(kept.at, first + self.config.max_postpone))
             log.info("the reboot into %s stays postponed (to %s)", version, windows.describe(at))
-        elif kept is not None:  # stale, another version's, or an operator asked for the reboot now
-            self._save(None)
+        elif kept is not None:  # another version's, postponing turned off, or an operator asked for it now
+            self.ctx.state.postponed = None
+            self.ctx.spawn(self.ctx.store.commit(), "saving the dropped postponement")
         self.plan = Plan(version, at, first, forced)
         self._publish(self.plan, "its time")
         self._wake.set()
@@ -128,24 +130,20 @@ class Rebooter:
             raise Refused(answer)
         plan.at, cut = answer
         plan.forced = False  # a postponed reboot waits again for what a planned one waits for
-        self._save(Postponed(plan.version, plan.at, plan.first))
+        self.ctx.state.postponed = Postponed(plan.version, plan.at, plan.first)  # the owner saves it
         self._publish(plan, "its time")
         self._wake.set()
         log.info("reboot into %s postponed to %s", plan.version, windows.describe(plan.at))
         return (f"reboot into {plan.version} postponed to {windows.describe(plan.at)}"
                 + (" (the most reboot.max_postpone allows)" if cut else ""))
 
-    def drop(self) -> None:
+    def drop(self) -> bool:
+        """Drops the plan and its postponement; True when the state changed (the owner saves it)."""
         self.plan = None
-        if self.ctx.state.postponed is not None:
-            self._save(None)
+        changed, self.ctx.state.postponed = self.ctx.state.postponed is not None, None
         self.ctx.status.reboot = None
         self.ctx.status.notify()
-
-    def _save(self, postponed: Postponed | None) -> None:
-        """Records a postponement (or its end) in the state file, so that a restart keeps it."""
-        self.ctx.state.postponed = postponed
-        self.ctx.spawn(self.ctx.store.commit(), "saving the postponed reboot")
+        return changed
 
     def _publish(self, plan: Plan, waiting_for: str) -> None:
         plan.waiting_for = waiting_for

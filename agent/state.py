@@ -48,6 +48,9 @@ class Blocked:
     count: int = 1
 
 
+MAX_POSTPONED = 366 * 86400  # seconds: no configuration postpones a reboot further (config: durations up to a year)
+
+
 @dataclass(frozen=True)
 class Postponed:
     """A reboot an operator postponed: a restart keeps its time and the bound counted from ``first``."""
@@ -149,7 +152,7 @@ def blocked_from(data) -> Blocked | None:
 
 def postponed_from(data) -> Postponed | None:
     return _record(Postponed, data, {"version": str, "at": (int, float), "first": (int, float)},
-                   lambda p: 0 < len(p.version) <= 256 and p.first <= p.at)
+                   lambda p: 0 < len(p.version) <= 256 and p.first <= p.at <= p.first + MAX_POSTPONED)
 
 
 def checkpoint_from(data) -> Checkpoint | None:

@@ -33,6 +33,7 @@ DAMAGED = [
     ({"postponed": {"version": "2.0.0", "at": "later", "first": 1}}, "postponed"),
     ({"postponed": {"version": "2.0.0", "at": 1, "first": 2e9}}, "postponed"),  # postponed to before it was due
     ({"postponed": {"version": "x" * 300, "at": 2, "first": 1}}, "postponed"),
+    ({"postponed": {"version": "2.0.0", "at": 1e12, "first": 1}}, "postponed"),  # past any configurable bound
     ({"failures": -5, "last_check": "noon"}, "failures, last_check"),
     ({"ping": ["not", "a", "dict"], "cohort": 7}, "ping, cohort"),
 ]
@@ -111,7 +112,7 @@ def test_whatever_the_file_holds_what_is_kept_is_usable(data):
         assert isinstance(state.blocked.version, str) and math.isfinite(state.blocked.until)
     if state.postponed is not None:
         p = state.postponed
-        assert p.version and math.isfinite(p.at) and math.isfinite(p.first) and p.first <= p.at
+        assert p.version and math.isfinite(p.at) and math.isfinite(p.first) and p.first <= p.at <= p.first + 366 * 86400
     info = ClientInfo(appid="{a}", version="1.0.0")
     for record in state.events:  # every kept event can be sent as it is, as the daemon does it
         req = event_report(info, (record.event,), requestid=record.requestid, sessionid=record.sessionid,
