@@ -147,6 +147,7 @@ async def install(path: str, signature: str, version: str, wait: bool, timeout: 
 
 async def _follow(client, timeout: float, what: str) -> int:
     """Prints the status until the job settles; 0 when an update waits for its reboot or none was needed."""
+    from .dbus.client import ClientError
     printer = Printer()
     s = await client.status()
     printer.show(s)
@@ -154,7 +155,11 @@ async def _follow(client, timeout: float, what: str) -> int:
     deadline = time.monotonic() + timeout
     while not (left_idle and s["operation"] in SETTLED):
         remaining = deadline - time.monotonic()
-        nxt = await client.next_status(min(remaining, 30)) if remaining > 0 else None
+        try:
+            nxt = await client.next_status(min(remaining, 30)) if remaining > 0 else None
+        except ClientError:  # the agent stopped: its error line starts on a line of its own
+            printer.end()
+            raise
         if nxt is None:
             if remaining <= 0:
                 printer.end()

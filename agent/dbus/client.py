@@ -18,13 +18,11 @@ class ClientError(Exception):
     """One line for the user; the CLI prints it and exits non-zero."""
 
 
-_GONE = object()  # in the signal queue: the agent left the bus
-
-
 class Client:
     def __init__(self, bus: MessageBus):
         self.bus = bus
         self.signals: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        self.gone = asyncio.Event()  # the agent left the bus (its signals end)
 
     @classmethod
     async def connect(cls) -> "Client":
@@ -58,6 +56,17 @@ class Client:
     async def subscribe(self) -> None:
         """StatusChanged signals go to ``self.signals`` from now on, and the agent leaving the bus (stopped,
         crashed, restarted) ends them."""
+        def handler(msg: Message):
+            if msg.message_type != MessageType.SIGNAL:
+                return
+            if msg.member == "StatusChanged" and msg.path == PATH:
+                if not self.signals.full():
+                    self.signals.put_nowait(convert.unwrap(msg.body[0]))
+            elif (msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus"
+                  and msg.body[:1] == [NAME] and not msg.body[2]):
+                self.gone.set()
+
+        self.bus.add_message_handler(handler)  # before the matches: nothing they let through is missed
         for rule in (f"type='signal',sender='{NAME}',path='{PATH}',interface='{NAME}',member='StatusChanged'",
                      "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
                      f"member='NameOwnerChanged',arg0='{NAME}'"):
@@ -67,26 +76,22 @@ class Client:
             if reply.message_type == MessageType.ERROR:
                 raise ClientError(f"cannot subscribe to status signals: {reply.body[0] if reply.body else ''}")
 
-        def handler(msg: Message):
-            if msg.message_type != MessageType.SIGNAL or self.signals.full():
-                return
-            if msg.member == "StatusChanged" and msg.path == PATH:
-                self.signals.put_nowait(convert.unwrap(msg.body[0]))
-            elif (msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus"
-                  and msg.body[:1] == [NAME] and not msg.body[2]):
-                self.signals.put_nowait(_GONE)
-
-        self.bus.add_message_handler(handler)
-
     async def next_status(self, timeout: float) -> dict | None:
-        """The next status signal; None when ``timeout`` passed without one; ClientError once the agent left."""
-        try:
-            status = await asyncio.wait_for(self.signals.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-        if status is _GONE:
+        """The next status signal; None when ``timeout`` passed without one; ClientError once the agent left
+        (after the signals it sent before)."""
+        if self.signals.empty() and self.gone.is_set():
             raise ClientError("omaha-agent stopped (it left the system bus); see: journalctl -u omaha-agent")
-        return status
+        get, gone = asyncio.ensure_future(self.signals.get()), asyncio.ensure_future(self.gone.wait())
+        try:
+            await asyncio.wait((get, gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (get, gone):
+                task.cancel()
+        if get.done() and not get.cancelled():
+            return get.result()
+        if gone.done() and not gone.cancelled():
+            raise ClientError("omaha-agent stopped (it left the system bus); see: journalctl -u omaha-agent")
+        return None
 
     def close(self) -> None:
         self.bus.disconnect()
