@@ -274,6 +274,7 @@ class Watch:
         self.boot, self.srv, self.first_stream, self.first_event = boot, srv, first_stream, first_event
         self.applied = self.exited = None
         self.seen: dict[str, tuple[float, float]] = {}  # mark: (host monotonic time, guest monotonic time)
+        self.watcher_errors: list[str] = []  # what the guest's watcher said went wrong (it carries on)
         self._offset, self._partial = 0, b""
 
     def streams(self) -> list[dict]:
@@ -293,6 +294,8 @@ class Watch:
         *lines, self._partial = (self._partial + data).split(b"\n")
         for raw in lines:
             kind, _, rest = raw.decode(errors="replace").partition(" ")
+            if kind == "WATCHERR":
+                self.watcher_errors.append(rest)
             for mark, (want, text) in MARKS.items():
                 if mark in self.seen or kind != want or text not in rest or (mark == "grubenv" and
                                                                              "recorded" not in self.seen):
@@ -378,10 +381,16 @@ async def pull_plug(watch: Watch, moment: dict, windows: Windows) -> dict:
     poll = 0.01
     if phase == "finalisation":
         part = moment["stage"]
-        start = STAGES[part][0]
-        seen = await watch.until(lambda: watch.seen.get(start), f"the guest's {start} mark", poll=0.002)
+        start, end = STAGES[part]
+        # every 10 ms through the download, every 2 ms from the verifying mark on
+        await watch.until(lambda: watch.seen.get("verifying") or watch.seen.get(end), "the guest's verifying mark")
+        seen = await watch.until(lambda: watch.seen.get(start) or watch.seen.get(end), f"the guest's {start} mark",
+                                 poll=0.002)
         if seen is None:
             return {"landed": f"missed: the guest stopped before its {start} mark", "pulled": False, "watch": watch}
+        if start not in watch.seen:  # (the watcher read two saves at once: the stage is over)
+            return {"landed": f"missed: the guest's {end} mark came without its {start} mark", "pulled": False,
+                    "watch": watch}
         span = windows.stage_s(part)
         delay = 1.25 * span * moment["u"]
         origin, what, poll = seen[0], f"into the {part} stage (measured {span:.3f} s by the guest's clock)", 0.002
@@ -403,6 +412,8 @@ async def pull_plug(watch: Watch, moment: dict, windows: Windows) -> dict:
     landed = f"{phase} {delay:.3f} s {what} (+{late * 1000:.0f} ms late)"
     if phase == "finalisation":
         landed += f"; the guest's marks: {watch.guest_marks()}"
+    if watch.watcher_errors:
+        landed += f"; the guest's watcher said: {watch.watcher_errors[-3:]}"
     return {"landed": landed, "pulled": True, "watch": watch}
 
 
