@@ -249,8 +249,8 @@ def inspect_after_pull(machine: Machine, tmp_path, digest: tuple[str, int]) -> t
     return states, state, problems
 
 
-def stage(states: dict, state: dict, events: list[str]) -> str:
-    """How far the update had got when the plug was pulled, from the disk and the server."""
+def stage(states: dict, state: dict, events: list[str], marks: dict) -> str:
+    """How far the update had got when the plug was pulled, from the disk, the server and the guest's marks."""
     trial, armed = state.get("trial"), (state.get("trial") or {}).get("armed")
     if "3/1" in events:
         return "after the 3/1 report (the reboot requested)"
@@ -261,7 +261,8 @@ def stage(states: dict, state: dict, events: list[str]) -> str:
                                                        if states.get(trial["slot"]) == "trial" else
                                                        "before the grubenv write"))
     if state.get("download"):
-        return f"in the download (checkpoint at {state['download'].get('received', 0) >> 20} MiB)"
+        where = "verifying (the download done)" if "verifying" in marks else "in the download"
+        return f"{where}, the checkpoint at {state['download'].get('received', 0) >> 20} MiB"
     return "before the download was recorded"
 
 
@@ -506,7 +507,7 @@ async def test_plug_pulls_in_download_and_finalisation_always_boot_a_good_slot_a
             resume_limit = landed.get("sent_to")
             if resume_limit is not None and states.get("b") != "bad":
                 problems.append(f"slot b is {states.get('b')} after a pull in the download")
-            landed["landed"] += f": {stage(states, state, watch.events())}"
+            landed["landed"] += f": {stage(states, state, watch.events(), watch.seen)}"
             print(f"  {'pull ' + str(len(results)) if landed['pulled'] else 'no pull'}: {landed['landed']}; "
                   f"slots after: {states}; GETs from {[s['start'] for s in streams]}; events {watch.events()}")
             misbehaved.extend(f"{machine.name} boot {machine.boots} ({landed['landed']}): {p}" for p in problems)
