@@ -168,13 +168,18 @@ async def test_a_notice_announces_the_reboot_ahead_and_postponement_is_bounded(t
     assert sim.rebooted_at[0] >= planned + 1800
 
 
+async def installed_with_notice(sim) -> float:
+    """Starts ``sim``, installs 2.0.0 and returns the reboot's planned time."""
+    agent = await sim.start()
+    await sim.install()
+    return agent.snapshot()["reboot_time"]
+
+
 async def test_a_postponement_survives_a_restart_and_stays_bounded_from_the_first_planned_time(
         tmp_path, server, clock, devices):
     sim = devices(tmp_path, server.url, "{policy: immediate, notice: 600, max_postpone: 3600}", clock)
-    agent = await sim.start()
-    await sim.install()
-    planned = agent.snapshot()["reboot_time"]
-    assert (await agent.submit(PostponeReboot(1800))).acted
+    planned = await installed_with_notice(sim)
+    assert (await sim.agent.submit(PostponeReboot(1800))).acted
     await sim.stop()  # the daemon restarts (an upgrade of itself, a crash) before the reboot
     clock.t += 60
     agent = await sim.start()
@@ -194,9 +199,7 @@ async def test_a_postponement_survives_a_restart_and_stays_bounded_from_the_firs
 async def test_a_saved_postponement_never_goes_past_the_configured_bound_and_ends_when_the_new_slot_boots(
         tmp_path, server, clock, devices):
     sim = devices(tmp_path, server.url, "{policy: immediate, notice: 600, max_postpone: 3600}", clock)
-    agent = await sim.start()
-    await sim.install()
-    planned = agent.snapshot()["reboot_time"]
+    planned = await installed_with_notice(sim)
     await sim.stop()
     # a record that claims more than reboot.max_postpone (edited by hand, or the setting lowered since)
     path = sim.dir / "state" / "state.json"
