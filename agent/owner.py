@@ -159,10 +159,7 @@ class Owner:
     async def _record_error(self, reason: str) -> None:
         self.ctx.state.last_error = reason
         self.ctx.status.notify()
-        try:
-            await self.ctx.store.commit()
-        except OSError as exc:
-            log.error("could not save the state: %s", describe(exc))
+        await self._save("the state")
 
     # -------------------------------------------------------------- actions
     async def _act(self, action: Action, command: Command) -> tuple[str, asyncio.Task | None]:

@@ -18,6 +18,9 @@ class ClientError(Exception):
     """One line for the user; the CLI prints it and exits non-zero."""
 
 
+STOPPED = "omaha-agent stopped (it left the system bus); see: journalctl -u omaha-agent"
+
+
 class Client:
     def __init__(self, bus: MessageBus):
         self.bus = bus
@@ -80,7 +83,7 @@ class Client:
         """The next status signal; None when ``timeout`` passed without one; ClientError once the agent left
         (after the signals it sent before)."""
         if self.signals.empty() and self.gone.is_set():
-            raise ClientError("omaha-agent stopped (it left the system bus); see: journalctl -u omaha-agent")
+            raise ClientError(STOPPED)
         get, gone = asyncio.ensure_future(self.signals.get()), asyncio.ensure_future(self.gone.wait())
         try:
             await asyncio.wait((get, gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -90,7 +93,7 @@ class Client:
         if get.done() and not get.cancelled():
             return get.result()
         if gone.done() and not gone.cancelled():
-            raise ClientError("omaha-agent stopped (it left the system bus); see: journalctl -u omaha-agent")
+            raise ClientError(STOPPED)
         return None
 
     def close(self) -> None:
