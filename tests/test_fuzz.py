@@ -248,17 +248,6 @@ def test_fuzz_state_file_bytes_never_stop_the_load(tmp_path_factory, raw):
 
 
 # ---------------------------------------------------------------------------------------------- memory
-_CHILD = r"""
-import json, sys
-def high_water_kib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-from tests import test_fuzz
-base = high_water_kib()
-for name in sys.argv[1:]:
-    getattr(test_fuzz, name)()
-print(json.dumps({"base_kib": base, "peak_kib": high_water_kib(), "runs": test_fuzz.RUNS}))
-"""
 _MEMORY_TARGETS = ("test_fuzz_xml_responses_only_raise_protocol_error", "test_fuzz_json_responses_only_raise_protocol_error",
                    "test_fuzz_bytes_and_damaged_xml_only_raise_protocol_error",
                    "test_fuzz_config_text_only_raises_config_error", "test_fuzz_config_values_only_raise_config_error",
@@ -270,31 +259,19 @@ _MEMORY_BOUND_MIB = 768  # generous: a decoder that let a response or a config g
 _MEMORY_EXAMPLES = 1000
 
 
-def _child_peak(target: str, root: str) -> tuple[float, float, int]:
-    """Runs one fuzz target in a child process; its peak RSS (MiB): the high-water mark of its own memory
-    (VmHWM, read by the child at its end), its high-water mark after its imports (MiB), and the examples it ran.
-    (Not wait4's ru_maxrss: Linux carries the spawning process's high-water mark across fork and exec into it,
-    so it reported the test runner's 478 MiB for every target.)"""
-    import subprocess
-    import sys
-    import tempfile
-    import threading
-    with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, target], cwd=root, stdout=subprocess.PIPE,
-                                stderr=errors, env=dict(os.environ, PYTHONPATH=root,
-                                                        FUZZ_EXAMPLES=str(min(EXAMPLES, _MEMORY_EXAMPLES))))
-        watchdog = threading.Timer(max(600, EXAMPLES / 5), proc.kill)  # a bound on time: 20000 examples take minutes
-        watchdog.start()
-        try:
-            out = proc.stdout.read()
-            proc.wait()
-        finally:
-            watchdog.cancel()
-            proc.stdout.close()
-        errors.seek(0)
-        assert proc.returncode == 0, errors.read()[-2000:].decode(errors="replace")
-    report = json.loads(out.decode().strip().splitlines()[-1])
-    return report["peak_kib"] / 1024, report["base_kib"] / 1024, sum(report["runs"].values())
+def run_target(name: str) -> int:
+    """(Run in a child process by ``_child_peak``.) Runs the fuzz target ``name``; the examples it ran."""
+    globals()[name]()
+    return sum(RUNS.values())
+
+
+def _child_peak(target: str) -> tuple[float, float, int]:
+    """Runs one fuzz target in a child process (tests/childmem.py): its own peak RSS (MiB), its peak RSS after
+    its imports (MiB), and the examples it ran."""
+    from .childmem import run_in_child
+    report = run_in_child("tests.test_fuzz", "run_target", target, timeout=max(600, EXAMPLES / 5),
+                          env={"FUZZ_EXAMPLES": str(min(EXAMPLES, _MEMORY_EXAMPLES))})
+    return report["peak_mib"], report["base_mib"], report["result"]
 
 
 def test_fuzz_targets_peak_rss_of_their_own_child_processes_is_printed_and_under_768_mib():
@@ -302,10 +279,9 @@ def test_fuzz_targets_peak_rss_of_their_own_child_processes_is_printed_and_under
     its peak RSS is that child's own high-water mark, not the test runner's (which holds whatever earlier tests
     allocated)."""
     import time
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     started, peaks = time.monotonic(), {}
     for target in _MEMORY_TARGETS:
-        peaks[target] = _child_peak(target, root)
+        peaks[target] = _child_peak(target)
     short = {t: t.removeprefix("test_fuzz_").split("_only")[0].split("_always")[0] for t in peaks}
     text = (", ".join(f"{short[t]} {p:.0f}" for t, (p, _, _) in peaks.items()) + f" MiB peak RSS per child "
             f"({min(b for _, b, _ in peaks.values()):.0f} MiB after imports), {sum(n for *_, n in peaks.values())} "
