@@ -112,7 +112,8 @@ def test_whatever_the_file_holds_what_is_kept_is_usable(data):
         assert isinstance(state.blocked.version, str) and math.isfinite(state.blocked.until)
     if state.postponed is not None:
         p = state.postponed
-        assert p.version and math.isfinite(p.at) and math.isfinite(p.first) and p.first <= p.at <= p.first + MAX_POSTPONED
+        assert p.version and math.isfinite(p.at) and math.isfinite(p.first)
+        assert p.first <= p.at <= p.first + MAX_POSTPONED
     info = ClientInfo(appid="{a}", version="1.0.0")
     for record in state.events:  # every kept event can be sent as it is, as the daemon does it
         req = event_report(info, (record.event,), requestid=record.requestid, sessionid=record.sessionid,
