@@ -11,6 +11,7 @@ import uuid
 from .boot.worker import BootWorker
 from .clock import Clock
 from .config import Config
+from .errors import describe
 from .state import Store
 
 log = logging.getLogger("omaha-agent")
@@ -26,11 +27,35 @@ class Context:
         self.booted: str | None = None
         self.version = config.app.version or "0.0.0"
         self.status = None  # the StatusBoard, set by the runner
+        self.save_error = ""  # why the last save failed ("" once one succeeds): shown beside LastError
+        self._save_failure: tuple | None = None
         self._tasks: set[asyncio.Task] = set()
 
     @property
     def state(self):
         return self.store.state
+
+    async def save(self, what: str = "the state") -> bool:
+        """The one way the daemon saves its state, with one error policy: a failed save is logged and shown in
+        ``LastError`` (beside what it already says), and the next save writes it again; it never raises, so no
+        safety step (mark bad, reboot back) and no answer waits on a disk. Returns whether it is on disk; a
+        caller whose next step must not happen before its record is durable checks that."""
+        try:
+            await self.store.commit()
+        except OSError as exc:
+            error = f"could not save {what} ({describe(exc)}); it is saved again at the next save"
+            if (what, exc.strerror) != self._save_failure:  # once per cause, not at every retry
+                log.error("%s", error)
+            self.save_error, self._save_failure = error, (what, exc.strerror)
+            if self.status is not None:
+                self.status.notify()
+            return False
+        if self.save_error:
+            log.info("the state is saved again")
+            self.save_error, self._save_failure = "", None
+            if self.status is not None:
+                self.status.notify()
+        return True
 
     def now(self) -> float:
         return self.clock.now()

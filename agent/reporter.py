@@ -136,7 +136,7 @@ class Reporter:
             label = event_label(event.eventtype, event.eventresult)
             try:  # a resend says how old it is, and keeps its request id so the server can deduplicate
                 record.attempts += 1
-                await self.ctx.store.commit()  # before sending: a resend after a crash still says its age
+                await self.ctx.save("the event queue")  # before sending: a resend after a crash still says its age
                 await post(await self.http(), self.ctx.config.server.url, req, interactive=None,
                            request_age=age if record.attempts > 1 else None, timeout=self.ctx.config.server.timeout,
                            allow_http=self._allow_http(), cup=self.cup())
@@ -145,6 +145,6 @@ class Reporter:
                 return False
             if state.events and state.events[0] is record:
                 state.events.pop(0)
-            await self.ctx.store.commit()
+            await self.ctx.save("the event queue")
             log.info("event %s delivered", label)
         return True

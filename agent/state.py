@@ -304,8 +304,9 @@ class Store:
             try:
                 await asyncio.shield(write)
             except asyncio.CancelledError:  # the write goes on in its thread: wait for it before letting go
-                await write          # of the lock, so no older snapshot can land after a newer one
-                self._written = number
+                await asyncio.wait({write})  # of the lock, so no older snapshot can land after a newer one
+                if not write.exception():  # (a failed write never replaces the cancel: the caller is cancelled)
+                    self._written = number
                 raise
             self._written = number
 
