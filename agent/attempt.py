@@ -2,8 +2,10 @@
 
 Order: 13/1 queued → an old trial record on the target is dropped → the target is marked bad → stream and verify
 → 14/1 → the trial recorded (unarmed) → the slot set for its trial → armed, 3/1. A failure reports 3/0 with its
-code; a hash, size, decompression or read-back failure blocks the version for a while. The job never sets the
-operation it ends in: the owner does, when it ends (``machine.JobDone``).
+code; a hash, size, decompression or read-back failure blocks the version for a while. The job reports its
+progress through ``advance`` (the owner applies it); it never sets the operation it ends in: the owner does, when
+its task ends. Saves go through ``Context.save``; a record that must be durable before a bootloader write (the
+replaced install, the trial before it is armed) fails the install when it cannot be saved.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import replace
 from . import policy
 from .boot import BootError, SlotState, other
 from .install import InstallError, InstallHooks, InstallResult, Installer, Progress
+from .errors import AttemptFailed
 from .machine import Decline, Operation, may_install
 from .omaha import NoUpdate, UpdateOffer, interpret
 from .omaha.events import ErrorCategory, ErrorCode
@@ -25,18 +28,19 @@ from .state import Checkpoint, Trial
 log = logging.getLogger("omaha-agent")
 
 
-class AttemptFailed(Exception):
-    """The attempt failed; the message is the one-line reason (also in ``LastError``)."""
+__all__ = ["AttemptFailed", "UpdateAttempt"]
 
 
 class UpdateAttempt:
     def __init__(self, ctx, reporter):
         self.ctx = ctx
         self.reporter = reporter
+        self.advance = _nowhere  # the owner's: applies the job's progress through the machine's transitions
 
-    async def run(self, interactive: bool) -> str:
+    async def run(self, interactive: bool, advance=None) -> str:
         """One update check, and the install if one is offered and allowed. Returns what happened, in a line."""
         from .http import OmahaHttpError
+        self.advance = advance or _nowhere
         ctx, state = self.ctx, self.ctx.state
         try:
             req, answer = await self.reporter.check(interactive)
@@ -45,29 +49,30 @@ class UpdateAttempt:
             state.last_error = str(exc)
             if exc.retry_after and exc.trusted:  # X-Retry-After binds only over verified TLS or CUP
                 state.retry_after_until = ctx.now() + exc.retry_after
-            await ctx.store.commit()
+            await ctx.save()
             raise AttemptFailed(str(exc)) from None
         outcome = interpret(answer.response, ctx.config.app.id)
         if isinstance(outcome, NoUpdate):
             state.failures, state.last_error = 0, ""
             state.download = None  # a partial download of an update no longer offered is not resumed
-            await ctx.store.commit()
+            await ctx.save()
             return f"no update (running {ctx.version})"
         if not isinstance(outcome, UpdateOffer):
             state.failures += 1
             state.last_error = outcome.reason
-            await ctx.store.commit()
+            await ctx.save()
             raise AttemptFailed(outcome.reason)
         state.failures = 0
         return await self._offered(outcome, req.sessionid)
 
-    async def run_file(self, path: str, signature: str, version: str) -> str:
+    async def run_file(self, path: str, signature: str, version: str, advance=None) -> str:
         """An offline install: the same gate and path as an online offer, from a payload file and its envelope.
         The release is what the verified envelope says (version, digest, size); refusals are one line in
         ``LastError`` without an event (nothing trustworthy names the version)."""
         from .omaha.outcome import PackageOffer
         from .trust import MAX_ENVELOPE, SignatureError, TrustKeyError, check_release, load_public_keys, open_envelope
         ctx = self.ctx
+        self.advance = advance or _nowhere
         path = os.path.abspath(path)
         sig_path = signature or path + ".sig"
         try:
@@ -109,12 +114,12 @@ class UpdateAttempt:
                                now=ctx.now())
         if isinstance(decision, Decline):
             log.info("offer of %s not taken: %s", offer.version, decision.reason)
-            await ctx.store.commit()
+            await ctx.save()
             return f"offer of {offer.version} not taken: {decision.reason}"
         if len(offer.packages) != 1:
             raise AttemptFailed(f"offer of {offer.version} has {len(offer.packages)} packages; a slot takes exactly one")
         ctx.status.offer(offer.version, offer.size)
-        ctx.status.flow.to(Operation.UPDATE_AVAILABLE)
+        self.advance(Operation.UPDATE_AVAILABLE)
         try:
             if ctx.config.trust.require_signature and not verified:
                 await self._verify_release(offer)
@@ -127,8 +132,23 @@ class UpdateAttempt:
                          cp.received, cp.size)
             else:
                 log.info("download cancelled; it starts from the beginning next time (nothing resumable was saved)")
+            await self._unreplace(other(ctx.booted))
             ctx.status.clear_offer()
             raise
+
+    async def _unreplace(self, target: str) -> None:
+        """An install that stopped (cancelled or failed) while replacing an installed update: if its slot was not
+        marked bad yet, that update is still installed (and may still boot): its record says so again; if it was,
+        the record goes (the slot is bad on purpose: nothing to report)."""
+        state = self.ctx.state
+        if state.trial is None or not state.trial.replaced or state.trial.slot != target:
+            return
+        try:
+            still = (await self.ctx.boot.status())[target].state is SlotState.TRIAL
+        except (BootError, KeyError):
+            still = True  # not known: keep it, so a fallback into it is still reported
+        state.trial = replace(state.trial, replaced=False) if still else None
+        await self.ctx.save()
 
     async def _verify_release(self, offer: UpdateOffer) -> None:
         """The release's DSSE envelope (``<payload URL>.sig``, same URLs in the same order) must be signed by a
@@ -176,7 +196,7 @@ class UpdateAttempt:
         if resume is None:  # marks the download as started: a restart resumes it soon (schedule.after_restart)
             state.download = Checkpoint(offer.version, target, pkg.sha256_hex, pkg.size, 0, False)
         self.reporter.queue(policy.download_started(previous, offer.version, pkg.size), previous)
-        await ctx.store.commit()
+        await ctx.save()
         await self.reporter.flush()
         installer = Installer(await self.reporter.http(), sessionid=sessionid,
                               read_timeout=ctx.config.install.read_timeout,
@@ -195,7 +215,7 @@ class UpdateAttempt:
             state.trial = replace(state.trial, armed=True)
             self.reporter.queue(policy.applied(previous, offer.version), previous)
             state.last_error = ""
-            await ctx.store.commit()
+            await ctx.save()
         log.info("verified %s: %d bytes in %.1f s%s", offer.version, result.received, result.download_ms / 1000,
                  f" ({result.compression}, {result.written} bytes on the slot)" if result.compression else "")
         await self.reporter.flush()
@@ -207,13 +227,13 @@ class UpdateAttempt:
 
     async def _checkpoint(self, cp: Checkpoint) -> None:
         self.ctx.state.download = cp
-        await self.ctx.store.commit()
+        await self.ctx.save()
 
     async def _failed(self, offer: UpdateOffer, exc: InstallError, target: str) -> str:
         ctx, state = self.ctx, self.ctx.state
         code, category = policy.INSTALL_ERRORS.get(exc.kind, (ErrorCode.GENERIC, ErrorCategory.INSTALL))
         log.error("update to %s failed: %s", offer.version, exc)
-        ctx.status.flow.to(Operation.REPORTING_ERROR)
+        self.advance(Operation.REPORTING_ERROR)
         self.reporter.queue(policy.failed(code, category, ctx.version, offer.version), ctx.version)
         state.last_error = f"update to {offer.version} failed: {exc}"
         if state.trial is not None and state.trial.slot == target and not state.trial.armed:
@@ -224,16 +244,20 @@ class UpdateAttempt:
             except BootError as err:  # (not "exc": that name is this method's argument)
                 log.error("could not mark slot %s bad after a failed arm: %s", target, err)
             state.trial = None
-        elif state.trial is not None and state.trial.replaced and state.trial.slot == target:
-            state.trial = replace(state.trial, replaced=False)  # marking it bad failed: it is still installed
+        else:
+            await self._unreplace(target)
         if exc.kind != "transfer":
             state.download = None  # nothing worth resuming
         if exc.kind in ("hash", "size", "decompress", "readback", "signature"):
             state.blocked = policy.block_until(ctx.now(), state.blocked, offer.version)
-        await ctx.store.commit()
+        await ctx.save()
         await self.reporter.flush()
         ctx.status.clear_offer()
         raise AttemptFailed(state.last_error)
+
+
+def _nowhere(operation: Operation) -> None:
+    """No owner listens (the attempt run on its own)."""
 
 
 def _read_if_there(path: str, limit: int) -> bytes | None:
@@ -261,28 +285,32 @@ class _Hooks(InstallHooks):
             # to boot, and a crash before the mark still finds the record (the slot may still boot it)
             log.info("replacing the installed %s on slot %s", state.trial.version, self.target)
             state.trial = replace(state.trial, replaced=True)
-            await self.attempt.ctx.store.commit()
+            if not await self.attempt.ctx.save(f"that {state.trial.version} is being replaced"):
+                raise InstallError(f"{self.attempt.ctx.save_error.partition('; ')[0]}: slot {self.target} is left "
+                                   "as it is", "state")
 
     async def writing(self) -> None:
         state = self.attempt.ctx.state
         if state.trial is not None and state.trial.replaced:  # its slot is marked bad now: the record goes
             state.trial = None
-            await self.attempt.ctx.store.commit()
-        self.attempt.ctx.status.flow.to(Operation.DOWNLOADING)
+            await self.attempt.ctx.save()
+        self.attempt.advance(Operation.DOWNLOADING)
 
     def downloading(self) -> None:
-        self.attempt.ctx.status.flow.to(Operation.DOWNLOADING)
+        self.attempt.advance(Operation.DOWNLOADING)
 
     def verifying(self) -> None:
-        self.attempt.ctx.status.flow.to(Operation.VERIFYING)
+        self.attempt.advance(Operation.VERIFYING)
 
     async def verified(self, result: InstallResult) -> None:
         ctx, state = self.attempt.ctx, self.attempt.ctx.state
         self.attempt.reporter.queue(policy.download_finished(self.previous, self.offer.version, result.received,
                                                              result.download_ms, result.url), self.previous)
-        ctx.status.flow.to(Operation.FINALIZING)
+        self.attempt.advance(Operation.FINALIZING)
         # record the intent first: a crash after set_trial still finds the trial on restart
         state.trial = Trial(self.target, self.offer.version, self.previous, armed=False)
         state.download = None
-        await ctx.store.commit()
+        if not await ctx.save("the trial record"):  # never armed without its record
+            raise InstallError(f"{ctx.save_error.partition('; ')[0]}: slot {self.target} is not armed without it",
+                               "state")
 

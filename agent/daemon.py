@@ -18,7 +18,8 @@ from .clock import SYSTEM, Clock
 from .config import Config
 from .context import Context
 from .machine import Check, NoOp, Settle
-from .owner import Owner, Reply, describe
+from .errors import describe
+from .owner import Owner, Reply
 from .reporter import Reporter
 from .settle import Settler
 from .state import Store
@@ -135,10 +136,7 @@ class Agent:
     async def close(self) -> None:
         await self.owner.close()
         await self.ctx.cancel_background()
-        try:
-            await self.ctx.store.commit()
-        except OSError as exc:
-            log.error("could not save the state: %s", describe(exc))
+        await self.ctx.save()
         await self.reporter.close()
         self.ctx.boot.close()
 
@@ -147,7 +145,7 @@ class Agent:
         try:
             settled = await self.start(once=True)  # (a one-shot run keeps stderr for its verdict)
             if settled.job is not None:  # the health step of a trial boot, or the reboot into a waiting update
-                await settled.job
+                await self.owner.finished(settled.job)
             delivered = await self.reporter.flush()
             reply = await self.owner.submit(Check(interactive=True))
             if reply.job is None:
@@ -155,12 +153,14 @@ class Agent:
                     raise AgentError(reply.message)
                 result = reply.message
             else:
-                outcome = await reply.job
+                outcome = await self.owner.finished(reply.job)
+                if outcome is None:
+                    raise AgentError("the check was cancelled")
                 if not outcome.ok:
                     raise AgentError(outcome.message)
                 result = outcome.message
                 if self.owner.job is not None:  # the reboot the policy planned into what was installed
-                    await self.owner.job
+                    await self.owner.finished(self.owner.job)
                 if self.owner.rebooter.outcome:
                     result += f"; {self.owner.rebooter.outcome}"
             if not delivered and self.ctx.state.events:

@@ -29,9 +29,8 @@ health-check                      refuse     refuse          refuse⁵        re
 ================================  =========  ==============  =============  ==============  =============  ========  ========  =========
 
 The start-up ``settle`` is acted on in ``starting`` only (a no-op anywhere else); ``health-timeout`` (boot-complete
-never came) is acted on in ``awaiting-boot-complete`` only. ``job-done`` (the owner's own command when a job
-ends) always acts: it sets the operation the job ended in (a health step whose verdict could not be written
-goes back to ``awaiting-boot-complete``: the trial is still undecided).
+never came) is acted on in ``awaiting-boot-complete`` only. A job's end is no command: the owner learns it from
+the job's task and moves the operation through ``TRANSITIONS`` (``owner.py`` says which operation follows).
 
 1. The running slot is good, so there is nothing to confirm; refused when it is not (its update failed here and
    was reported so, or the bootloader could not be read): marking it good would contradict the report.
@@ -110,21 +109,6 @@ class Flow:
         if self.on_change:
             self.on_change(old, operation)
 
-    def end_job(self, operation: Operation, failed: bool) -> bool:
-        """``job-done``: a failed job passes through reporting-error (so watchers see it), then ``operation``.
-        A job never ends where the table has no transition; should it, the operation is set anyway (a daemon
-        stuck in a job's operation would refuse every command) and False says so."""
-        if (failed and operation is Operation.IDLE and self.operation in JOB
-                and Operation.REPORTING_ERROR in TRANSITIONS[self.operation]):
-            self.to(Operation.REPORTING_ERROR)
-        if operation == self.operation or operation in TRANSITIONS[self.operation]:
-            self.to(operation)
-            return True
-        old, self.operation = self.operation, operation
-        if self.on_change:
-            self.on_change(old, operation)
-        return False
-
 
 # ---------------------------------------------------------------------------------------------- commands
 @dataclass(frozen=True)
@@ -182,15 +166,7 @@ class HealthTimeout:
     seconds: float
 
 
-@dataclass(frozen=True)
-class JobDone:
-    operation: Operation  # where the job ended: idle or updated-need-reboot
-    failed: bool = False
-    job: object = None  # which job (an opaque token of the owner's): a late word from an ended one is ignored
-
-
-Command = (Check | InstallFile | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | PostponeReboot | Settle | HealthTimeout
-           | JobDone)
+Command = Check | InstallFile | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | PostponeReboot | Settle | HealthTimeout
 
 
 # ---------------------------------------------------------------------------------------------- decisions
@@ -205,7 +181,6 @@ class Action(str, Enum):
     REBOOT = "reboot into the installed update now"
     POSTPONE_REBOOT = "move the planned reboot later"
     SETTLE = "settle the last update"
-    END_JOB = "set the operation the job ended in"
 
 
 @dataclass(frozen=True)
@@ -229,10 +204,8 @@ Decision = Act | NoOp | Refuse
 
 def decide(operation: Operation, command: Command, new_version: str = "", booted_good: bool = True) -> Decision:
     """The answer to ``command`` in ``operation``: the table in this module's docstring. ``booted_good`` (the
-    bootloader's word on the running slot) matters to mark-good while idle only."""
+    bootloader's word on the running slot) matters to mark-good while idle or while an update job runs."""
     op = operation
-    if isinstance(command, JobDone):
-        return Act(Action.END_JOB)
     if isinstance(command, Settle):
         return Act(Action.SETTLE) if op is _O.STARTING else NoOp("the last update is settled already")
     if op is _O.STARTING:
@@ -276,11 +249,11 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
             return Act(Action.CONFIRM_TRIAL)
         if op is _O.HEALTH_CHECK:
             return Refuse("the health check of the running trial is in progress; its result decides", "Busy")
+        if op in WAITING_FOR_REBOOT:  # an update was installed from here: only a good slot installs one
+            return NoOp(f"the running slot is already good; {waiting}")
         if not booted_good:
             return Refuse("the running slot is not good: its update failed here (and was reported so) or its state "
                           "cannot be read; reboot to go back to the other slot", "NotConfirmable")
-        if op in WAITING_FOR_REBOOT:
-            return NoOp(f"the running slot is already good; {waiting}")
         return NoOp("the running slot is already good")
     if isinstance(command, Reset):
         if op in WAITING_FOR_REBOOT:

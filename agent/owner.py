@@ -1,12 +1,21 @@
 """The one owner of every transition: commands from every entry point are executed here, one at a time, in the
 order they arrive; ``machine.decide`` answers each (act, no-op or refuse) and only an ``Act`` has an effect.
 
-Long work runs as the owner's one job (the update attempt, or the health step of a trial boot): a task it starts,
-can cancel, and whose end it hears as its own ``JobDone`` command, which sets the operation the job ended in. While
-a job runs, commands keep being answered at once (from the table), and reads (status, properties) never wait.
+Long work runs as the owner's one job (the update job, the health step of a trial boot, the reboot job): a task
+the owner starts and can cancel. The job protocol:
 
-Faults are contained: an exception in a command or a job (a bootloader, disk, state-save or network error, or a
-bug) fails that command or job with a one-line reason in ``LastError`` and the journal; the owner goes on.
+* a job reports progress (checking → update-available → downloading → verifying → finalizing, reporting-error)
+  with ``advance``, which the owner applies through the machine's transitions: one the table does not have is a
+  bug, and it fails the job loudly;
+* a job never says that it ended: its task's done callback queues the end (a result, a failure or a
+  cancellation), and a command that comes first handles it first, so a command never sees a job that has ended
+  as running;
+* ``_after`` says which operation follows a job's end, and ``_end_job`` applies it (a failed job passes through
+  reporting-error when the table has that step) and saves.
+
+Faults are contained: an exception in a command or a job (a bootloader, disk or network error, or a bug) fails
+that command or job with a one-line reason in ``LastError`` and the journal; the owner goes on. Saves go through
+``Context.save``: a failed one is logged and shown, and never stops a safety step or an answer.
 """
 from __future__ import annotations
 
@@ -14,17 +23,20 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from .attempt import AttemptFailed
-from .boot import BootError, SlotState
-from .logind import LogindError
+from .boot import BootError
+from .errors import AttemptFailed, CommandFailed, Refused, describe
 from .machine import (
-    TRIAL_BOOT, Act, Action, Command, Decision, HealthTimeout, JobDone, MarkGood, NoOp, Operation, Refuse, decide,
+    TRANSITIONS, UPDATE_JOB, Act, Action, Cancel, Command, Decision, HealthTimeout, NoOp, Operation, Refuse, decide,
 )
-from .reboot import Rebooter, Refused
+from .reboot import Rebooter
 from .settle import Found
 from .slots import SlotError
 
 log = logging.getLogger("omaha-agent")
+
+__all__ = ["CommandFailed", "Failed", "Outcome", "Owner", "Reply", "describe"]
+
+STOPPING = "the agent is stopping"
 
 
 @dataclass(frozen=True)
@@ -36,7 +48,7 @@ class Failed:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a job ended."""
+    """How a job ended (a cancelled job's task ends cancelled instead)."""
 
     ok: bool
     message: str
@@ -53,17 +65,19 @@ class Reply:
         return isinstance(self.result, Act)
 
 
-class CommandFailed(Exception):
-    """A command could not be carried out; the message is the one line a user sees."""
+@dataclass(frozen=True)
+class _Ended:
+    """The owner's own queue item: a job's task is done."""
+
+    task: asyncio.Task
 
 
-def describe(exc: BaseException) -> str:
-    """One line for ``LastError``: the adapters' own messages as they are, anything else named."""
-    if isinstance(exc, (BootError, SlotError, AttemptFailed, CommandFailed, LogindError)):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
-    return f"internal error: {type(exc).__name__}: {str(exc)[:200]}"
+class _Barrier:
+    """The owner's own queue item: answered once everything queued before it is handled."""
+
+
+def _stopping() -> Reply:
+    return Reply(Refuse(STOPPING, "Stopping"), STOPPING)
 
 
 class Owner:
@@ -75,15 +89,13 @@ class Owner:
         self.rebooter = rebooter or Rebooter(ctx, self.reporter.http)
         self.wait_for_boot_complete = wait_for_boot_complete
         self.once = False  # a one-shot run: the reboot job does not wait (for a window, a lock, an inhibitor)
-        self._reset = False  # a reset cancelled the reboot job: it ends in idle
         self.job: asyncio.Task | None = None
+        self._what = ""  # the running job: "check", "install", "health step" or "reboot"
         self.job_ended = asyncio.Event()  # set whenever a job ends (the schedule plans the next check then)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._runner: asyncio.Task | None = None
         self._timer: asyncio.Task | None = None
         self._closing = False
-        self._cancelling = False
-        self._reported: set[asyncio.Task] = set()  # jobs whose JobDone is queued
 
     @property
     def flow(self):
@@ -96,89 +108,81 @@ class Owner:
     async def submit(self, command: Command) -> Reply:
         """Hands ``command`` to the owner and waits for its answer (not for a job it starts: see ``Reply.job``)."""
         if self._closing or self._runner is None or self._runner.done():
-            return Reply(Refuse("the agent is stopping", "Stopping"), "the agent is stopping")
+            return _stopping()
         answer = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((command, answer))
         return await asyncio.shield(answer)
+
+    async def finished(self, job: asyncio.Task) -> Outcome | None:
+        """Waits for ``job`` and for the owner to have applied its end; its ``Outcome`` (None: cancelled)."""
+        await asyncio.wait({job})
+        if not self._closing and self._runner is not None and not self._runner.done():
+            await self.submit(_Barrier())
+        return None if job.cancelled() else job.result()
 
     async def _run(self) -> None:
         while True:
             command, answer = await self._queue.get()
             try:
-                reply = await self._handle(command)
+                if isinstance(command, _Ended):
+                    await self._end_job(command.task)
+                    continue
+                reply = None if isinstance(command, _Barrier) else await self._handle(command)
             except asyncio.CancelledError:
-                if not answer.done():
-                    answer.set_result(Reply(Refuse("the agent is stopping", "Stopping"), "the agent is stopping"))
+                if answer is not None and not answer.done():
+                    answer.set_result(_stopping())
                 raise
             except BaseException as exc:  # _handle contains everything; this is the last line of defence
                 log.exception("command %s failed", type(command).__name__)
                 reply = Reply(Failed(describe(exc)), describe(exc))
-            if not answer.done():
+            if answer is not None and not answer.done():
                 answer.set_result(reply)
 
-    async def _booted_good(self, operation: Operation, command: Command) -> bool:
-        """The one fact ``decide`` needs from the bootloader: is the running slot good (mark-good while idle)?"""
-        if not isinstance(command, MarkGood) or operation in TRIAL_BOOT or operation is Operation.STARTING:
-            return True
-        try:
-            return (await self.ctx.boot.status())[self.ctx.booted].state is SlotState.GOOD
-        except (BootError, KeyError):
-            return False
-
     async def _handle(self, command: Command) -> Reply:
+        ended = await self._end_job(self.job) if self.job is not None and self.job.done() else None
         operation = self.flow.operation
-        booted_good = await self._booted_good(operation, command)
-        decision: Decision = decide(operation, command, self.ctx.status.new_version, booted_good)
         name = type(command).__name__
-        if isinstance(decision, Act):
-            try:
-                message, job = await self._act(decision.action, command)
-                reply = Reply(decision, message, job)
-            except Refused as exc:  # what only acting could tell (a postponement past its bound)
-                log.info("%s in %s: refuse (%s)", name, operation.value, exc.refuse.reason)
-                reply = Reply(exc.refuse, exc.refuse.reason)
-            except Exception as exc:
-                reason = describe(exc)
-                if not isinstance(exc, (BootError, SlotError, OSError, CommandFailed)):
-                    log.exception("%s failed unexpectedly", name)
-                log.error("%s: %s", name, reason)
-                await self._record_error(reason)
-                reply = Reply(Failed(reason), reason)
-        else:
-            reply = Reply(decision, decision.reason)
-            if not isinstance(command, JobDone):
-                log.info("%s in %s: %s (%s)", name, operation.value, type(decision).__name__.lower(), decision.reason)
-        return reply
-
-    async def _save(self, what: str) -> None:
+        if isinstance(command, Cancel) and ended in UPDATE_JOB:
+            reason = f"nothing to cancel: the {ended.value} job had already ended"
+            log.info("%s in %s: no-op (%s)", name, operation.value, reason)
+            return Reply(NoOp(reason), reason)
+        decision: Decision = decide(operation, command, self.ctx.status.new_version, self.ctx.status.booted_good)
+        if not isinstance(decision, Act):
+            log.info("%s in %s: %s (%s)", name, operation.value, type(decision).__name__.lower(), decision.reason)
+            return Reply(decision, decision.reason)
         try:
-            await self.ctx.store.commit()
-        except OSError as exc:
-            log.error("could not save %s: %s", what, describe(exc))
-
-    async def _record_error(self, reason: str) -> None:
-        self.ctx.state.last_error = reason
-        self.ctx.status.notify()
-        await self._save("the state")
+            message, job = await self._act(decision.action, command)
+            return Reply(decision, message, job)
+        except Refused as exc:  # what only acting could tell (a postponement past its bound)
+            log.info("%s in %s: refuse (%s)", name, operation.value, exc.refuse.reason)
+            return Reply(exc.refuse, exc.refuse.reason)
+        except Exception as exc:
+            reason = describe(exc)
+            if not isinstance(exc, (BootError, SlotError, OSError, CommandFailed)):
+                log.exception("%s failed unexpectedly", name)
+            log.error("%s: %s", name, reason)
+            self.ctx.state.last_error = reason
+            await self.ctx.save()
+            return Reply(Failed(reason), reason)
 
     # -------------------------------------------------------------- actions
     async def _act(self, action: Action, command: Command) -> tuple[str, asyncio.Task | None]:
         ctx, status = self.ctx, self.ctx.status
         if action is Action.SETTLE:
             return await self._settle()
-        if action is Action.END_JOB:
-            return await self._end_job(command), None
         if action is Action.START_UPDATE_JOB:
             self.flow.to(Operation.CHECKING)
-            return "checking for an update", self._start_job(self._update_job(command.interactive), "check")
+            return "checking for an update", self._start_job(self.attempt.run(command.interactive, self.advance),
+                                                             "check")
         if action is Action.START_INSTALL_JOB:
             self.flow.to(Operation.CHECKING)
-            job = self._update_job_from(command.path, command.signature, command.version)
+            job = self.attempt.run_file(command.path, command.signature, command.version, self.advance)
             return f"installing {command.path}", self._start_job(job, "install")
-        if action is Action.CANCEL_JOB:
-            if self.job is None or self.job.done() or self._cancelling:
+        if action is Action.CANCEL_JOB:  # the job runs: a done one was ended before deciding
+            if self.job is None:
+                raise AssertionError(f"{self.flow.operation.value} without a job")
+            if self.job.cancelling():
                 return "already cancelling", None
-            self._cancelling = True
             self.job.cancel()
             if self.flow.operation is Operation.DOWNLOADING:
                 return "download cancelled; it resumes from its checkpoint on the next check", None
@@ -203,10 +207,9 @@ class Owner:
             return failure, self._start_job(self._health_job(failure), "health step")
         if action is Action.RESET:
             if self.rebooter.drop():
-                await self._save("the dropped postponement")  # before the caller hears it
-            if self.flow.operation is Operation.REBOOT_PENDING and self.job is not None and not self.job.done():
-                self._reset = True  # the reboot job ends in idle
-                self.job.cancel()
+                await ctx.save("the dropped postponement")  # before the caller hears it
+            if self.flow.operation is Operation.REBOOT_PENDING and self.job is not None:
+                self.job.cancel()  # its end finds no plan: idle
                 return f"the planned reboot is dropped; version {status.new_version} stays installed", None
             self.flow.to(Operation.IDLE)
             status.clear_offer()
@@ -215,7 +218,7 @@ class Owner:
             return self._plan_reboot(forced=True)
         if action is Action.POSTPONE_REBOOT:
             message = self.rebooter.postpone(command.seconds)
-            await self._save("the postponement")  # on disk before the caller hears it: a restart keeps it
+            await ctx.save("the postponement")  # on disk before the caller hears it: a restart keeps it
             return message, None
         raise AssertionError(f"no execution for {action}")
 
@@ -228,7 +231,7 @@ class Owner:
             raise CommandFailed(f"start-up could not settle the last update: {describe(exc)}") from None
         if found is not Found.WAITING and ctx.state.postponed is not None:
             ctx.state.postponed = None  # the reboot it postponed came (or the update is gone)
-            await self._save("the end of the postponement")
+            await ctx.save("the end of the postponement")
         if found is Found.WAITING:
             self.flow.to(Operation.NEED_REBOOT)
             if ctx.config.reboot.policy != "manual":
@@ -260,121 +263,100 @@ class Owner:
             self._timer.cancel()
             self._timer = None
 
-    async def _end_job(self, done: JobDone) -> str:
-        if done.job is not None and done.job is not self.job:  # a late word from a job that already ended
-            return "stale"
-        before = self.flow.operation
-        self.job = None
-        if not self.flow.end_job(done.operation, done.failed):
-            log.error("a job ended in %s after %s, which the state machine has no transition for",
-                      done.operation.value, before.value)
-        if done.operation is Operation.AWAITING_BOOT_COMPLETE:
-            self._start_timer()
-        if before is Operation.REBOOT_PENDING:
-            self._reset = False
-            if self.rebooter.drop():
-                await self._save("the dropped postponement")
-        if (done.operation is Operation.NEED_REBOOT and before is Operation.FINALIZING
-                and self.ctx.config.reboot.policy != "manual"):
-            message, _ = self._plan_reboot(forced=False)
-            log.info("%s", message)
-        if self.flow.operation is Operation.IDLE:
-            self.ctx.status.clear_offer()
-            self.rebooter.release_when_steady()
-        if self.ctx.state.events:  # what a cancelled or failed job left queued goes out now, not at the next check
-            self.ctx.spawn(self.reporter.flush(), "sending the queued events")
-        self.job_ended.set()
-        return done.operation.value
-
-    # -------------------------------------------------------------- jobs
-    def _start_job(self, coro, what: str) -> asyncio.Task:
-        self.job_ended.clear()
-        task = asyncio.get_running_loop().create_task(self._job(coro, what))
-        self.job = task
-        task.add_done_callback(lambda t: self._job_gone(t, coro, what))
-        return task
-
-    def _job_gone(self, task: asyncio.Task, coro, what: str) -> None:
-        """A job cancelled before its first step never ran ``_job``'s body (the cancel is thrown at its very start),
-        and one cancelled again while it queued its JobDone may end cancelled: the JobDone it did not send is
-        queued here, so the machine always leaves the job's operation."""
-        if task.cancelled() and not self._closing and task not in self._reported:
-            coro.close()  # never awaited when the cancel came first (a no-op when it ran)
-            self._cancelling = False
-            self._queue.put_nowait((JobDone(self._job_end(what), False, task),
-                                    asyncio.get_running_loop().create_future()))
-        self._reported.discard(task)
-
-    async def _job(self, coro, what: str) -> Outcome:
-        """Runs a job's body; whatever happens (a failure, a cancel, even a cancel that lands while the failure
-        is being saved), the owner hears ``JobDone``: a job never leaves the machine in its operation."""
-        failed, message = False, "cancelled"
-        try:
-            try:
-                message = await coro
-            except AttemptFailed as exc:
-                failed, message = True, str(exc)
-                log.warning("%s failed: %s", what, message)
-                if self.ctx.state.last_error != message:
-                    await self._record_error(message)
-            except asyncio.CancelledError:
-                if self._closing:
-                    raise
-                asyncio.current_task().uncancel()
-            except Exception as exc:  # contained: the job fails, the daemon goes on and backs off
-                failed, message = True, describe(exc)
-                if not isinstance(exc, (BootError, SlotError, OSError)):
-                    log.exception("%s failed unexpectedly", what)
-                log.error("%s failed: %s", what, message)
-                self.ctx.state.failures += 1
-                await self._record_error(message)
-        except asyncio.CancelledError:  # a second cancel while the failure was being saved
-            if self._closing:
-                raise
-            asyncio.current_task().uncancel()
-        finally:
-            self._cancelling = False
-        if not self._closing:
-            task = asyncio.current_task()
-            self._reported.add(task)
-            await self.submit(JobDone(self._job_end(what), failed, task))
-        return Outcome(not failed, message)
-
     def _plan_reboot(self, forced: bool) -> tuple[str, asyncio.Task | None]:
         """Plans the reboot into the armed update and runs the reboot job (a running one takes the new plan)."""
+        from .windows import describe as when
         version = self.ctx.status.new_version
         plan = self.rebooter.schedule(version, forced)
-        from .windows import describe as when
         message = f"rebooting into {version}" if forced else f"reboot into {version} planned for {when(plan.at)}"
-        if self.flow.operation is Operation.REBOOT_PENDING and self.job is not None and not self.job.done():
+        if self.flow.operation is Operation.REBOOT_PENDING and self.job is not None:
             return message, None
         self.flow.to(Operation.REBOOT_PENDING)
         return message, self._start_job(self._reboot_job(), "reboot")
 
-    async def _reboot_job(self) -> str:
-        message = await self.rebooter.run(once=self.once)
-        log.info("%s", message)
-        return message
+    # -------------------------------------------------------------- the job protocol
+    def advance(self, operation: Operation) -> None:
+        """A running job's progress, applied through the machine's transitions (a missing one raises: a bug)."""
+        if self.job is None or asyncio.current_task() is not self.job:
+            return  # a job that has ended (or code outside any job) changes nothing
+        self.flow.to(operation)
 
-    def _job_end(self, what: str) -> Operation:
-        if what == "reboot" and self._reset:
-            return Operation.IDLE
+    def _start_job(self, coro, what: str) -> asyncio.Task:
+        self.job_ended.clear()
+        task = asyncio.get_running_loop().create_task(self._job(coro, what))
+        self.job, self._what = task, what
+        task.add_done_callback(lambda t: self._job_done(t, coro))
+        return task
+
+    def _job_done(self, task: asyncio.Task, coro) -> None:
+        """The done callback: queues the job's end for the owner (a job cancelled before it ran never awaited
+        its body, which is closed here)."""
+        if task.cancelled():
+            coro.close()
+        if not self._closing:
+            self._queue.put_nowait((_Ended(task), None))
+
+    async def _job(self, coro, what: str) -> Outcome:
+        """A job's body: its message, or its failure as an ``Outcome``; a cancel ends the task cancelled."""
+        try:
+            return Outcome(True, await coro)
+        except AttemptFailed as exc:
+            log.warning("%s failed: %s", what, exc)
+            return Outcome(False, str(exc))
+        except Exception as exc:  # contained: the job fails, the daemon goes on and backs off
+            if not isinstance(exc, (BootError, SlotError, OSError)):
+                log.exception("%s failed unexpectedly", what)
+            log.error("%s failed: %s", what, describe(exc))
+            self.ctx.state.failures += 1
+            return Outcome(False, describe(exc))
+
+    def _after(self, what: str) -> Operation:
+        """The operation that follows the end of the job ``what``."""
         trial = self.ctx.state.trial
+        if what == "reboot":  # a Reset dropped the plan (and cancelled the job): nothing waits any more
+            return Operation.NEED_REBOOT if self.rebooter.plan is not None else Operation.IDLE
         if trial is not None and trial.armed and trial.slot != self.ctx.booted:
             return Operation.NEED_REBOOT
         if what == "health step" and trial is not None and trial.slot == self.ctx.booted:
-            # the verdict could not be written (a bootloader or disk error): the trial is still undecided, so
-            # it waits again for ConfirmBoot or MarkGood (or the boot-complete timeout), not idle
+            # the verdict could not be written (a bootloader error): the trial is still undecided, so it waits
+            # again for ConfirmBoot or MarkGood (or the boot-complete timeout)
             return Operation.AWAITING_BOOT_COMPLETE
         return Operation.IDLE
 
-    async def _update_job(self, interactive: bool) -> str:
-        message = await self.attempt.run(interactive)
-        log.info("%s", message)
-        return message
+    async def _end_job(self, task: asyncio.Task | None) -> Operation | None:
+        """Applies a job's end; returns the operation it ended in, or None for a task that is not the job."""
+        if task is None or task is not self.job or not task.done():
+            return None
+        ctx, before, what = self.ctx, self.flow.operation, self._what
+        self.job = None
+        outcome = None if task.cancelled() else task.result()
+        end = self._after(what)
+        if outcome is not None and not outcome.ok:
+            ctx.state.last_error = outcome.message
+            if end is Operation.IDLE and Operation.REPORTING_ERROR in TRANSITIONS[self.flow.operation]:
+                self.flow.to(Operation.REPORTING_ERROR)  # watchers see the failure
+        self.flow.to(end)
+        if end is Operation.AWAITING_BOOT_COMPLETE:
+            self._start_timer()
+        if what == "reboot" and self.rebooter.drop():
+            await ctx.save("the dropped postponement")
+        if end is Operation.NEED_REBOOT:
+            if not ctx.status.new_version:
+                ctx.status.offer(ctx.state.trial.version, 0)
+            if what != "reboot" and ctx.config.reboot.policy != "manual":  # a reboot job that ended asked for it
+                message, _ = self._plan_reboot(forced=False)
+                log.info("%s", message)
+        if self.flow.operation is Operation.IDLE:
+            ctx.status.clear_offer()
+            self.rebooter.release_when_steady()
+        await ctx.save(f"the end of the {what}")
+        if ctx.state.events:  # what a cancelled or failed job left queued goes out now, not at the next check
+            ctx.spawn(self.reporter.flush(), "sending the queued events")
+        self.job_ended.set()
+        return before
 
-    async def _update_job_from(self, path: str, signature: str, version: str) -> str:
-        message = await self.attempt.run_file(path, signature, version)
+    async def _reboot_job(self) -> str:
+        message = await self.rebooter.run(once=self.once)
         log.info("%s", message)
         return message
 
@@ -388,7 +370,8 @@ class Owner:
 
     # -------------------------------------------------------------- stop
     async def close(self) -> None:
-        """Stops: a running download is cancelled (its checkpoint is kept), then the queue."""
+        """Stops: the job is cancelled (a download keeps its checkpoint), then the queue; every command still
+        queued is answered that the agent is stopping."""
         self._closing = True
         self._stop_timer()
         for task in (self.job, self._runner):
@@ -398,4 +381,7 @@ class Owner:
                     await task
                 except BaseException:  # noqa: B036 - stopping: whatever the task ended with is logged by it
                     pass
-
+        while not self._queue.empty():
+            _, answer = self._queue.get_nowait()
+            if answer is not None and not answer.done():
+                answer.set_result(_stopping())

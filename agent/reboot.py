@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 
 from . import windows
+from .errors import Refused, describe
 from .machine import Refuse
 from .state import Postponed
 
@@ -37,12 +38,7 @@ class Plan:
     waiting_for: str = ""  # what the reboot waits for now, in words
 
 
-class Refused(Exception):
-    """A command the plan refuses (``machine.Refuse`` as an exception, for the owner)."""
-
-    def __init__(self, refuse: Refuse):
-        super().__init__(refuse.reason)
-        self.refuse = refuse
+__all__ = ["Plan", "Rebooter", "Refused", "backoff", "postponed", "reboot"]
 
 
 def postponed(plan: Plan, now: float, seconds: int, max_postpone: int) -> tuple[float, bool] | Refuse:
@@ -113,9 +109,10 @@ class Rebooter:
             log.info("the reboot into %s stays postponed (to %s)", version, windows.describe(at))
         elif kept is not None:  # another version's, postponing turned off, or an operator asked for it now
             self.ctx.state.postponed = None
-            self.ctx.spawn(self.ctx.store.commit(), "saving the dropped postponement")
+            self.ctx.spawn(self.ctx.save("the dropped postponement"), "saving the dropped postponement")
         self.plan = Plan(version, at, first, forced)
-        self._publish(self.plan, "its time")
+        self._publish(self.plan, "the maintenance window" if not forced and self.config.policy == "windows"
+                      else "its time")
         self._wake.set()
         log.info("reboot into %s planned for %s%s", version, windows.describe(at),
                  " (asked for now)" if forced else "")
@@ -151,7 +148,7 @@ class Rebooter:
         self.ctx.status.notify()
 
     async def _nap(self, seconds: float) -> None:
-        self._wake.clear()
+        """Sleeps, unless the plan changed since the loop last read it (``_wake`` is cleared only there)."""
         await self.ctx.clock.sleep(max(1.0, min(seconds, STEP)), self._wake)
 
     # -------------------------------------------------------------- the job
@@ -165,6 +162,7 @@ class Rebooter:
         held_since: float | None = None
         failures = 0
         while True:
+            self._wake.clear()  # here only: a new plan made while the loop awaits anything wakes its next nap
             plan, now = self.plan, ctx.now()
             if plan is None:
                 return "no reboot planned"
@@ -185,6 +183,8 @@ class Rebooter:
                 continue
             if not plan.forced:
                 blockers = await self._blockers()
+                if self.plan is not plan:  # re-planned while logind answered (an operator's Reboot, a Reset)
+                    continue
                 if blockers:
                     held_since = now if held_since is None else held_since
                     if cfg.policy == "windows" and now - held_since >= cfg.max_inhibit_delay:
@@ -201,6 +201,8 @@ class Rebooter:
                 held_since = None
             if cfg.fleetlock is not None:
                 why = await self._take_lock()
+                if self.plan is not plan:
+                    continue
                 if why is not None:
                     failures += 1
                     await self._waits(plan, f"the fleet lock ({why})")
@@ -212,7 +214,6 @@ class Rebooter:
             try:
                 await reboot(ctx, f"update to {plan.version} installed", force=True)
             except Exception as exc:  # logind refused or is unreachable: the update stays armed, retried
-                from .owner import describe
                 failures += 1
                 await self._waits(plan, f"logind (could not reboot: {describe(exc)})")
                 if once:
@@ -226,10 +227,7 @@ class Rebooter:
         line = f"reboot into {plan.version} waits for {what}"
         log.warning("%s", line)
         self.ctx.state.last_error = line
-        try:
-            await self.ctx.store.commit()
-        except OSError as exc:
-            log.error("could not save the state: %s", exc)
+        await self.ctx.save()
 
     async def _blockers(self) -> list:
         if self.inhibitors is None:
@@ -263,7 +261,8 @@ class Rebooter:
             return f"no device ID: {exc}"
         if state.fleet_lock != lock.group:
             state.fleet_lock = lock.group
-            await self.ctx.store.commit()
+        if not await self.ctx.save("the fleet lock record"):  # durable before the lock is asked for
+            return "the state could not be saved, and a lock is asked for only once it says so"
         answer = await fleetlock.call(await self.http(), lock.url, "pre-reboot", client, lock.group)
         if isinstance(answer, fleetlock.Granted):
             log.info("fleet lock taken (group %s)", lock.group)
@@ -290,7 +289,7 @@ class Rebooter:
             log.warning("a fleet lock of group %s may still be held, but reboot.fleetlock is no longer configured",
                         group)
             ctx.state.fleet_lock = ""
-            await ctx.store.commit()
+            await ctx.save()
             return
         client = self._client()
         failures = 0
@@ -299,7 +298,7 @@ class Rebooter:
             if isinstance(answer, fleetlock.Granted):
                 log.info("fleet lock given back (group %s)", group)
                 ctx.state.fleet_lock = ""
-                await ctx.store.commit()
+                await ctx.save()
                 return
             failures += 1
             ctx.state.last_error = f"could not give back the fleet lock: {answer}"

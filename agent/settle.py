@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from dataclasses import replace
 from enum import Enum
 
 from . import policy, schedule
 from .omaha import versions
 from .boot import BootError, SlotState, other
+from .errors import describe
 from .omaha.events import ErrorCategory, ErrorCode
 from .reboot import reboot
 from .slots import SlotError, detect_booted, resolve
@@ -91,11 +93,11 @@ class Settler:
             state.trial = trial = replace(trial, armed=True) if armed else None
             if armed:  # its 3/1 was never queued
                 self.reporter.queue(policy.applied(trial.previous_version, trial.version), trial.previous_version)
-            await ctx.store.commit()
+            await ctx.save()
         if trial and trial.replaced and not bootable and ctx.booted != trial.slot:
             log.info("the installed %s was being replaced by a new install; it is gone", trial.version)
             state.trial = None  # marked bad on purpose, not a failed boot: nothing to report
-            await ctx.store.commit()
+            await ctx.save()
             return Found.NOTHING
         found = policy.after_boot(trial, ctx.booted, bootable)
         if found is policy.AfterBoot.WAITING:
@@ -130,7 +132,7 @@ class Settler:
             log.warning("slot %s runs unconfirmed and no trial record names it (was the state lost?): "
                         "confirming it as a trial of %s", ctx.booted, ctx.version)
             ctx.state.trial = Trial(ctx.booted, ctx.version, armed=True, untracked=True)
-            await ctx.store.commit()
+            await ctx.save()
             return ctx.state.trial
         if decision is policy.Untracked.ADOPT:
             log.warning("slot %s runs unconfirmed and no other slot is good: marking it good, it is the "
@@ -154,7 +156,7 @@ class Settler:
         state.trial = None
         state.blocked = policy.block_until(ctx.now(), state.blocked, trial.version)
         state.last_error = f"version {trial.version} did not boot; fell back to {ctx.version}"
-        await ctx.store.commit()
+        await ctx.save()
 
     # -------------------------------------------------------------- the trial's verdict
     async def health_step(self, failure: str | None = None) -> bool:
@@ -179,7 +181,7 @@ class Settler:
             state.trial = None
             state.blocked = None
             state.last_error = ""
-            await ctx.store.commit()
+            await ctx.save()
         log.info("slot %s is good: updated %s -> %s after reboot; reporting 3/2", trial.slot,
                  trial.previous_version, trial.version)
 
@@ -193,8 +195,12 @@ class Settler:
             state.last_error = f"health check failed on {trial.version}: {reason}"
             self.reporter.queue(policy.failed(ErrorCode.HEALTH_CHECK_FAILED, ErrorCategory.INSTALL,
                                               trial.previous_version, trial.version), trial.version)
-            await ctx.store.commit()
-        await reboot(ctx, f"health check of {trial.version} failed")
+            await ctx.save("the failed trial")  # a failed save is shown; the reboot back happens anyway
+        try:
+            await reboot(ctx, f"health check of {trial.version} failed")
+        except Exception as exc:  # the slot is marked bad: the next reboot, whoever asks for it, goes back
+            log.error("could not reboot back from the failed %s: %s", trial.version, describe(exc))
+            state.last_error += f"; could not reboot back ({describe(exc)}): reboot to go back to the other slot"
 
     async def run_health(self) -> tuple[bool, str]:
         ctx = self.ctx
@@ -205,18 +211,29 @@ class Settler:
             pass
         timeout = ctx.config.health.timeout
         for command in ctx.config.health.commands:
-            try:
+            try:  # its own process group: a timeout or a stop ends the command and everything it started
                 proc = await asyncio.create_subprocess_shell(command, env=env, stdout=asyncio.subprocess.DEVNULL,
-                                                             stderr=asyncio.subprocess.PIPE)
+                                                             stderr=asyncio.subprocess.PIPE, start_new_session=True)
             except OSError as exc:
                 return False, f"{command!r} could not start: {exc}"
             try:
                 _, err = await asyncio.wait_for(proc.communicate(), timeout)
             except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
+                await _kill_group(proc)
                 return False, f"{command!r} did not finish in {timeout} s"
+            except asyncio.CancelledError:
+                await _kill_group(proc)
+                raise
             if proc.returncode != 0:
                 detail = err.decode(errors="replace").strip().splitlines()
                 return False, f"{command!r} exited {proc.returncode}" + (f": {detail[-1][:200]}" if detail else "")
         return True, "healthy"
+
+
+async def _kill_group(proc) -> None:
+    """Kills a health command's process group (the shell and whatever it started) and reaps the shell."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    await proc.wait()

@@ -35,6 +35,7 @@ class StatusBoard:
         self.new_version = ""
         self.new_size = 0
         self.slots: dict = {}
+        self.booted_good = False  # the bootloader's word on the running slot at the last read (False: unreadable)
         self.listeners: list = []  # callables(snapshot)
         self.trust = ""  # what a release must carry to be installed, in words (set at start-up)
         self.reboot: dict | None = None  # the planned reboot: version, time, waiting_for (reboot.Rebooter)
@@ -59,8 +60,11 @@ class StatusBoard:
         try:
             status = await self.ctx.boot.status()
             self.slots = slot_view(status, self.ctx.booted, self.ctx.version, self.ctx.state.trial)
+            running = status.get(self.ctx.booted)
+            self.booted_good = running is not None and running.state is SlotState.GOOD
         except BootError as exc:
             self.slots = {"error": str(exc)}
+            self.booted_good = False
         self.notify()
 
     def notify(self) -> None:
@@ -78,7 +82,8 @@ class StatusBoard:
             "current_version": self.ctx.version, "new_version": self.new_version, "new_size": self.new_size,
             "bytes_downloaded": p.done if p else 0, "rate": p.rate if p else 0.0,
             "last_check": state.last_check or 0, "next_check": state.next_check or 0,
-            "booted_slot": self.ctx.booted or "", "last_error": state.last_error, "slots": self.slots,
+            "booted_slot": self.ctx.booted or "",
+            "last_error": "; ".join(e for e in (state.last_error, self.ctx.save_error) if e), "slots": self.slots,
             "pending_events": len(state.events),
             "waiting_for_boot_complete": self.flow.operation is Operation.AWAITING_BOOT_COMPLETE,
             "trust": self.trust,
