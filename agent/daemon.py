@@ -6,6 +6,7 @@ until ``stop``). Both only hand commands to the owner (``owner.py``), as the D-B
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import random
@@ -129,6 +130,8 @@ class Agent:
         self.owner.start()
         settled = await self.owner.submit(Settle())
         await ctx.status.refresh_slots()
+        # the HTTP library takes a third of a second to import: in a thread now, not on the loop at the first check
+        await asyncio.to_thread(importlib.import_module, "aiohttp")
         if on_ready is not None:
             await on_ready()
         return settled

@@ -1,10 +1,15 @@
 """Flatcar's update_engine interface (``com.coreos.update1.Manager``), so locksmith, the Flatcar Linux Update
-Operator and update_engine_client-style scripts work unchanged. Same signatures, same status strings."""
+Operator and update_engine_client-style scripts work unchanged. Same signatures, same status strings.
+
+Each method is a command of the state machine (``COMMANDS``); a refusal or a failure is a D-Bus error named as
+the project's own (``org.omaha_agent.Agent1.Error.<kind>``), an act or a no-op (a check already runs, like
+update_engine) returns without one."""
 
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, method, signal
 
-from ..machine import Act, Check, NoOp, Reset
+from ..machine import Check, NoOp, Refuse, Reset
+from .agent1 import ERROR
 
 NAME = "com.coreos.update1"
 PATH = "/com/coreos/update1"
@@ -21,6 +26,24 @@ STATUS = {
     "reboot-pending": "UPDATE_STATUS_UPDATED_NEED_REBOOT",
     "reporting-error": "UPDATE_STATUS_REPORTING_ERROR_EVENT",
 }
+
+
+COMMANDS = {"AttemptUpdate": Check(True), "ResetStatus": Reset()}
+
+
+def error_for(reply) -> tuple[str, str] | None:
+    """The D-Bus error (name, message) a Flatcar method answers with, or None (it acted, or had nothing to do)."""
+    if isinstance(reply.result, Refuse):
+        return f"{ERROR}.{reply.result.kind}", reply.message
+    if isinstance(reply.result, NoOp) or reply.acted:
+        return None
+    return f"{ERROR}.Failed", reply.message
+
+
+async def _call(agent, member: str) -> None:
+    error = error_for(await agent.submit(COMMANDS[member]))
+    if error is not None:
+        raise DBusError(*error)
 
 
 def status_tuple(snapshot: dict) -> list:
@@ -48,13 +71,11 @@ class Manager(ServiceInterface):
 
     @method()
     async def AttemptUpdate(self):
-        await self.agent.submit(Check(True))  # like update_engine: no error when a check already runs
+        await _call(self.agent, "AttemptUpdate")
 
     @method()
     async def ResetStatus(self):
-        reply = await self.agent.submit(Reset())
-        if not isinstance(reply.result, (Act, NoOp)):
-            raise DBusError("com.coreos.update1.Error.Failed", reply.message)
+        await _call(self.agent, "ResetStatus")
 
     @method()
     def GetStatus(self) -> "xdssx":
