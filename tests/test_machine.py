@@ -129,3 +129,49 @@ def test_install_policy_answers_with_types():
     blocked = dict(common, blocked_version="2.0.0", blocked_until=200.0)
     assert isinstance(may_install("2.0.0", "1.0.0", **blocked), Decline)
     assert isinstance(may_install("2.0.0", "1.0.0", **dict(blocked, now=201.0)), Install)
+
+
+MARK_GOOD_NEEDS_A_GOOD_SLOT = {Operation.IDLE} | machine.UPDATE_JOB  # footnotes 1 and 2
+
+
+@pytest.mark.parametrize("booted_good", [True, False])
+def test_the_table_holds_whether_the_running_slot_is_good_or_not(booted_good):
+    """issue 24 row 9: the table with the bootloader's word both ways; when the running slot is not good (or cannot
+    be read) only mark-good in idle and while an update job runs changes (refused), never while an update waits
+    for its reboot (before: refused there too, against the table's no-op)."""
+    for ops, row in table_rows(machine.__doc__.splitlines()):
+        for op in ops:
+            for column, command in COLUMNS.items():
+                got = decide(op, command, "2.0.0", booted_good)
+                if not booted_good and column == "mark-good" and op in MARK_GOOD_NEEDS_A_GOOD_SLOT:
+                    assert got.kind == "NotConfirmable", (op, got)
+                else:
+                    assert isinstance(got, kind(row[column])), (op.value, column, booted_good, got)
+    for op in machine.WAITING_FOR_REBOOT:
+        assert "already good" in decide(op, MarkGood(), "2.0.0", booted_good=False).reason
+
+
+@pytest.mark.parametrize("booted_good", [True, False])
+def test_the_flatcar_methods_answer_the_table_and_a_refusal_is_a_dbus_error(booted_good):
+    """issue 24 row 10: AttemptUpdate and ResetStatus are the table's check and reset; a refusal is a D-Bus error
+    with the project's error name, an act or a no-op (a check already runs) is none (before: AttemptUpdate threw
+    the reply away, so a refusal in starting, awaiting-boot-complete or health-check returned success)."""
+    from agent.dbus import flatcar
+    from agent.owner import Reply
+    for op in Operation:
+        for member, command in flatcar.COMMANDS.items():
+            decision = decide(op, command, "2.0.0", booted_good)
+            error = flatcar.error_for(Reply(decision, getattr(decision, "reason", "")))
+            if isinstance(decision, Refuse):
+                assert error == (f"org.omaha_agent.Agent1.Error.{decision.kind}", decision.reason), (op, member)
+            else:
+                assert error is None, (op, member, decision)
+    for op in (Operation.STARTING, Operation.AWAITING_BOOT_COMPLETE, Operation.HEALTH_CHECK):
+        assert isinstance(decide(op, flatcar.COMMANDS["AttemptUpdate"]), Refuse)
+    assert flatcar.error_for(Reply(flatcar_failed(), "disk gone")) == ("org.omaha_agent.Agent1.Error.Failed",
+                                                                      "disk gone")
+
+
+def flatcar_failed():
+    from agent.owner import Failed
+    return Failed("disk gone")

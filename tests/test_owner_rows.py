@@ -230,3 +230,60 @@ async def test_commands_queued_while_the_daemon_stops_are_all_answered(tmp_path,
     done, pending = await asyncio.wait([first, *queued], timeout=10)
     assert not pending, "a queued command was never answered"
     assert all("stopping" in t.result().message for t in done)
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped yet (PID 1 in a container may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+async def test_a_stop_during_the_health_step_kills_the_health_commands_process_group(tmp_path, server):
+    """issue 24 row 8: the daemon stops while the health command runs: the command and what it started are
+    killed with it (before: the shell and its children outlived the daemon)."""
+    pidfile = tmp_path / "child.pid"
+    dev = Device(tmp_path, server.url, health=f"sleep 60 & echo $! > {pidfile}; wait", extra=QUIET)
+    assert (await dev.once())[0] == 0
+    dev.boot.reboot()  # into the trial: its health step runs at start-up
+    agent = Agent(load(dev.config))
+    settled = await agent.start()
+    try:
+        assert settled.job is not None and agent.status.operation is Operation.HEALTH_CHECK
+        await until(lambda: pidfile.exists() and pidfile.read_text().strip(), "the health command's child")
+        child = int(pidfile.read_text())
+        assert not dead(child)
+    finally:
+        await agent.close()
+    await until(lambda: dead(child), "the health command's child to be killed", 10)
+
+
+async def test_the_http_library_is_imported_before_the_daemon_says_it_is_ready(tmp_path, server):
+    """issue 24 row 11: aiohttp (a third of a second to import) is imported off the event loop during start-up,
+    so the first check does not stall the loop on it (before: imported on the loop at the first check). Run in a
+    child process: this one imported it long ago."""
+    import sys
+    dev = Device(tmp_path, server.url, extra=QUIET)
+    script = f"""
+import asyncio, sys
+from agent.config import load
+from agent.daemon import Agent
+
+async def main():
+    agent = Agent(load({dev.config!r}))
+    seen = []
+
+    async def ready():
+        seen.append("aiohttp" in sys.modules)
+    await agent.start(ready)
+    await agent.close()
+    print("imported" if seen == [True] else "not imported")
+asyncio.run(main())
+"""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.decode().strip() == "imported"
