@@ -17,10 +17,11 @@ class Clock:
         if wake is None:
             await asyncio.sleep(seconds)
             return
+        waiter = asyncio.ensure_future(wake.wait())  # (not wait_for: on Python 3.11 it can swallow a cancel)
         try:
-            await asyncio.wait_for(wake.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait({waiter}, timeout=seconds)
+        finally:
+            waiter.cancel()
 
 
 SYSTEM = Clock()

@@ -30,10 +30,13 @@ class BootWorker:
     async def _call(self, what: str, fn, *args):
         future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         future.add_done_callback(_retrieved)  # a call its caller stopped waiting for never logs a lost error
+        # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result and swallows a cancel that comes
+        # as the call ends, so a cancelled job would go on (the call itself always runs to its end in the thread)
+        done, _ = await asyncio.wait({future}, timeout=self.timeout)
+        if not done:
+            raise BootError(f"the bootloader did not answer within {self.timeout:g} s ({what})")
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except asyncio.TimeoutError:
-            raise BootError(f"the bootloader did not answer within {self.timeout:g} s ({what})") from None
+            return future.result()
         except BootError:
             raise
         except Exception as exc:  # a backend's bug or an OS error: contained like a bootloader error
