@@ -136,7 +136,11 @@ class Reporter:
             label = event_label(event.eventtype, event.eventresult)
             try:  # a resend says how old it is, and keeps its request id so the server can deduplicate
                 record.attempts += 1
-                await self.ctx.save("the event queue")  # before sending: a resend after a crash still says its age
+                # sent only once the queue holding it is on disk: a report whose state could not be saved (a full
+                # disk) is never sent beside the one the next start makes from what is on disk
+                if not await self.ctx.save("the event queue"):  # (and a resend after a crash says its age)
+                    log.warning("event %s not sent while the state cannot be saved; kept for later", label)
+                    return False
                 await post(await self.http(), self.ctx.config.server.url, req, interactive=None,
                            request_age=age if record.attempts > 1 else None, timeout=self.ctx.config.server.timeout,
                            allow_http=self._allow_http(), cup=self.cup())
