@@ -28,7 +28,10 @@ class BootWorker:
         return getattr(self.control, "name", type(self.control).__name__)
 
     async def _call(self, what: str, fn, *args):
-        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except RuntimeError:  # closed (the daemon stops): a late caller gets the error every caller handles
+            raise BootError(f"the bootloader is no longer open: the agent is stopping ({what})") from None
         future.add_done_callback(_retrieved)  # a call its caller stopped waiting for never logs a lost error
         # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result and swallows a cancel that comes
         # as the call ends, so a cancelled job would go on (the call itself always runs to its end in the thread)
