@@ -206,6 +206,7 @@ class Owner:
             failure = f"boot-complete.target was not reached within {command.seconds:g} s"
             return failure, self._start_job(self._health_job(failure), "health step")
         if action is Action.RESET:
+            self.rebooter.refuse_once_asked()
             if self.rebooter.drop():
                 await ctx.save("the dropped postponement")  # before the caller hears it
             if self.flow.operation is Operation.REBOOT_PENDING and self.job is not None:
@@ -324,7 +325,7 @@ class Owner:
         return Operation.IDLE
 
     async def _end_job(self, task: asyncio.Task | None) -> Operation | None:
-        """Applies a job's end; returns the operation it ended in, or None for a task that is not the job."""
+        """Applies a job's end; returns the operation the job was in, or None for a task that is not the job."""
         if task is None or task is not self.job or not task.done():
             return None
         ctx, before, what = self.ctx, self.flow.operation, self._what

@@ -83,6 +83,7 @@ class Rebooter:
         self._wake = asyncio.Event()
         self._release: asyncio.Task | None = None
         self.outcome = ""  # how the last reboot job ended, in a line
+        self.asked = False  # the reboot is being asked of logind (or the sim): too late to postpone or drop it
         # async () -> list[logind.Inhibitor]: logind's, except on the simulated bootloader (no logind there)
         self.inhibitors = inhibitors
         if inhibitors is None and ctx.config.boot.backend != "sim":
@@ -122,6 +123,7 @@ class Rebooter:
         plan = self.plan
         if plan is None:
             raise Refused(Refuse("no reboot is planned", "NothingToPostpone"))
+        self.refuse_once_asked()
         answer = postponed(plan, self.ctx.now(), seconds, self.config.max_postpone)
         if isinstance(answer, Refuse):
             raise Refused(answer)
@@ -134,9 +136,15 @@ class Rebooter:
         return (f"reboot into {plan.version} postponed to {windows.describe(plan.at)}"
                 + (" (the most reboot.max_postpone allows)" if cut else ""))
 
+    def refuse_once_asked(self) -> None:
+        """Raises ``Refused`` while the reboot is being asked for: the plan can no longer change."""
+        if self.asked:
+            raise Refused(Refuse(f"the reboot into {self.plan.version if self.plan else 'the update'} is being asked "
+                                 "for now; it can no longer be moved or dropped", "Busy"))
+
     def drop(self) -> bool:
         """Drops the plan and its postponement; True when the state changed (the owner saves it)."""
-        self.plan = None
+        self.plan, self.asked = None, False
         changed, self.ctx.state.postponed = self.ctx.state.postponed is not None, None
         self.ctx.status.reboot = None
         self.ctx.status.notify()
@@ -211,9 +219,11 @@ class Rebooter:
                     await self._nap(backoff(failures, ctx.rng))
                     continue
             self._publish(plan, "")
+            self.asked = True  # from here the plan can no longer be moved or dropped
             try:
                 await reboot(ctx, f"update to {plan.version} installed", force=True)
             except Exception as exc:  # logind refused or is unreachable: the update stays armed, retried
+                self.asked = False
                 failures += 1
                 await self._waits(plan, f"logind (could not reboot: {describe(exc)})")
                 if once:

@@ -287,3 +287,50 @@ asyncio.run(main())
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert out.decode().strip() == "imported"
+
+
+async def test_postpone_and_reset_are_refused_while_the_reboot_is_being_asked_for(tmp_path, server, clock, devices):
+    """issue 24 (suspected): PostponeReboot or Reset while the reboot call is in flight is refused (the reboot
+    cannot be taken back), then the reboot happens."""
+    from agent.machine import PostponeReboot, Refuse
+    sim = devices(tmp_path, server.url, "{policy: immediate}", clock)
+    agent = await sim.start()
+    asking, answer = asyncio.Event(), asyncio.Event()
+    real = agent.ctx.boot.reboot
+
+    async def slow_reboot():  # logind takes its time to answer
+        asking.set()
+        await answer.wait()
+        return await real()
+    agent.ctx.boot.reboot = slow_reboot
+    await sim.install()
+    await asyncio.wait_for(asking.wait(), 30)
+    for command in (PostponeReboot(600), Reset()):
+        reply = await agent.submit(command)
+        assert isinstance(reply.result, Refuse) and "can no longer be moved or dropped" in reply.message, reply
+    answer.set()
+    await until(lambda: sim.op() is Operation.NEED_REBOOT and agent.owner.job is None, "the reboot job's end")
+    assert dev_booted(sim) == "b"
+
+
+def dev_booted(sim) -> str:
+    return sim.dev.boot.booted_slot()
+
+
+async def test_mark_good_is_answered_when_only_the_save_after_the_mark_failed(tmp_path, server):
+    """issue 24 (suspected): MarkGood on a trial waiting for boot-complete while the disk is full: the slot is
+    marked good and the answer says so (the failed save is shown in LastError), not Failed."""
+    dev = Device(tmp_path, server.url, extra=QUIET)
+    assert (await dev.once())[0] == 0
+    dev.boot.reboot()
+    agent = Agent(load(dev.config))
+    await agent.start(wait_for_boot_complete=True)
+    try:
+        assert agent.status.operation is Operation.AWAITING_BOOT_COMPLETE
+        full_disk(agent.ctx.store)
+        reply = await agent.submit(MarkGood())
+        assert reply.acted and "marked good" in reply.message, reply
+        assert dev.boot.status()["b"].state.value == "good" and agent.status.operation is Operation.IDLE
+        assert "No space left on device" in agent.snapshot()["last_error"]
+    finally:
+        await agent.close()
