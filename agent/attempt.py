@@ -19,7 +19,7 @@ from . import policy
 from .boot import BootError, SlotState, other
 from .install import InstallError, InstallHooks, InstallResult, Installer, Progress
 from .errors import AttemptFailed
-from .machine import Decline, Operation, may_install
+from .machine import OfferDeclined, Operation, may_install
 from .omaha import NoUpdate, UpdateOffer, interpret
 from .omaha.events import ErrorCategory, ErrorCode
 from .slots import SlotError, capacity, check_target
@@ -112,7 +112,7 @@ class UpdateAttempt:
                                blocked_until=blocked.until if blocked else 0.0,
                                rollback_allowed=ctx.config.app.rollback_allowed, booted_good=booted_good,
                                now=ctx.now())
-        if isinstance(decision, Decline):
+        if isinstance(decision, OfferDeclined):
             log.info("offer of %s not taken: %s", offer.version, decision.reason)
             await ctx.save()
             return f"offer of {offer.version} not taken: {decision.reason}"

@@ -283,27 +283,32 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
 
 # ---------------------------------------------------------------------------------------------- install policy
 @dataclass(frozen=True)
-class Install:
+class OfferTaken:
+    """The install policy takes the offer (``reason`` says which update it is)."""
+
     reason: str
 
 
 @dataclass(frozen=True)
-class Decline:
+class OfferDeclined:
+    """The install policy declines the offer; ``reason`` says why."""
+
     reason: str
 
 
 def may_install(offer: str, current: str, *, trial_version: str | None, blocked_version: str | None,
-                blocked_until: float, rollback_allowed: bool, booted_good: bool, now: float) -> Install | Decline:
+                blocked_until: float, rollback_allowed: bool, booted_good: bool,
+                now: float) -> OfferTaken | OfferDeclined:
     """Whether an offered version is installed. Never relies on the server to compare versions."""
     if not booted_good:
-        return Decline("the running slot is not confirmed good yet; no update before it is")
+        return OfferDeclined("the running slot is not confirmed good yet; no update before it is")
     if versions.same(offer, current):
-        return Decline(f"version {offer} is already running")
+        return OfferDeclined(f"version {offer} is already running")
     if trial_version is not None and versions.same(offer, trial_version):
-        return Decline(f"version {offer} is already installed and waits for a reboot")
+        return OfferDeclined(f"version {offer} is already installed and waits for a reboot")
     if blocked_version is not None and versions.same(offer, blocked_version) and now < blocked_until:
-        return Decline(f"version {offer} failed on this device; not retried before the backoff ends")
+        return OfferDeclined(f"version {offer} failed on this device; not retried before the backoff ends")
     if not versions.is_newer(offer, current) and not rollback_allowed:
-        return Decline(f"version {offer} is older than {current}: a downgrade, refused "
+        return OfferDeclined(f"version {offer} is older than {current}: a downgrade, refused "
                        "(set app.rollback_allowed to accept)")
-    return Install(f"update {current} -> {offer}")
+    return OfferTaken(f"update {current} -> {offer}")

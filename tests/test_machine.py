@@ -7,7 +7,7 @@ import pytest
 
 from agent import machine
 from agent.machine import (
-    Act, Action, Cancel, Check, ConfirmBoot, Decline, Flow, HealthTimeout, Install, InstallFile, MarkGood, NoOp,
+    Act, Action, Cancel, Check, ConfirmBoot, Flow, HealthTimeout, InstallFile, MarkGood, NoOp, OfferDeclined, OfferTaken,
     Operation, PostponeReboot, Reboot, Refuse, Reset, Settle, decide, may_install,
 )
 
@@ -120,15 +120,15 @@ def test_a_transition_the_table_does_not_have_raises():
 def test_install_policy_answers_with_types():
     common = dict(trial_version=None, blocked_version=None, blocked_until=0.0, rollback_allowed=False,
                   booted_good=True, now=100.0)
-    assert isinstance(may_install("2.0.0", "1.0.0", **common), Install)
+    assert isinstance(may_install("2.0.0", "1.0.0", **common), OfferTaken)
     assert "already running" in may_install("1.0", "1.0.0.0", **common).reason
     assert "downgrade" in may_install("0.9.0", "1.0.0", **common).reason
-    assert isinstance(may_install("0.9.0", "1.0.0", **dict(common, rollback_allowed=True)), Install)
+    assert isinstance(may_install("0.9.0", "1.0.0", **dict(common, rollback_allowed=True)), OfferTaken)
     assert "not confirmed good" in may_install("2.0.0", "1.0.0", **dict(common, booted_good=False)).reason
     assert "waits for a reboot" in may_install("2.0.0", "1.0.0", **dict(common, trial_version="2.0.0")).reason
     blocked = dict(common, blocked_version="2.0.0", blocked_until=200.0)
-    assert isinstance(may_install("2.0.0", "1.0.0", **blocked), Decline)
-    assert isinstance(may_install("2.0.0", "1.0.0", **dict(blocked, now=201.0)), Install)
+    assert isinstance(may_install("2.0.0", "1.0.0", **blocked), OfferDeclined)
+    assert isinstance(may_install("2.0.0", "1.0.0", **dict(blocked, now=201.0)), OfferTaken)
 
 
 MARK_GOOD_NEEDS_A_GOOD_SLOT = {Operation.IDLE} | machine.UPDATE_JOB  # footnotes 1 and 2
