@@ -189,7 +189,7 @@ class Agent:
         ctx = self.ctx
         try:
             await self.start(on_ready, wait_for_boot_complete)
-            await self._flush()  # a fallback's 3/0 (or anything left from before) goes out now
+            await self._unless_stopped(self._flush(), stop)  # a fallback's 3/0 (or anything from before) goes now
             nxt = schedule.after_restart(ctx.state.next_check, ctx.now(), ctx.rng, self._policy(),
                                          interrupted_download=ctx.state.download is not None)
             watcher = asyncio.create_task(self._wake_on(stop))
@@ -225,7 +225,9 @@ class Agent:
             return woke
         if not schedule.background_allowed(ctx.now(), ctx.state.retry_after_until):
             return schedule.NextCheck(ctx.state.retry_after_until, "server asked to wait (X-Retry-After)")
-        await self._flush()
+        await self._unless_stopped(self._flush(), stop)
+        if stop.is_set():
+            return nxt
         reply = await self.owner.submit(Check(interactive=False))
         if reply.job is not None:  # a stop does not wait for the job: close() cancels it, keeping its checkpoint
             stopping = asyncio.ensure_future(stop.wait())
@@ -233,6 +235,19 @@ class Agent:
             stopping.cancel()
         self.wakeup.clear()
         return self._after_check()
+
+    @staticmethod
+    async def _unless_stopped(coro, stop: asyncio.Event) -> None:
+        """Runs ``coro`` until it ends or ``stop`` is set (then it is cancelled: a stop never waits on the network;
+        undelivered events stay queued)."""
+        work, stopping = asyncio.ensure_future(coro), asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not work.done():
+                work.cancel()
+            await asyncio.wait({work})
 
     async def _flush(self) -> None:
         try:

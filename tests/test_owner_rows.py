@@ -334,3 +334,18 @@ async def test_mark_good_is_answered_when_only_the_save_after_the_mark_failed(tm
         assert "No space left on device" in agent.snapshot()["last_error"]
     finally:
         await agent.close()
+
+
+async def test_a_bootloader_call_after_the_worker_closed_is_a_boot_error(device):
+    """issue 24 (suspected): a call that reaches the bootloader worker after the daemon closed it fails like any
+    bootloader error (a ``BootError`` every caller handles), not with the executor's RuntimeError."""
+    import pytest
+
+    from agent.boot import BootError
+    from agent.boot.worker import BootWorker
+    sim, _ = device
+    worker = BootWorker(sim, 5)
+    assert (await worker.status())["a"].state.value == "good"
+    worker.close()
+    with pytest.raises(BootError, match="no longer open"):
+        await worker.status()
