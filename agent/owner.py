@@ -58,7 +58,7 @@ class Outcome:
 class Reply:
     result: Act | NoOp | Refuse | Failed
     message: str
-    job: asyncio.Task | None = None  # the job the command started; awaiting it gives its Outcome
+    job: asyncio.Task | None = None  # the job the command started: its Outcome, or cancelled (Owner.finished)
 
     @property
     def acted(self) -> bool:
@@ -300,7 +300,9 @@ class Owner:
     async def _job(self, coro, what: str) -> Outcome:
         """A job's body: its message, or its failure as an ``Outcome``; a cancel ends the task cancelled."""
         try:
-            return Outcome(True, await coro)
+            message = await coro
+            log.info("%s", message)
+            return Outcome(True, message)
         except AttemptFailed as exc:
             log.warning("%s failed: %s", what, exc)
             return Outcome(False, str(exc))
@@ -357,9 +359,7 @@ class Owner:
         return before
 
     async def _reboot_job(self) -> str:
-        message = await self.rebooter.run(once=self.once)
-        log.info("%s", message)
-        return message
+        return await self.rebooter.run(once=self.once)
 
     async def _health_job(self, failure: str | None) -> str:
         ok = await self.settler.health_step(failure)
