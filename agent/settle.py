@@ -124,9 +124,14 @@ class Settler:
         decision = policy.untracked_boot(ctx.booted, booted_good, other_good)
         blocked = ctx.state.blocked
         if decision is policy.Untracked.CONFIRM and blocked is not None and versions.same(blocked.version, ctx.version):
-            # this version already failed here (its 3/0 is sent); the slot waits for the reboot back
+            # this version already failed here (its 3/0 is queued): a stop came between marking it bad and the
+            # reboot back, or the policy is manual; the reboot back happens now unless it is manual
             log.warning("slot %s runs %s, which failed here; reboot to go back to slot %s", ctx.booted,
                         ctx.version, other(ctx.booted))
+            try:
+                await reboot(ctx, f"slot {ctx.booted} runs {ctx.version}, which failed here")
+            except Exception as exc:  # logind refused: the slot is marked bad, the next reboot goes back anyway
+                log.error("could not reboot back to slot %s: %s", other(ctx.booted), describe(exc))
             return None
         if decision is policy.Untracked.CONFIRM:
             log.warning("slot %s runs unconfirmed and no trial record names it (was the state lost?): "

@@ -349,3 +349,20 @@ async def test_a_bootloader_call_after_the_worker_closed_is_a_boot_error(device)
     worker.close()
     with pytest.raises(BootError, match="no longer open"):
         await worker.status()
+
+
+async def test_a_start_on_a_slot_that_failed_here_reboots_back_unless_the_policy_is_manual(tmp_path, server):
+    """A stop between marking a failed trial bad and the reboot back (found by the owner sequences, seed 307):
+    the next start, on the bad slot, reboots back under the immediate policy (before: it stayed there)."""
+    dev = Device(tmp_path, server.url, policy="immediate", extra=QUIET)
+    assert (await dev.once())[0] == 0 and dev.boot.booted_slot() == "b"
+    state = dev.state()
+    state["trial"], state["blocked"] = None, {"version": "2.0.0", "until": 4e9, "count": 1}
+    (dev.dir / "state" / "state.json").write_text(json.dumps(state))  # the failed verdict was saved
+    dev.boot.mark_bad("b")  # and written; then the daemon was stopped before it rebooted
+    agent = Agent(load(dev.config))
+    try:
+        await agent.start()
+        assert dev.boot.booted_slot() == "a"
+    finally:
+        await agent.close()
