@@ -150,6 +150,15 @@ def big_call(address: str, element: str, size: int) -> dict:
             "seconds": round(time.monotonic() - started, 3)}
 
 
+def big_install(address: str, size: int) -> dict:
+    """An Install call of the right signature ("sss") whose path is ``size`` bytes long."""
+    conn = Raw(address)
+    path = struct.pack("<I", size) + b"/" * size + b"\0"
+    body = path + _pad(len(path), 4) + struct.pack("<I", 0) + b"\0\0\0\0" + struct.pack("<I", 0) + b"\0"
+    error, text = conn.call(NAME, PATH, NAME, "Install", body, "sss")
+    return {"attack": "big_install", "bytes": size, "error": error, "text": text[:200]}
+
+
 def signals(address: str, count: int, size: int) -> dict:
     """``count`` unicast signals of ``size`` bytes (``ai``) to the agent's unique name, then a Ping to the agent
     that is answered only once the agent read past them."""
@@ -173,6 +182,8 @@ if __name__ == "__main__":
         result = flood(address, int(args[0]), int(args[1]), float(args[2]))
     elif attack == "big_call":
         result = big_call(address, args[0], int(args[1]))
+    elif attack == "big_install":
+        result = big_install(address, int(args[0]))
     else:
         result = signals(address, int(args[0]), int(args[1]))
     print(json.dumps(result))

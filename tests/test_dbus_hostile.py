@@ -70,9 +70,10 @@ async def attacked(tmp_path, server):
     shutil.copy(os.path.join(ROOT, "tests", "bus_attacker.py"), script)
     os.chmod(script, 0o644)
 
-    async def attack(*args, timeout=240) -> dict:
+    async def attack(*args, timeout=240, as_root=False) -> dict:
         import json
-        rc, out, err = await run(*AS_NOBODY, nobody.python, script, bus.address, *map(str, args), timeout=timeout,
+        user = [sys.executable] if as_root else [*AS_NOBODY, nobody.python]
+        rc, out, err = await run(*user, script, bus.address, *map(str, args), timeout=timeout,
                                  env=dict(os.environ), cwd=nobody.dir)
         assert rc == 0, err[-2000:]
         return json.loads(out.strip().splitlines()[-1])
@@ -86,21 +87,30 @@ async def attacked(tmp_path, server):
         bus.close()
 
 
-async def measured(daemon: Watched, attack, *args) -> tuple[dict, dict]:
-    """Runs the attack, then a GetStatus as root (answered: the agent is still on the bus and hears it); returns
-    the attacker's report and the figures: loop stall, RSS before and after, peak RSS growth."""
+async def get_status() -> dict:
+    client = await asyncio.wait_for(Client.connect(), 30)
+    try:
+        return await client.call("GetStatus", timeout=30)
+    finally:
+        client.close()
+
+
+async def measured(daemon: Watched, attack, *args, during: float | None = None) -> tuple[dict, dict]:
+    """Runs the attack (and a GetStatus as root ``during`` seconds into it, if given), then a GetStatus as root
+    (answered: the agent is still on the bus and hears it); returns the attacker's report and the figures: loop
+    stall, RSS before and after, peak RSS growth."""
     pid = daemon.proc.pid
     await asyncio.sleep(0.5)
     before, hwm_before = _mib(pid, "VmRSS"), _mib(pid, "VmHWM")
     quiet = daemon.stall_ms(time.monotonic() - 0.4)
     started = time.monotonic()
-    report = await attack(*args)
-    client = await Client.connect()
-    try:
-        status = await client.call("GetStatus", timeout=30)
-    finally:
-        client.close()
-    assert status["operation"] == "idle"
+    running = asyncio.ensure_future(attack(*args))
+    if during is not None:
+        await asyncio.sleep(during)
+        assert not running.done(), "the attack ended before the probe: nothing was measured under it"
+        assert (await get_status())["operation"] == "idle"
+    report = await running
+    assert (await get_status())["operation"] == "idle"
     await asyncio.sleep(0.3)  # a few more pings after the attack
     figures = {"stall_ms": daemon.stall_ms(started), "quiet_stall_ms": quiet, "rss_before": before,
                "rss_after": _mib(pid, "VmRSS"), "peak_growth": max(_mib(pid, "VmHWM"), hwm_before) - before}
@@ -113,7 +123,7 @@ async def measured(daemon: Watched, attack, *args) -> tuple[dict, dict]:
 async def test_a_caller_flooding_getstatus_without_reading_replies_leaves_the_agent_on_the_bus_and_answering(
         attacked):
     bus, daemon, attack = attacked
-    report, figures = await measured(daemon, attack, "flood", 4, 300, 3)
+    report, figures = await measured(daemon, attack, "flood", 4, 300, 3, during=1.5)
     assert report["calls_sent"] == 1200
     assert daemon.proc.returncode is None and "lost the connection" not in daemon.tail()
     assert figures["peak_growth"] < PEAK_BOUND_MIB
@@ -125,6 +135,16 @@ async def test_a_31_mib_getstatus_of_the_wrong_signature_is_refused_without_deco
     assert report["error"] == "org.freedesktop.DBus.Error.InvalidArgs", report
     assert 'takes signature "", not "av"' in report["text"]
     assert figures["peak_growth"] < PEAK_BOUND_MIB, figures
+
+
+async def test_an_install_call_larger_than_any_path_is_refused_unread_even_from_root(attacked):
+    """The policy keeps nobody from calling Install; the size bound holds for any caller."""
+    bus, daemon, attack = attacked
+    report = await attack("big_install", 8 << 20, as_root=True)
+    assert report["error"] == "org.freedesktop.DBus.Error.LimitsExceeded", report
+    assert "larger than the 65536 bytes taken" in report["text"]
+    status = await get_status()
+    assert status["operation"] == "idle" and status["last_error"] == ""  # refused before it became a command
 
 
 async def test_30_mib_unicast_signals_nobody_subscribed_to_are_read_past_unread(attacked):

@@ -189,10 +189,14 @@ class _Reader:
             except Exception as exc:  # noqa: BLE001 - a header dbus-next cannot read: read past the message
                 log.warning("D-Bus: dropped a message whose header could not be read: %s", exc)
                 return self._finish(skip=self.body_len)
-            verdict = self.bus._decide(self.head, self.body_len)
-            if verdict is not True:
-                if verdict is not None:
+            try:
+                verdict = self.bus._decide(self.head, self.body_len)
+                if verdict is not True and verdict is not None:
                     self.bus._refuse(self.head, *verdict)
+            except Exception:  # noqa: BLE001 - whatever went wrong, the next message still starts in place
+                log.exception("D-Bus: dropped a message that could not be judged")
+                verdict = None
+            if verdict is not True:
                 return self._finish(skip=self.body_len)
             if self.body_len == 0:
                 return self._deliver(self.header)
