@@ -174,3 +174,59 @@ async def test_the_daemon_logs_and_exits_non_zero_when_its_bus_connection_ends(t
     finally:
         await daemon.stop()
         bus.close()
+
+
+class _Connection:
+    """What the writer uses of its bus (socket, loop, state), around one end of a socketpair: a stand-in,
+    because a real dbus-daemon reads the agent's socket too fast to keep it full for a test."""
+
+    def __init__(self, sock):
+        self._sock, self._fd, self._loop = sock, sock.fileno(), asyncio.get_running_loop()
+        self.unique_name, self._disconnected, self.finalized = ":1.1", False, []
+
+    def _finalize(self, err=None):
+        self.finalized.append(err)
+
+
+async def test_the_writer_waits_on_a_full_socket_and_bounds_only_the_replies_of_a_caller_that_does_not_read():
+    import socket as socketlib
+
+    from dbus_next import Message, MessageType
+
+    from agent.dbus.guard import PEER_QUEUE, _Writer
+
+    ours, theirs = socketlib.socketpair()
+    ours.setblocking(False)
+    bus = _Connection(ours)
+    writer = _Writer(bus)
+
+    def reply(destination: str, serial: int) -> Message:
+        return Message(message_type=MessageType.METHOD_RETURN, destination=destination, reply_serial=serial,
+                       serial=serial, signature="s", body=["x" * 1000])
+
+    for serial in range(1, 3001):  # 3 MB of replies to a caller that reads none: far past the socket's buffer
+        writer.schedule_write(reply(":1.66", serial))
+    await asyncio.sleep(0.1)  # the loop tries to write: the socket fills, EAGAIN
+    writer.schedule_write(reply(":1.7", 1))  # another caller's reply, and a broadcast signal
+    writer.schedule_write(Message.new_signal("/org/omaha_agent/Agent1", "org.omaha_agent.Agent1", "StatusChanged"))
+    await asyncio.sleep(0.1)
+    assert bus.finalized == [], "a full socket ended the connection"
+    assert writer.per_peer[":1.66"] <= PEER_QUEUE and writer.dropped > 2000
+    queued = {entry[2] for entry in writer.queue}
+    assert ":1.7" in queued and None in queued  # not dropped: they wait behind the socket
+
+    theirs.setblocking(False)
+    received = bytearray()
+    for _ in range(200):  # the peer reads now: everything still queued goes out, in order
+        try:
+            received += theirs.recv(1 << 20)
+        except BlockingIOError:
+            if not writer.queue:
+                break
+            await asyncio.sleep(0.01)
+    assert not writer.queue and not writer.watching and bus.finalized == []
+    assert b"StatusChanged" in received and received.count(b"x" * 1000) == 3000 - writer.dropped + 1
+    print(f"\nwriter: {writer.dropped} of 3000 replies to a caller that read none dropped, "
+          f"{len(received) >> 10} KiB sent once it read")
+    ours.close()
+    theirs.close()
