@@ -12,7 +12,8 @@ log = logging.getLogger("omaha-agent")
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None, notifier: Notifier | None = None) -> None:
-    """Runs until SIGTERM/SIGINT (or ``stop``). READY=1 goes out once the state is loaded, the last update is
+    """Runs until SIGTERM/SIGINT (or ``stop``); raises ``DbusUnavailable`` (exit 1: systemd restarts the service)
+    when its connection to the system bus ended under it. READY=1 goes out once the state is loaded, the last update is
     settled and the D-Bus names are owned; a trial boot's health step runs as a job, so a slow health check never
     delays the service start."""
     from .daemon import Agent

@@ -141,6 +141,7 @@ class _Reader:
         self.need = 16  # bytes of the current part (fixed header, header, body)
         self.part = "fixed"
         self.skip = 0  # body bytes still to read past
+        self.body_len = 0
         self.scratch = bytearray(CHUNK)
         self.header: bytes = b""
         self.head: Message | None = None
@@ -187,7 +188,8 @@ class _Reader:
             try:
                 self.head = _decode(self.header, with_body=False)
             except Exception as exc:  # noqa: BLE001 - a header dbus-next cannot read: read past the message
-                log.warning("D-Bus: dropped a message whose header could not be read: %s", exc)
+                log.debug("D-Bus: dropped a message whose header could not be read: %s", exc)  # (a flood of them
+                # must not flood the journal: the bus daemon checked the header, only unknown fields get here)
                 return self._finish(skip=self.body_len)
             try:
                 verdict = self.bus._decide(self.head, self.body_len)
