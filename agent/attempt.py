@@ -75,6 +75,8 @@ class UpdateAttempt:
         if not os.path.isabs(path) or (signature and not os.path.isabs(signature)):
             raise AttemptFailed(f"{refused}: give absolute paths (the service does not share your working "
                                 "directory)")
+        if any(p != localfile.shown(p) for p in (path, signature)):
+            raise AttemptFailed(f"{refused}: a path with control characters, or of over 200 characters, is refused")
         if signed and version:
             raise AttemptFailed(f"{refused}: give no version: signatures are required, and the signed statement "
                                 "names the version")
@@ -93,7 +95,8 @@ class UpdateAttempt:
                 slot_path = await asyncio.to_thread(check_target, target, ctx.config.slots, ctx.booted, size)
             except (SlotError, OSError) as exc:
                 raise AttemptFailed(f"{refused}: {exc}") from None
-            log.info("offline install of %s: hashing %d bytes (for slot %s, %s)", path, size, target, slot_path)
+            log.info("offline install of %s: hashing %d bytes (for slot %s, %s)", localfile.shown(path), size, target,
+                     slot_path)
             try:
                 sha256 = await localfile.sha256(fd, size)
             except (OSError, localfile.LocalFileError) as exc:

@@ -208,12 +208,15 @@ async def test_an_offline_version_argument_follows_the_version_rule_and_is_never
 
 
 async def test_an_offline_install_refuses_relative_paths(tmp_path, offline):
-    """issue 25 minor: a relative path resolved against the daemon's working directory."""
+    """issue 25 minor: a relative path resolved against the daemon's working directory; and row 2: a file name
+    is outside text too."""
     dev, agent = offline
     ok, message = await _install(agent, "v2.0.0.img", version="2.0.0")
     assert not ok and "give absolute paths" in message, message
     ok, message = await _install(agent, image(tmp_path, "2.0.0").path, "v2.0.0.img.sig", "2.0.0")
     assert not ok and "give absolute paths" in message, message
+    ok, message = await _install(agent, str(tmp_path / "v\x1b[2J\x9b.img"), version="2.0.0")
+    assert not ok and "a path with control characters" in message and is_clean(message), message
 
 
 async def test_signed_mode_refuses_a_version_argument_and_a_same_size_wrong_file_before_writing(tmp_path, server):
