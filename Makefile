@@ -56,7 +56,7 @@ qemu-test: qemu-image
 
 # The QEMU aarch64 (virt, U-Boot) image and its boot test (root; see README "QEMU test (arm64, U-Boot)"): the
 # rootfs is built under qemu-user through binfmt_misc.
-QEMU_ARM64_PACKAGES := qemu-system-arm u-boot-qemu u-boot-tools qemu-user-static binfmt-support mmdebstrap \
+QEMU_ARM64_PACKAGES := qemu-system-arm u-boot-qemu u-boot-tools qemu-user-static binfmt-support mmdebstrap arch-test \
 	dosfstools mtools fdisk e2fsprogs zstd iproute2 util-linux openssl libubootenv-tool
 QEMU_ARM64_TESTS ?= qemu/arm64
 qemu-deps-arm64:

@@ -10,7 +10,6 @@ replaced install, the trial before it is armed) fails the install when it cannot
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 from dataclasses import replace
@@ -47,7 +46,7 @@ class UpdateAttempt:
         except OmahaHttpError as exc:
             state.failures += 1
             state.last_error = str(exc)
-            if exc.retry_after and exc.trusted:  # X-Retry-After binds only over verified TLS or CUP
+            if exc.retry_after and exc.trusted:  # X-Retry-After binds only over verified TLS
                 state.retry_after_until = ctx.now() + exc.retry_after
             await ctx.save()
             raise AttemptFailed(str(exc)) from None
@@ -68,39 +67,75 @@ class UpdateAttempt:
     async def run_file(self, path: str, signature: str, version: str, advance=None) -> str:
         """An offline install: the same gate and path as an online offer, from a payload file and its envelope.
         The release is what the verified envelope says (version, digest, size); refusals are one line in
-        ``LastError`` without an event (nothing trustworthy names the version)."""
+        ``LastError`` without an event (nothing trustworthy names the version). Only regular files are read
+        (``localfile``); the payload's size is checked against the target slot before it is hashed, and its
+        digest before one byte of it is written."""
+        from . import localfile
+        from .omaha import versions
         from .omaha.outcome import PackageOffer
-        from .trust import MAX_ENVELOPE, SignatureError, TrustKeyError, check_release, load_public_keys, open_envelope
-        ctx = self.ctx
+        ctx, app = self.ctx, self.ctx.config.app
         self.advance = advance or _nowhere
-        path = os.path.abspath(path)
-        sig_path = signature or path + ".sig"
+        signed = ctx.config.trust.require_signature
+        refused = f"{localfile.shown(path)} not installed"
+        if not os.path.isabs(path) or (signature and not os.path.isabs(signature)):
+            raise AttemptFailed(f"{refused}: give absolute paths (the service does not share your working "
+                                "directory)")
+        if any(p != localfile.shown(p) for p in (path, signature)):
+            raise AttemptFailed(f"{refused}: a path with control characters, or of over 200 characters, is refused")
+        if signed and version:
+            raise AttemptFailed(f"{refused}: give no version: signatures are required, and the signed statement "
+                                "names the version")
+        if not signed and not version:
+            raise AttemptFailed(f"{refused}: give its version (no signature is required, so none says it)")
+        if not signed and (why := versions.problem(version)):
+            raise AttemptFailed(f"{refused}: the version {why}")
         try:
-            size = await asyncio.to_thread(os.path.getsize, path)
-            envelope = await asyncio.to_thread(_read_if_there, sig_path, MAX_ENVELOPE + 1)
-        except OSError as exc:
-            raise AttemptFailed(f"cannot read {exc.filename or path}: {exc.strerror or exc} (the service sees "
-                                "/media, /mnt, /run/media and /srv, not /home or /tmp)") from None
-        app = ctx.config.app
-        if ctx.config.trust.require_signature:
+            fd, size = await asyncio.to_thread(localfile.open_regular, path)
+        except (OSError, localfile.LocalFileError) as exc:
+            raise AttemptFailed(f"{refused}: {_unreadable(exc, path)}") from None
+        try:
+            release = await self._file_release(fd, size, path, signature or path + ".sig", refused) if signed else None
+            target = other(ctx.booted)
             try:
-                if envelope is None:
-                    raise SignatureError(f"no signature envelope at {sig_path}")
-                keys = await asyncio.to_thread(load_public_keys, ctx.config.trust.keys)
-                release = await asyncio.to_thread(open_envelope, envelope, keys)
-                check_release(release, appid=app.id, version=release.version, sha256_hex=release.sha256, size=size,
-                              track=app.track, board=app.board)
-            except (SignatureError, TrustKeyError) as exc:
-                raise AttemptFailed(f"{path} not installed: signature refused: {exc}") from None
-            version, sha256 = release.version, release.sha256
-        else:
-            if not version:
-                raise AttemptFailed(f"{path} not installed: give its version (no signature is required, so none "
-                                    "says it)")
-            sha256 = await asyncio.to_thread(_file_sha256, path)
+                slot_path = await asyncio.to_thread(check_target, target, ctx.config.slots, ctx.booted, size)
+            except (SlotError, OSError) as exc:
+                raise AttemptFailed(f"{refused}: {exc}") from None
+            log.info("offline install of %s: hashing %d bytes (for slot %s, %s)", localfile.shown(path), size, target,
+                     slot_path)
+            try:
+                sha256 = await localfile.sha256(fd, size)
+            except (OSError, localfile.LocalFileError) as exc:
+                raise AttemptFailed(f"{refused}: {_unreadable(exc, path)}") from None
+        finally:
+            os.close(fd)
+        if release is not None:
+            if sha256 != release.sha256:
+                raise AttemptFailed(f"{refused}: its SHA-256 {sha256[:16]}… is not the signed {release.sha256[:16]}… "
+                                    "(another file of the same size?)")
+            version = release.version
         log.info("offline install of %s: version %s, %d bytes", path, version, size)
         pkg = PackageOffer(os.path.basename(path), ("file://" + path,), size, bytes.fromhex(sha256), None)
         return await self._offered(UpdateOffer(app.id, version, (pkg,)), "", verified=True)
+
+    async def _file_release(self, fd: int, size: int, path: str, sig_path: str, refused: str):
+        """The release the envelope at ``sig_path`` signs for the payload file (of ``size`` bytes)."""
+        from . import localfile
+        from .trust import MAX_ENVELOPE, SignatureError, TrustKeyError, check_release, load_public_keys, open_envelope
+        app = self.ctx.config.app
+        try:
+            envelope = await asyncio.to_thread(localfile.read_small, sig_path, MAX_ENVELOPE)
+        except (OSError, localfile.LocalFileError) as exc:
+            raise AttemptFailed(f"{refused}: {_unreadable(exc, sig_path)}") from None
+        try:
+            if envelope is None:
+                raise SignatureError(f"no signature envelope at {localfile.shown(sig_path)}")
+            keys = await asyncio.to_thread(load_public_keys, self.ctx.config.trust.keys)
+            release = await asyncio.to_thread(open_envelope, envelope, keys)
+            check_release(release, appid=app.id, version=release.version, sha256_hex=release.sha256, size=size,
+                          track=app.track, board=app.board)
+        except (SignatureError, TrustKeyError) as exc:
+            raise AttemptFailed(f"{refused}: signature refused: {exc}") from None
+        return release
 
     async def _offered(self, offer: UpdateOffer, sessionid: str, verified: bool = False) -> str:
         ctx, state = self.ctx, self.ctx.state
@@ -260,17 +295,13 @@ def _nowhere(operation: Operation) -> None:
     """No owner listens (the attempt run on its own)."""
 
 
-def _read_if_there(path: str, limit: int) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit)
-    except FileNotFoundError:
-        return None
-
-
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _unreadable(exc: BaseException, path: str) -> str:
+    """Why a local file cannot be used, in a line (an ``OSError`` with where the service may read)."""
+    from .localfile import LocalFileError, shown
+    if isinstance(exc, LocalFileError):
+        return str(exc)
+    return (f"cannot read {shown(exc.filename or path)}: {exc.strerror or exc} (the service sees /media, /mnt, "
+            "/run/media and /srv, not /home or /tmp)")
 
 
 class _Hooks(InstallHooks):

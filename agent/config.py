@@ -328,13 +328,8 @@ def _reboot(r: _Reader) -> RebootConfig:
         if extra:
             r.fail("reboot.windows", f"{where}: unknown key {sorted(extra)[0][:40]!r} (known: days, length, start, "
                                      "timezone)")
-        days = item.get("days")
-        if isinstance(days, str):
-            days = [days]
-        if not isinstance(days, list) or not days or not all(isinstance(d, str) and d[:3].lower() in w.DAYS
-                                                             for d in days):
-            r.fail("reboot.windows", f"{where}: days must be a list of weekdays (mon, tue, ... sun)")
         try:
+            days = w.parse_days(item.get("days"))
             start = w.parse_start(str(item.get("start", "")))
             tz = w.zone(str(item.get("timezone", "UTC")))
         except ValueError as exc:
@@ -342,7 +337,7 @@ def _reboot(r: _Reader) -> RebootConfig:
         length = item.get("length")
         if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= w.MAX_LENGTH:
             r.fail("reboot.windows", f"{where}: length must be a whole number of minutes from 1 to {w.MAX_LENGTH}")
-        parsed.append(w.Window(frozenset(w.DAYS.index(d[:3].lower()) for d in days), start, length, tz))
+        parsed.append(w.Window(days, start, length, tz))
     fleetlock = None
     if r.get("reboot.fleetlock", None, dict) is not None:
         r.unknown("reboot.fleetlock", {"url", "group", "machine_id"})

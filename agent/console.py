@@ -1,11 +1,14 @@
 """The client commands (status, check, watch, mark-good, reboot, confirm-boot): the daemon's status over D-Bus,
-rendered for a terminal or a log. Only the daemon acts; these commands ask it."""
+rendered for a terminal or a log, every string in them with its control characters escaped. Only the daemon acts;
+these commands ask it."""
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
 import time
+
+from .text import clean, shown
 
 SETTLED = ("idle", "updated-need-reboot", "reboot-pending")
 
@@ -101,9 +104,32 @@ class Printer:
             self.bar = False
 
 
+class _Shown:
+    """A client whose answers have every string cleaned for a terminal (``text.shown``: control characters
+    escaped): the daemon's status quotes servers, file names and logind's inhibitors."""
+
+    def __init__(self, client):
+        self.client = client
+
+    async def status(self) -> dict:
+        return shown(await self.client.status())
+
+    async def next_status(self, timeout: float) -> dict | None:
+        return shown(await self.client.next_status(timeout))
+
+    async def call(self, *args, **kwargs):
+        return shown(await self.client.call(*args, **kwargs))
+
+    async def subscribe(self) -> None:
+        await self.client.subscribe()
+
+    def close(self) -> None:
+        self.client.close()
+
+
 async def _with_client(fn):
     from .dbus.client import Client
-    client = await Client.connect()
+    client = _Shown(await Client.connect())
     try:
         return await fn(client)
     finally:
@@ -207,5 +233,5 @@ def run(coro) -> int:
     try:
         return asyncio.run(coro)
     except ClientError as exc:
-        print(f"omaha-agent: {exc}", file=sys.stderr)
+        print(f"omaha-agent: {clean(str(exc), 2000)}", file=sys.stderr)
         return 1

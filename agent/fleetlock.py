@@ -2,10 +2,11 @@
 <base>/v1/pre-reboot`` takes a reboot slot of the device's group, ``POST <base>/v1/steady-state`` gives it back.
 
 Both send the header ``fleet-lock-protocol: true`` and ``{"client_params": {"id": ID, "group": GROUP}}``; only a
-200 is success. A refusal carries ``{"kind": ..., "value": ...}``, shown to people as it is (bounded). Redirects
-are not followed (the header exists so that a request is never acted on by a server it was not meant for). The
-ID is derived from /etc/machine-id with an application-specific HMAC, as systemd's
-``sd_id128_get_machine_app_specific``: stable for the device, and never the machine ID itself."""
+200 is success. A refusal carries ``{"kind": ..., "value": ...}``, shown to people cleaned and bounded
+(``text.clean``); any other answer, however malformed, is a refusal too. Redirects are not followed (the header
+exists so that a request is never acted on by a server it was not meant for). The ID is derived from
+/etc/machine-id with an application-specific HMAC, as systemd's ``sd_id128_get_machine_app_specific``: stable
+for the device, and never the machine ID itself."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +15,8 @@ import hmac
 import json
 import uuid
 from dataclasses import dataclass
+
+from .text import clean
 
 APP_ID = bytes.fromhex("6f6d61686161676e7446c0a7b1e20c5d")  # this agent's own application ID for the HMAC
 MAX_ANSWER = 64 << 10
@@ -65,8 +68,7 @@ def body(client: str, group: str) -> bytes:
 
 
 def _short(value, limit: int = 120) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[:limit] + "…"
+    return clean(value if isinstance(value, (str, bytes)) else json.dumps(value)[:limit * 8], limit)
 
 
 async def call(session, base: str, endpoint: str, client: str, group: str, timeout: float = 30.0) -> Answer:
@@ -85,11 +87,19 @@ async def call(session, base: str, endpoint: str, client: str, group: str, timeo
                 raw = await resp.content.read(MAX_ANSWER)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         return Unreachable(f"FleetLock server {base}: {describe_error(exc)}")
-    kind = value = ""
+    return Denied(resp.status, *_reason(raw))
+
+
+def _reason(raw: bytes) -> tuple[str, str]:
+    """A refusal's ``kind`` and ``value``, cleaned (``text.clean``); whatever the body is (not JSON, nested past
+    any depth, not UTF-8), the answer stays a refusal, retried like any other."""
     try:
         answer = json.loads(raw)
-        if isinstance(answer, dict):
-            kind, value = _short(answer.get("kind", ""), 60), _short(answer.get("value", ""))
-    except (ValueError, UnicodeDecodeError):
-        value = _short(raw[:200].decode("utf-8", "replace")) if raw else ""
-    return Denied(resp.status, kind, value)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        return "", _short(raw[:200]) if raw else ""
+    if not isinstance(answer, dict):
+        return "", "the answer is not a JSON object"
+    try:
+        return _short(answer.get("kind", ""), 60), _short(answer.get("value", ""))
+    except RecursionError:
+        return "", "the answer nests too deep"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .omaha import ProtocolError, Request, Response, decode_response, encode_request
 from .omaha import urls
 from .omaha.headers import parse_retry_after, request_headers
+from .text import clean
 
 MAX_RESPONSE = 1 << 20
 
@@ -16,7 +17,7 @@ MAX_RESPONSE = 1 << 20
 class OmahaHttpError(Exception):
     def __init__(self, message: str, status: int | None = None, retry_after: int | None = None,
                  trusted: bool = False):
-        super().__init__(message)
+        super().__init__(clean(message, 600))  # it may quote the server (a decode error, a redirect's Location)
         self.status = status
         self.retry_after = retry_after
         self.trusted = trusted  # the answer came over verified TLS: its X-Retry-After may be honoured
@@ -24,11 +25,16 @@ class OmahaHttpError(Exception):
 
 _LENGTH = re.compile(r"Not enough data to satisfy content length header \(received (\d+) of (\d+) bytes\)")
 _ENCODING = re.compile(r"Can not decode content-encoding: ?([\w-]*)")
+_TOO_LONG = re.compile(r"Got more than (\d+) bytes when reading")
 
 
 def describe_error(exc: BaseException, timed_out: str = "timed out") -> str:
     """A transfer error in one short line a user can act on (aiohttp's own texts span lines, nest their causes,
-    or say no more than ``400, message:``)."""
+    or say no more than ``400, message:``); whatever of it a server sent is cleaned (``text.clean``)."""
+    return clean(_describe(exc, timed_out), 300)
+
+
+def _describe(exc: BaseException, timed_out: str) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return timed_out
     refused = exc if isinstance(exc, LinkLocalRefused) else getattr(exc, "os_error", None) or exc.__cause__
@@ -40,6 +46,9 @@ def describe_error(exc: BaseException, timed_out: str = "timed out") -> str:
     text = " ".join(f"{exc} {exc.__cause__ or ''}".split())
     if m := _LENGTH.search(text):
         return f"the connection closed before the end of the body ({m[1]} of {m[2]} bytes)"
+    if m := _TOO_LONG.search(text):
+        return (f"its answer has a header (or status line) over {m[1]} bytes, the most the agent reads: a fault "
+                "of the server or of a proxy on the way")
     if m := _ENCODING.search(text):
         return f"its Content-Encoding {m[1] or ''} does not decode (a corrupt or mislabelled body)".replace("  ", " ")
     cause = getattr(exc.__cause__, "message", None) or getattr(exc, "message", None)
@@ -73,7 +82,7 @@ def _tls_reason(exc: BaseException) -> str | None:
 class Answer:
     response: Response
     retry_after: int | None
-    trusted: bool = False  # over verified TLS, or with a valid CUP proof: its X-Retry-After may be honoured
+    trusted: bool = False  # over verified TLS: its X-Retry-After may be honoured (a CUP proof covers no header)
 
 
 class LinkLocalRefused(OSError):
@@ -188,13 +197,17 @@ async def post(session, url: str, req: Request, *, interactive: bool | None, req
             # TLS 1.3 servers refuse a missing client certificate after the handshake, by closing the connection
             why = ("TLS: the server closed the connection after the handshake; if it asks for a client certificate, "
                    f"set server.client_cert and server.client_key ({why})")
+        if _TOO_LONG.search(f"{exc} {exc.__cause__ or ''}"):
+            raise OmahaHttpError(f"unusable answer from the update server: {why}") from None
         raise OmahaHttpError(f"cannot reach the update server: {why}") from None
     if challenge is not None:
         try:
             cupmod.verify(cup[0], challenge, body, proof)
         except cupmod.CupError as exc:  # not trusted: like a malformed answer, and its headers count for nothing
             raise OmahaHttpError(f"unusable answer from the update server: {exc}", 200) from None
-    trusted = tls or challenge is not None
+    # a CUP proof covers the request and the body, never a header: over plain http, X-Retry-After (or any other
+    # header) could have been added on the way, so it binds only over verified TLS
+    trusted = tls
     try:
         return Answer(decode_response(body), retry_after, trusted)
     except ProtocolError as exc:
@@ -226,7 +239,7 @@ class FetchError(Exception):
     trying again later will not help; otherwise a transfer failure worth retrying."""
 
     def __init__(self, message: str, missing: bool = False):
-        super().__init__(message)
+        super().__init__(clean(message, 600))
         self.missing = missing
 
 

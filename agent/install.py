@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import mmap
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .boot.worker import BootWorker
 from .omaha.outcome import PackageOffer
 from .payload import PayloadError, SlotWriter
 from .state import Checkpoint
+from .text import clean
 
 CHUNK = 1 << 20
 RING = 3  # chunks in memory: one being filled, the others hashed and written
@@ -61,7 +63,7 @@ class InstallError(Exception):
     decompress, device, boot) so the daemon can report the right error code."""
 
     def __init__(self, message: str, kind: str = "transfer"):
-        super().__init__(message)
+        super().__init__(clean(message, 1000))  # it quotes URLs, file names and what servers answered
         self.kind = kind
 
 
@@ -370,7 +372,7 @@ class Installer:
                 if encoded and resp.status == 206:  # a Range of an encoded body: its offsets are not ours
                     writer.reset()
                     raise _TransferFailed(f"server sent a resumed body with Content-Encoding "
-                                          f"{resp.headers['Content-Encoding'][:40]!r}; starting over from byte 0")
+                                          f"'{clean(resp.headers['Content-Encoding'], 40)}'; starting over from byte 0")
                 if resp.status == 206 and offset:
                     start = _content_range_start(resp.headers.get("Content-Range", ""))
                     if start != offset:
@@ -383,7 +385,7 @@ class Installer:
                     writer.reset()
                     raise _TransferFailed(f"HTTP 416: the server cannot resume at byte {offset}")
                 else:
-                    raise _TransferFailed(f"HTTP {resp.status} {resp.reason or ''}".strip())
+                    raise _TransferFailed(f"HTTP {resp.status} {clean(resp.reason or '', 80)}".strip())
                 complete_body = resp.content_length is not None  # aiohttp raises if it is not satisfied
                 pipe = _Pipeline(writer, self._buffers, self._pools, offset)
                 head, body = b"", None
@@ -466,16 +468,18 @@ class Installer:
         offset = writer.received
         if offset >= pkg.size:
             return
+        from .localfile import LocalFileError, open_regular, shown
         path, pipe = url[len("file://"):], None
         attempt_start = time.monotonic()
-        try:
-            f = await asyncio.to_thread(open, path, "rb")
-        except OSError as exc:
-            raise _TransferFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+        try:  # a regular file only, opened without blocking; never more than the release's size is read
+            fd, _ = await asyncio.to_thread(open_regular, path)
+        except (OSError, LocalFileError) as exc:
+            raise _TransferFailed(f"cannot read {shown(path)}: {getattr(exc, 'strerror', None) or exc}") from None
 
         async def pieces():
-            await asyncio.to_thread(f.seek, offset)
-            while data := await asyncio.to_thread(f.read, self.chunk):
+            at = offset
+            while at < pkg.size and (data := await asyncio.to_thread(os.pread, fd, min(self.chunk, pkg.size - at), at)):
+                at += len(data)
                 yield data
 
         try:
@@ -486,15 +490,15 @@ class Installer:
             raise
         except OSError as exc:
             await self._save_partial(pipe, slot, pkg, version)
-            raise _TransferFailed(f"reading {path}: {exc.strerror or exc}") from None
+            raise _TransferFailed(f"reading {shown(path)}: {exc.strerror or exc}") from None
         except PayloadError:
             await _settle(pipe)
             raise
         finally:
-            f.close()
+            os.close(fd)
         self._progress(writer, pkg, attempt_start, offset)
         if writer.received < pkg.size:
-            raise PayloadError(f"{path} holds {writer.received} bytes, the release has {pkg.size}", "size")
+            raise PayloadError(f"{shown(path)} holds {writer.received} bytes, the release has {pkg.size}", "size")
 
     async def _save_partial(self, pipe: "_Pipeline | None", slot, pkg, version, encoded: bool = False) -> None:
         """Keep what arrived before a cut (or a cancel), durable, so the next attempt resumes after it; a body the

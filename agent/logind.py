@@ -6,6 +6,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from .text import clean
+
 log = logging.getLogger("omaha-agent")
 
 LOGIN1, PATH, MANAGER = "org.freedesktop.login1", "/org/freedesktop/login1", "org.freedesktop.login1.Manager"
@@ -26,7 +28,7 @@ class Inhibitor:
     pid: int
 
     def __str__(self) -> str:
-        return f"{self.who[:60]} (pid {self.pid}: {self.why[:120]})"
+        return f"{self.who} (pid {self.pid}: {self.why})"
 
 
 async def _call(member: str, signature: str = "", body: tuple = (), fds: bool = False):
@@ -49,7 +51,7 @@ async def _call(member: str, signature: str = "", body: tuple = (), fds: bool = 
         bus.disconnect()
     if reply.message_type == MessageType.ERROR:
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-        raise LogindError(f"logind {member}: {reply.error_name}{': ' + text[:200] if text else ''}")
+        raise LogindError(f"logind {member}: {clean(reply.error_name, 100)}{': ' + clean(text, 200) if text else ''}")
     if not fds:
         return reply.body
     # an "h" in the body is an index into the descriptors that came with the message (dbus-next's low level)
@@ -62,7 +64,14 @@ async def reboot() -> None:
 
 
 async def inhibitors() -> list[Inhibitor]:
-    return [Inhibitor(*row) for row in (await _call("ListInhibitors"))[0]]
+    """logind's inhibitor locks; their texts (set by whoever took them) cleaned (``text.clean``)."""
+    return [inhibitor(row) for row in (await _call("ListInhibitors"))[0]]
+
+
+def inhibitor(row) -> Inhibitor:
+    """One row of ``ListInhibitors`` (``ssssuu``) as an ``Inhibitor``, its texts cleaned where they enter."""
+    what, who, why, mode, uid, pid = row
+    return Inhibitor(clean(what, 200), clean(who, 60), clean(why, 120), clean(mode, 20), uid, pid)
 
 
 def blocking_shutdown(locks: list[Inhibitor], own_pid: int | None = None) -> list[Inhibitor]:

@@ -91,7 +91,7 @@ class Reporter:
         if answer.retry_after and answer.trusted:
             state.retry_after_until = self.ctx.now() + answer.retry_after
         elif answer.retry_after:
-            log.info("X-Retry-After ignored: the answer came over plain http without a CUP proof")
+            log.info("X-Retry-After ignored: the answer came over plain http (a CUP proof covers the body, not headers)")
         state.ping = pings.after_reply(ping_state, now, answer.response.daystart, self.ctx.guid()).to_json()
         app = answer.response.app(self.ctx.config.app.id)
         if app is not None:

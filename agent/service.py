@@ -12,7 +12,8 @@ log = logging.getLogger("omaha-agent")
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None, notifier: Notifier | None = None) -> None:
-    """Runs until SIGTERM/SIGINT (or ``stop``). READY=1 goes out once the state is loaded, the last update is
+    """Runs until SIGTERM/SIGINT (or ``stop``); raises ``DbusUnavailable`` (exit 1: systemd restarts the service)
+    when its connection to the system bus ended under it. READY=1 goes out once the state is loaded, the last update is
     settled and the D-Bus names are owned; a trial boot's health step runs as a job, so a slow health check never
     delays the service start."""
     from .daemon import Agent
@@ -24,12 +25,17 @@ async def serve(config: Config, stop: asyncio.Event | None = None, notifier: Not
         loop.add_signal_handler(sig, stop.set)
     notifier = notifier or Notifier()
     service = None
+    lost: list[str] = []
+
+    def on_lost(reason: str) -> None:  # off the bus no command can reach us: exit for systemd to restart us
+        lost.append(reason)
+        stop.set()
 
     async def on_ready() -> None:
         nonlocal service
         if config.dbus.enabled:
             from .dbus import publish
-            service = await publish(agent, config.dbus.flatcar_compat)
+            service = await publish(agent, config.dbus.flatcar_compat, on_lost)
         notifier.ready(status_line(agent.snapshot()))
         log.info("ready%s", " on the system bus" if service else "")
 
@@ -52,3 +58,6 @@ async def serve(config: Config, stop: asyncio.Event | None = None, notifier: Not
         notifier.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+    if lost:
+        from .dbus import DbusUnavailable
+        raise DbusUnavailable(f"{lost[0]}; exiting so that systemd restarts the service")

@@ -7,7 +7,10 @@ oldest progress events (13/1, 14/1) go first, outcomes (3/x) last.
 
 ``Store.commit`` is the one save: it snapshots the state on the event loop and writes in a thread, one write at
 a time; a snapshot older than one already written is never written over it. A file damaged by hand, by a bug or
-by a failing disk never stops the daemon: what is malformed is dropped with a warning that names it.
+by a failing disk never stops the daemon: what is malformed is dropped with a warning that names it. Text is
+held to the rules it had when it entered (``text.clean``, ``versions.problem``): ``last_error`` that breaks them
+is repaired, a record whose text breaks them is dropped (a lone surrogate or a control character in the file
+cannot reach D-Bus, the log or a terminal).
 """
 from __future__ import annotations
 
@@ -19,11 +22,16 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .atomic import write_atomic
 from .omaha.model import Event
+from .omaha import versions
 from .omaha.request import cohort_value_ok
+from .text import clean, is_clean
 
 STATE_FILE = "state.json"
 MAX_EVENTS = 64
 MAX_FILE = 4 << 20
+MAX_LAST_ERROR = 2000  # characters
+MAX_FIELD = 4096  # characters of any other text in the file (a URL in an event is the longest)
+_VERSIONS = ("version", "previous_version", "nextversion", "previousversion")
 SLOTS = ("a", "b")
 
 
@@ -124,6 +132,26 @@ def _kind(value, kinds) -> bool:
     return isinstance(value, kinds) and (not isinstance(value, float) or math.isfinite(value))
 
 
+def _text_ok(name: str, value) -> bool:
+    """A text field as it could have entered: a version by the version rule ("" allowed), anything else clean."""
+    if not isinstance(value, str):
+        return True
+    if name in _VERSIONS:
+        return value == "" or versions.problem(value) is None
+    return is_clean(value, MAX_FIELD)
+
+
+def _texts_ok(obj, depth: int = 0) -> bool:
+    """Every string in ``obj`` (keys too) is clean text, and it nests at most 8 deep."""
+    if isinstance(obj, str):
+        return is_clean(obj, MAX_FIELD)
+    if isinstance(obj, dict):
+        return depth < 8 and all(_texts_ok(k, depth + 1) and _texts_ok(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, list):
+        return depth < 8 and all(_texts_ok(v, depth + 1) for v in obj)
+    return True
+
+
 def _record(cls, data, kinds: dict, check=lambda r: True):
     """``cls(**data)`` when every field present has its kind and the required ones are there; else None."""
     if not isinstance(data, dict):
@@ -131,7 +159,7 @@ def _record(cls, data, kinds: dict, check=lambda r: True):
     args = {}
     for name in (f.name for f in fields(cls)):
         if name in data:
-            if not _kind(data[name], kinds[name]):
+            if not _kind(data[name], kinds[name]) or not _text_ok(name, data[name]):
                 return None
             args[name] = data[name]
     try:
@@ -173,7 +201,7 @@ def event_record_from(data) -> EventRecord | None:
         return None
     event, kinds = data["event"], _event_kinds()
     if not {"eventtype", "eventresult"} <= event.keys() or any(k not in kinds or not _kind(v, kinds[k])
-                                                                  for k, v in event.items()):
+                                                                  or not _text_ok(k, v) for k, v in event.items()):
         return None
     rest = {k: v for k, v in data.items() if k != "event"}
     rest.setdefault("sessionid", "")
@@ -209,7 +237,10 @@ def from_json(data: dict) -> tuple[State, list[str]]:
         if key in data:
             value = data[key]
             ok = (_kind(value, kind) and (key != "failures" or 0 <= value <= 1_000_000)
-                  and (key != "fleet_lock" or len(value) <= 256))
+                  and (key != "fleet_lock" or is_clean(value, 256)) and (key != "ping" or _texts_ok(value)))
+            if ok and key == "last_error" and not is_clean(value, MAX_LAST_ERROR):
+                value = clean(value, MAX_LAST_ERROR)
+                dropped.append("last_error's unprintable text (repaired)")
             if ok:
                 setattr(state, key, value)
             else:
@@ -263,7 +294,8 @@ class Store:
         try:
             if len(raw) > MAX_FILE:
                 raise ValueError(f"larger than {MAX_FILE >> 20} MiB")
-            data = json.loads(raw)
+            # bytes that are not UTF-8 become lone surrogates: only the text holding them is dropped or repaired
+            data = json.loads(raw.decode("utf-8", "surrogateescape"))
         except (ValueError, RecursionError) as exc:
             self.state = State()
             return f"state file {self.path} unreadable ({str(exc)[:200]}); starting afresh{self._keep_damaged()}"

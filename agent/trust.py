@@ -20,6 +20,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from .omaha import versions
+from .text import clean
+
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "urn:omaha-agent:release:v1"
@@ -181,6 +184,8 @@ def _statement(body: bytes) -> Release:
     fields = {k: pred.get(k) for k in ("appid", "version", "track", "board")}
     if not isinstance(fields["appid"], str) or not isinstance(fields["version"], str):
         raise SignatureError("the signed statement's predicate lacks appid or version")
+    if why := versions.problem(fields["version"]):
+        raise SignatureError(f"the signed statement's version {why}")
     size = pred.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise SignatureError("the signed statement's predicate lacks a size")
@@ -188,7 +193,7 @@ def _statement(body: bytes) -> Release:
         if fields[k] is not None and not isinstance(fields[k], str):
             raise SignatureError(f"the signed statement's {k} is not a string")
     name = subject[0].get("name")
-    return Release(name if isinstance(name, str) else "", sha.lower(), fields["appid"], fields["version"], size,
+    return Release(clean(name, 255) if isinstance(name, str) else "", sha.lower(), fields["appid"], fields["version"], size,
                    fields["track"], fields["board"])
 
 

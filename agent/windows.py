@@ -1,7 +1,7 @@
 """Weekly maintenance windows, as pure arithmetic on wall-clock seconds (no I/O, no clock of its own).
 
-A window is a set of weekdays, a start time ("HH:MM") and a length in minutes, in a time zone: ``UTC``, the
-device's ``local`` zone, or an IANA name. Starts are wall-clock times in that zone, so a window at 02:00 local
+A window is a set of weekdays (names or ranges: ``[sat, sun]``, ``[mon-fri]``), a start time ("HH:MM") and a
+length in minutes, in a time zone: ``UTC``, the device's ``local`` zone, or an IANA name. Starts are wall-clock times in that zone, so a window at 02:00 local
 opens at 02:00 before and after a DST change; its length is real elapsed minutes. A start that does not exist
 on the day the clocks go forward (02:30 in most of Europe) opens an hour later by the wall clock (fold=0);
 one that happens twice on the day they go back opens at the first. A window may run past midnight and past
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from dataclasses import dataclass
 from datetime import timezone, tzinfo
 
@@ -95,12 +96,36 @@ def zone(name: str) -> tzinfo:
         raise ValueError(f"{name[:60]!r} is not a time zone: use UTC, local or a name like Europe/Berlin") from None
 
 
+_START = re.compile(r"([0-9]{1,2}):([0-9]{2})")
+_NAMES = {**{d: i for i, d in enumerate(DAYS)},
+          **{d: i for i, d in enumerate(("monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
+                                          "sunday"))}}
+
+
 def parse_start(text: str) -> int:
-    """"HH:MM" → minutes after midnight; ValueError otherwise."""
-    hh, sep, mm = text.partition(":")
-    if not (sep and hh.isdigit() and mm.isdigit() and len(mm) == 2 and 0 <= int(hh) <= 23 and 0 <= int(mm) <= 59):
+    """"HH:MM" (ASCII digits) → minutes after midnight; ValueError with a one-line reason otherwise."""
+    m = _START.fullmatch(text)
+    if not (m and int(m[1]) <= 23 and int(m[2]) <= 59):
         raise ValueError(f"{text[:20]!r} is not a time of day: use \"HH:MM\", e.g. \"02:30\"")
-    return int(hh) * 60 + int(mm)
+    return int(m[1]) * 60 + int(m[2])
+
+
+def parse_days(value) -> frozenset[int]:
+    """Weekdays (0 = Monday) from a list of day names (``mon`` or ``monday``, any case) and ranges (``mon-fri``,
+    ``fri-mon`` wraps over the weekend), or from one such name or range. Anything else (a comma or space
+    separated string, a misspelt or shortened word) is a ValueError with a one-line reason."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError("days must be a list of weekdays, e.g. [sat, sun] or [mon-fri]")
+    days: set[int] = set()
+    for item in items:
+        first, dash, last = item.partition("-") if isinstance(item, str) else ("", "", "")
+        a, b = _NAMES.get(first.strip().lower()), _NAMES.get(last.strip().lower()) if dash else None
+        if a is None or (dash and b is None):
+            raise ValueError(f"days: {str(item)[:40]!r} is not a weekday (mon, tue, wed, thu, fri, sat, sun) or a "
+                             "range of them (mon-fri); give several as a list: [sat, sun]")
+        days.update(range(a, a + 1) if not dash else ((a + i) % 7 for i in range((b - a) % 7 + 1)))
+    return frozenset(days)
 
 
 def describe(t: float, tz: tzinfo = timezone.utc) -> str:

@@ -107,8 +107,11 @@ class PrivateBus:
         conf = os.path.join(self.dir, "system.conf")
         with open(conf, "w") as f:
             f.write(_SYSTEM_BUS.format(socket=self.socket, policy=self.policy))
-        self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # its complaints go to a file: a pipe nobody reads fills up under a flood and blocks the daemon for good
+        self.log = os.path.join(self.dir, "dbus-daemon.log")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address"],
+                                         stdout=subprocess.PIPE, stderr=log, text=True)
         import select
         ready, _, _ = select.select([self.proc.stdout], [], [], 10)
         if not ready:
@@ -116,7 +119,8 @@ class PrivateBus:
             raise RuntimeError("dbus-daemon did not start within 10 s")
         self.address = self.proc.stdout.readline().strip()
         if not self.address:
-            err = self.proc.stderr.read()
+            self.proc.wait(10)
+            err = open(self.log).read()[-2000:]
             self.close()
             raise RuntimeError(f"dbus-daemon failed: {err}")
         self._saved = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")

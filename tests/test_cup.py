@@ -123,7 +123,10 @@ async def test_an_answer_without_a_valid_proof_is_refused_and_nothing_installs(t
         await srv.stop()
 
 
-async def test_x_retry_after_binds_only_an_answer_cup_or_tls_vouches_for(tmp_path):
+async def test_x_retry_after_is_not_trusted_over_plain_http_even_with_a_valid_cup_proof(tmp_path):
+    """issue 25 row 10: a CUP proof covers the request and the body, never a header, so an X-Retry-After added on
+    the way to a validly proven plain-http answer silenced background checks; now it binds only over verified
+    TLS, and under CUP over plain http it is ignored and logged."""
     from agent.tools.devserver import DevServer, Faults
 
     from .simdevice import Device, image
@@ -138,8 +141,27 @@ async def test_x_retry_after_binds_only_an_answer_cup_or_tls_vouches_for(tmp_pat
         assert plain.state()["retry_after_until"] is None
         (tmp_path / "cup").mkdir()
         signed = cup_device(tmp_path / "cup", srv, public)
-        rc, out, err = await signed.once()
-        assert rc == 0, err
-        assert signed.state()["retry_after_until"] is not None
+        rc, out, err = await signed.cli("daemon", "--once", "-v")
+        assert rc == 0 and "X-Retry-After ignored" in err, err
+        assert signed.state()["retry_after_until"] is None
+    finally:
+        await srv.stop()
+
+
+async def test_a_20_kib_cup_header_is_a_clear_error_not_cannot_reach_400(tmp_path):
+    """issue 25 minor: a 20 KiB X-Cup-Server-Proof ended as a misleading "cannot reach the update server: 400"."""
+    from agent.tools.devserver import DevServer, Faults
+
+    from .simdevice import image
+    private, public = cup_key(tmp_path)
+    srv = DevServer([image(tmp_path, "2.0.0")], cup_key=private, cup_key_version=3, faults=Faults(cup="huge"))
+    await srv.start()
+    try:
+        dev = cup_device(tmp_path, srv, public)
+        rc, out, err = await dev.once()
+        last = err.strip().splitlines()[-1]
+        assert rc == 1 and "Traceback" not in err, err
+        assert last.startswith("omaha-agent: unusable answer from the update server: its answer has a header"), last
+        assert "over 8190 bytes" in last and "cannot reach" not in last and "400" not in last, last
     finally:
         await srv.stop()

@@ -59,20 +59,20 @@ _CHILDREN = {
 
 
 @st.composite
-def omaha_tree(draw, name="response", depth=0):
+def omaha_tree(draw, name="response", depth=0, texts=_texts):
     attrs = {}
     for attr in _ATTRS.get(name, []):
         if draw(st.booleans()):
-            attrs[attr] = draw(_texts)
+            attrs[attr] = draw(texts)
     if name == "app" and draw(st.integers(0, 3)):
         attrs["appid"] = APP
     if draw(st.integers(0, 9)) == 0:
-        attrs[draw(st.sampled_from(["x", "size", "version", "hash_sha256"]))] = draw(_texts)
+        attrs[draw(st.sampled_from(["x", "size", "version", "hash_sha256"]) | texts)] = draw(texts)
     children = []
     if depth < 7:
         for child in _CHILDREN.get(name, []):
             for _ in range(draw(st.integers(0, 2))):
-                children.append(draw(omaha_tree(child, depth + 1)))
+                children.append(draw(omaha_tree(child, depth + 1, texts)))
     return name, attrs, children
 
 
@@ -245,6 +245,128 @@ def test_fuzz_state_file_bytes_never_stop_the_load(tmp_path_factory, raw):
     warning = store.load()
     assert warning is None or (isinstance(warning, str) and len(warning) < MAX_MESSAGE)
     store.commit_now()  # and what it holds now can be written back
+
+
+# ---------------------------------------------------------------------------------------------- outside text
+# every way text from outside enters the agent, fed text no well-behaved peer sends: bytes that are not UTF-8,
+# lone surrogates, C0/C1 controls and terminal escapes, bidi and line-separator marks, and great lengths
+_any_char = st.integers(0, 0x10FFFF).map(chr)  # (surrogates included: hypothesis's own text() leaves them out)
+_nasty = st.sampled_from(["\x1b[31mRED\x1b[0m", "\x9b2J", "\udc9b", "\ud800", "\u202e", "\u2028", "\x00", "\x7f",
+                          "\r\n", "\t", "  ", "\ufeff", "\U000e0001", "\udbff\udfff", "x" * 5000, "\u009b" * 300])
+_outside = (st.lists(_any_char | _nasty, max_size=12).map("".join) | st.text(max_size=40)
+            | st.binary(max_size=200).map(lambda b: b.decode("utf-8", "surrogateescape")))
+TEXT_RUNS: dict[str, list[int]] = {}  # target: [examples, misbehaved]
+
+
+def _unclean(text) -> str | None:
+    """What is wrong with ``text`` as text that left an entry point, or None."""
+    import unicodedata
+    if not isinstance(text, str):
+        return f"not a str: {type(text).__name__}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"not valid UTF-8: {text[:80]!r}"
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")]
+    return f"holds {bad[:3]!r}: {text[:80]!r}" if bad else None
+
+
+def check_text(target: str, *texts, limit: int = 2000) -> None:
+    """Counts one example of ``target``; every text must be clean and at most ``limit`` characters."""
+    counts = TEXT_RUNS.setdefault(target, [0, 0])
+    counts[0] += 1
+    problems = [why for why in map(_unclean, texts) if why] + [f"{len(t)} characters" for t in texts
+                                                                 if isinstance(t, str) and len(t) > limit]
+    if problems:
+        counts[1] += 1
+    record_count("fuzz outside text", ", ".join(f"{k} {n} ({m} misbehaved)" for k, (n, m) in sorted(TEXT_RUNS.items()))
+                 + " examples")
+    assert not problems, problems
+
+
+@FUZZ
+@given(_outside | st.binary(max_size=300), st.integers(1, 500))
+def test_fuzz_clean_makes_any_text_printable_utf8_bounded_and_is_idempotent(value, limit):
+    from agent.text import clean, is_clean
+    out = clean(value, limit)
+    check_text("text.clean", out, limit=limit)
+    assert clean(out, limit) == out and is_clean(out, limit)
+
+
+@FUZZ
+@given(omaha_tree(texts=_outside), st.booleans())
+def test_fuzz_outside_text_in_answers_leaves_only_clean_reasons_and_valid_versions(tree, as_json):
+    from agent.omaha import urls
+    body = (")]}'\n" + json.dumps(to_json(tree))).encode() if as_json else to_xml(tree).encode("utf-8", "replace")
+    from agent.http import OmahaHttpError
+    try:
+        response = decode_response(body)
+    except ProtocolError as exc:  # what the adapter makes of it
+        check_text("omaha answers", str(OmahaHttpError(f"unusable answer from the update server: {exc}")))
+        return
+    outcome = interpret(response, APP)
+    check_text("omaha answers", getattr(outcome, "reason", ""))
+    if hasattr(outcome, "packages"):
+        assert versions.problem(outcome.version) is None
+        assert all(urls.problem(u) is None for p in outcome.packages for u in p.urls)
+
+
+@FUZZ
+@given(_outside, _outside, st.sampled_from(["json", "raw", "nested", "bytes"]))
+def test_fuzz_fleetlock_answers_become_clean_refusals(kind, value, shape):
+    from agent.fleetlock import _reason
+    raw = {"json": lambda: json.dumps({"kind": kind, "value": value}).encode(),
+           "raw": lambda: (kind + value).encode("utf-8", "surrogatepass"),
+           "nested": lambda: b'{"kind": ' + b"[" * 60000 + b"]" * 60000 + b"}",
+           "bytes": lambda: kind.encode("utf-8", "surrogatepass") + b"\xff\x9b"}[shape]()
+    check_text("fleetlock answers", *_reason(raw))
+
+
+@FUZZ
+@given(st.tuples(_outside, _outside, _outside, _outside, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)))
+def test_fuzz_inhibitor_texts_from_logind_are_clean(row):
+    from agent.logind import inhibitor
+    lock = inhibitor(row)
+    check_text("logind inhibitors", lock.what, lock.who, lock.why, lock.mode, str(lock))
+
+
+@FUZZ
+@given(_outside)
+def test_fuzz_error_texts_that_quote_outside_text_are_clean(text):
+    from agent.http import FetchError, OmahaHttpError, describe_error
+    from agent.install import InstallError
+    from agent.localfile import shown
+    check_text("error messages", describe_error(ValueError(text)), str(OmahaHttpError(text)), str(FetchError(text)),
+               str(InstallError(text)), shown(text))
+
+
+@FUZZ
+@given(_outside | _version)
+def test_fuzz_one_version_rule_for_offers_arguments_and_statements(version):
+    from agent import trust
+    why = versions.problem(version)
+    check_text("versions", why or version, limit=1000)
+    statement = trust.statement("p.img", "ab" * 32, APP, version, 5)  # what a signed statement would say
+    try:
+        release = trust._statement(statement)
+    except trust.SignatureError as exc:
+        assert why is not None
+        check_text("versions", str(exc))
+    else:
+        assert why is None and release.version == version
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["operation", "current_version", "new_version", "last_error",
+                                        "reboot_waiting_for", "reboot_version", "booted_slot", "trust"]), _outside),
+       st.dictionaries(_outside, st.fixed_dictionaries({"state": _outside, "version": _outside}), max_size=2))
+def test_fuzz_status_printed_to_a_terminal_holds_no_control_character(fields, slots):
+    from agent.console import render_status
+    from agent.text import shown
+    status = {"operation": "idle", "current_version": "1", "booted_slot": "a", "reboot_time": 1, **fields,
+              "slots": slots}
+    lines = render_status(shown(status), 0).split("\n")
+    check_text("terminal output", *lines, limit=20000)
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -256,6 +256,83 @@ def compressed_image(kind: str) -> Callable[[str], bytes]:
     return make
 
 
+# ---------------------------------------------------------------------------------------------- outside text
+def raw(head: bytes):
+    """A handler that answers with exactly these bytes (a status line and headers aiohttp would not send: bytes
+    that are not UTF-8, control characters) and closes the connection."""
+    async def handler(srv, request):
+        request.transport.write(head)
+        request.transport.close()
+        return web.Response()  # (not sent: the connection is closed)
+    return handler
+
+
+def raw_status(reason: bytes, status: int = 503, extra: bytes = b""):
+    return raw(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n%s\r\n" % (status, reason, extra))
+
+
+def json_offer(srv: Hostile, *, version=None, name=None, codebase=None, app=None, uc=None, manifest_extra=None):
+    """The offer as protocol 3.1 JSON (ensure_ascii: a lone surrogate and a control character go as \\u escapes,
+    which JSON allows and XML does not)."""
+    import json
+    img = srv.images[0]
+    package = {"name": img.name if name is None else name, "size": img.size, "hash_sha256": img.sha256.hex()}
+    manifest = {"version": img.version if version is None else version, "packages": {"package": [package]},
+                **(manifest_extra or {})}
+    updatecheck = {"status": "ok", "urls": {"url": [{"codebase": f"{srv.base}/packages/" if codebase is None
+                                                     else codebase}]}, "manifest": manifest}
+    body = {"appid": APP, "status": "ok", "updatecheck": updatecheck if uc is None else uc, **(app or {})}
+    return ")]}'\n" + json.dumps({"response": {"protocol": "3.1", "app": [body]}})
+
+
+def json_answer(**kw):
+    return answer(lambda srv: json_offer(srv, **kw), ctype="application/json")
+
+
+ESC = "\x1b[31mRED\x1b[0m"
+TEXT_CASES = [
+    # the payload server's reason phrase (a mirror, a CDN, plain http)
+    ("payload reason phrase with a C1 CSI byte", dict(on_payload=raw_status(b"Service \x9bUnavailable")), "HTTP 503"),
+    ("payload reason phrase with ESC sequences", dict(on_payload=raw_status(b"Service \x1b[31mRED\x1b[0m")), "HTTP 503"),
+    ("payload reason phrase not UTF-8", dict(on_payload=raw_status(b"\xff\xfe\xc3\x28 gone")), "HTTP 503"),
+    ("payload reason phrase of 6000 bytes", dict(on_payload=raw_status(b"x" * 6000)), "HTTP 503"),
+    ("payload reason phrase with U+2028 and bidi", dict(on_payload=raw_status("a\u2028b\u202ec".encode())), "HTTP 503"),
+    # the update server's status line and answers
+    ("check reason phrase with a C1 CSI byte", dict(on_check=raw_status(b"Service \x9bUnavailable")), "HTTP 503"),
+    ("check updatecheck info with ESC (JSON)",
+     dict(on_check=json_answer(uc={"status": "error-internal", "info": ESC})), "error-internal"),
+    ("check updatecheck info with a lone surrogate (JSON)",
+     dict(on_check=json_answer(uc={"status": "error-internal", "info": "a\udc9bb\ud800"})), "error-internal"),
+    ("check updatecheck info of 600 KB (JSON)",
+     dict(on_check=json_answer(uc={"status": "error-internal", "info": "\u009b" * 100_000})), "error-internal"),
+    ("check updatecheck status with ESC and a surrogate (JSON)",
+     dict(on_check=json_answer(uc={"status": "error-\x1b[2J\udcff"})), "updatecheck status"),
+    ("check app status with ESC (JSON)", dict(on_check=json_answer(app={"status": "error-" + ESC})), "refused app"),
+    ("check updatecheck info with C1 controls (XML)",
+     dict(on_check=answer(xml_response('<updatecheck status="error-internal" info="a\u009b[31mb\u0085c"/>'))),
+     "error-internal"),
+    ("check unknown attribute names with ESC (JSON)",
+     dict(on_check=json_answer(version="", manifest_extra={"\x1b]0;title\x07": "x", "\udc9b": "y"})), "no version"),
+    ("check root element named with ESC (JSON)",
+     dict(on_check=answer(")]}'\n" + '{"\\u001b[31m": {}}', ctype="application/json")), "unusable answer"),
+    ("check redirect Location with ESC", dict(on_check=raw(b"HTTP/1.1 307 Moved\r\nLocation: http://127.0.0.1:1/\x1b[2J"
+                                                           b"\r\nContent-Length: 0\r\n\r\n")), "refused a redirect"),
+    ("check redirect Location not UTF-8", dict(on_check=raw(b"HTTP/1.1 307 Moved\r\nLocation: http://127.0.0.1:1/\xff\x9b"
+                                                            b"\r\nContent-Length: 0\r\n\r\n")), "refused a redirect"),
+    # versions, file names and URLs an offer names
+    ("offer version with ESC (JSON)", dict(on_check=json_answer(version="2.0.0\n" + ESC)), "not a version"),
+    ("offer version with a lone surrogate (JSON)", dict(on_check=json_answer(version="2.0.\udc9b")), "not a version"),
+    ("offer version of 512 KB (JSON)", dict(on_check=json_answer(version="2." + "1" * (512 << 10))), "not a version"),
+    ("offer package name with ESC (JSON)", dict(on_check=json_answer(name="p\x1b[2J.img")), "is not a URL"),
+    ("offer package name with a lone surrogate (JSON)", dict(on_check=json_answer(name="p\udc9b.img")), "is not a URL"),
+    ("offer codebase with a C1 CSI (XML)", dict(on_check=offering(codebase="http://127.0.0.1/\u009b[31m/")),
+     "is not a URL"),
+    ("payload Content-Encoding with ESC on a resumed body", dict(on_payload=raw(
+        b"HTTP/1.1 206 Partial\r\nContent-Encoding: \x1b[31mx\xff\r\nContent-Range: bytes 0-9/10\r\n"
+        b"Content-Length: 10\r\n\r\n0123456789")), "download failed"),
+]
+
+
 # ---------------------------------------------------------------------------------------------- the table
 @dataclass
 class Case:
@@ -266,6 +343,7 @@ class Case:
     redirect_all_posts: bool = False
     image: Callable[[str], bytes] | None = None  # a hostile payload file served with its own (true) hash
     says: str = ""  # the reason must contain this
+    text: bool = False  # a case of outside text (counted apart: TEXT_CASES)
 
 
 def closed(srv) -> str:
@@ -384,7 +462,7 @@ CASES = [
     Case("check answer gzip bomb (64 MiB)", on_check=encoded_answer(_gzip_bomb_answer, raw=True), says="limit"),
     Case("check answer deflate garbage", on_check=encoded_answer(lambda s: zlib.compress(b"x")[:3], "deflate", raw=True),
          says="cannot reach"),
-]
+] + [Case("text: " + name, says=says, text=True, **kw) for name, kw, says in TEXT_CASES]
 
 
 # ---------------------------------------------------------------------------------------------- running a case
@@ -425,6 +503,28 @@ async def _run(config) -> tuple[str | None, str | None, str | None]:
 def _digest(path: str, size: int | None = None) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(size) if size else f.read()).hexdigest()
+
+
+def _text_problems(reason: str, state_file: str) -> list[str]:
+    """What is wrong with the outside text the run left: the reason and the saved LastError must be clean
+    (valid printable UTF-8, bounded: ``text.clean``), and the state file must load without repairs."""
+    import json
+
+    from agent.state import from_json
+    from agent.text import is_clean
+    problems = []
+    if not is_clean(reason, 2000):
+        problems.append(f"the reason is not clean text: {reason[:200]!r}")
+    try:
+        with open(state_file, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return problems
+    if not is_clean(data.get("last_error", ""), 2000):
+        problems.append(f"LastError is saved as text that is not clean: {data['last_error'][:200]!r}")
+    if from_json(data)[1]:
+        problems.append(f"the saved state needs repairs on load: {from_json(data)[1]}")
+    return problems
 
 
 async def run_case(case: Case, tmp) -> Verdict:
@@ -469,6 +569,7 @@ async def run_case(case: Case, tmp) -> Verdict:
             v.problems.append(f"expected an install, got {reason[:200]!r}")
         if case.says and case.says not in reason:
             v.problems.append(f"the reason does not say {case.says!r}: {reason[:300]!r}")
+        v.problems += _text_problems(reason, f"{tmp}/state/state.json")
         # the agent keeps working: a well-behaved server, a new version
         srv.normal()
         image3 = f"{tmp}/p3.img"
@@ -510,6 +611,11 @@ async def test_hostile_server_matrix_every_case_is_refused_cleanly_or_installs_t
     record_count("hostile-server matrix", f"{len(verdicts)} cases, {len(bad)} misbehaved "
                                           f"({time.monotonic() - started:.0f} s)")
     print(f"hostile-server matrix: {len(verdicts)} cases, {len(bad)} misbehaved")
+    text = [v for v, c in zip(verdicts, CASES) if c.text]
+    record_count("hostile-server matrix, outside text", f"{len(text)} cases (non-UTF-8, surrogates, escapes, "
+                                                        f"lengths), {len([v for v in text if v.problems])} misbehaved")
+    print(f"hostile-server matrix, outside text: {len(text)} cases, {len([v for v in text if v.problems])} "
+          "misbehaved")
     assert len(CASES) >= 60
     assert not outside, f"connections outside 127.0.0.1 were attempted: {outside}"
     assert not bad, "\n".join(f"{v.case}: {'; '.join(v.problems)}" for v in bad)

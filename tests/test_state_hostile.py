@@ -122,6 +122,95 @@ def test_whatever_the_file_holds_what_is_kept_is_usable(data):
         assert math.isfinite(float(record.created))
 
 
+_any_char = st.integers(0, 0x10FFFF).map(chr)  # lone surrogates included
+_outside = (st.lists(_any_char | st.sampled_from(["\x1b[31m", "\x9b", "\udc9b", "\u202e", "\n", "x" * 3000]),
+                     max_size=10).map("".join)
+            | st.sampled_from(["2.0.0", "ok", "", "a" * 5000]))
+_text_state = st.fixed_dictionaries({}, optional={
+    "last_error": _outside, "fleet_lock": _outside,
+    "trial": st.fixed_dictionaries({"slot": st.just("b"), "version": _outside, "previous_version": _outside}),
+    "blocked": st.fixed_dictionaries({"version": _outside, "until": st.just(1.0)}),
+    "postponed": st.fixed_dictionaries({"version": _outside, "at": st.just(2.0), "first": st.just(1.0)}),
+    "download": st.fixed_dictionaries({"version": _outside, "slot": _outside, "sha256": _outside, "size": st.just(9),
+                                       "received": st.just(1), "compressed": st.just(False)}),
+    "ping": st.dictionaries(_outside, _outside | st.integers(), max_size=3),
+    "cohort": st.dictionaries(st.sampled_from(["cohort", "cohortname"]), _outside, max_size=2),
+    "events": st.lists(st.fixed_dictionaries(
+        {"requestid": _outside, "created": st.just(1), "version": _outside,
+         "event": st.fixed_dictionaries({"eventtype": st.just(3), "eventresult": st.just(2)},
+                                        optional={"url": _outside, "nextversion": _outside,
+                                                  "previousversion": _outside, "downloader": _outside})}),
+        max_size=3)})
+TEXT_COUNTS = [0, 0]  # examples, misbehaved
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_text_state, st.booleans())
+def test_outside_text_in_the_state_file_is_repaired_or_dropped_never_kept_raw(data, through_file):
+    """issue 25 row 2: a lone surrogate (or a control character) in state.json reached D-Bus and stopped the
+    daemon before READY; whatever text the file holds, what the loader keeps is clean and can be sent anywhere."""
+    from agent.omaha import versions
+    from agent.text import is_clean
+
+    from .conftest import record_count
+    if through_file:  # the bytes on disk, as the store writes them (\u escapes) or worse (raw bytes, not UTF-8)
+        raw = json.dumps(data).encode().replace(b"\\udc9b", b"\x9b")
+        state, dropped = _load_bytes(raw)
+    else:
+        state, dropped = from_json(data)
+    problems = []
+    kept = json.dumps(state.to_json(), ensure_ascii=False)
+    try:
+        kept.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        problems.append(f"not UTF-8: {exc}")
+    if not is_clean(state.last_error, 2000):
+        problems.append(f"last_error {state.last_error[:80]!r}")
+    for record in (state.trial, state.blocked, state.postponed, state.download):
+        if record is not None and record.version and versions.problem(record.version):
+            problems.append(f"version {record.version[:80]!r}")
+    if any(not is_clean(s, 4096) for s in _strings(state.to_json())):
+        problems.append("a kept text is not clean")
+    TEXT_COUNTS[0] += 1
+    TEXT_COUNTS[1] += bool(problems)
+    record_count("state file outside text", f"{TEXT_COUNTS[0]} examples, {TEXT_COUNTS[1]} misbehaved")
+    assert not problems, problems
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _load_bytes(raw: bytes):
+    import tempfile
+
+    from agent.state import Store
+    with tempfile.TemporaryDirectory() as directory:
+        with open(os.path.join(directory, "state.json"), "wb") as f:
+            f.write(raw)
+        store = Store(directory)
+        warning = store.load()
+        assert warning is None or ("\n" not in warning and len(warning) < 1000)
+        return store.state, warning
+
+
+def test_a_byte_that_is_not_utf8_in_last_error_costs_only_that_text_not_the_trial(tmp_path):
+    """issue 25 row 2: the loader repairs the text and keeps the trial record and the event queue beside it."""
+    state, warning = _load_bytes(b'{"last_error": "HTTP 503 \x9b\xff Service", "trial": {"slot": "b", "version": '
+                                 b'"2.0.0", "armed": true}, "events": [{"requestid": "{r}", "created": 1, '
+                                 b'"event": {"eventtype": 3, "eventresult": 1}}]}')
+    assert state.last_error == "HTTP 503 \\x9b\\xff Service" and "last_error's unprintable text (repaired)" in warning
+    assert state.trial is not None and state.trial.armed and len(state.events) == 1
+
+
 async def test_the_daemon_keeps_running_while_the_bootloader_state_cannot_be_read(tmp_path, server):
     dev = Device(tmp_path, server.url)
     with open(dev.config, "a") as f:

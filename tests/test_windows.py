@@ -93,7 +93,8 @@ boot: {backend: sim, env: /tmp/env}
 @pytest.mark.parametrize("reboot,says", [
     ("{policy: windows}", "the windows policy needs at least one window"),
     ("{policy: immediate, windows: [{days: [sat], start: '02:00', length: 60}]}", "windows apply to the windows"),
-    ("{policy: windows, windows: [{days: [someday], start: '02:00', length: 60}]}", "window 1: days must be"),
+    ("{policy: windows, windows: [{days: [someday], start: '02:00', length: 60}]}",
+     "window 1: days: 'someday' is not a weekday"),
     ("{policy: windows, windows: [{days: [sat], start: '2am', length: 60}]}", "window 1: '2am' is not a time"),
     ("{policy: windows, windows: [{days: [sat], start: '02:00', length: 0}]}", "window 1: length must be"),
     ("{policy: windows, windows: [{days: [sat], start: '02:00', length: 60, timezone: Mars/Base}]}",
@@ -109,6 +110,38 @@ def test_a_bad_reboot_configuration_is_one_line_naming_the_key(reboot, says):
         parse(BASE + f"reboot: {reboot}\n")
     message = str(info.value)
     assert says in message and "\n" not in message and message.startswith("agent.yaml:5: reboot."), message
+
+
+@pytest.mark.parametrize("days,start,says", [
+    ('"sat,sun"', "'02:00'", "days: 'sat,sun' is not a weekday"),
+    ("[sat sun]", "'02:00'", "days: 'sat sun' is not a weekday"),
+    ("[sunshine]", "'02:00'", "days: 'sunshine' is not a weekday"),
+    ("[sat, monkey]", "'02:00'", "days: 'monkey' is not a weekday"),
+    ("[wedding]", "'02:00'", "days: 'wedding' is not a weekday"),
+    ("[mon-funday]", "'02:00'", "days: 'mon-funday' is not a weekday"),
+    ("[]", "'02:00'", "days must be a list of weekdays"),
+    ("[3]", "'02:00'", "days: '3' is not a weekday"),
+    ("[sat]", "'²:30'", "'²:30' is not a time of day"),
+    ("[sat]", "'٢:30'", "is not a time of day"),
+])
+def test_window_days_are_exact_names_or_ranges_and_starts_are_ascii_times(days, start, says):
+    """issue 25 row 9: "sat,sun" and [sat sun] meant Saturday only, words were matched by their first three
+    letters, and a start of "²:30" ended in a raw int() error; each is now a one-line error naming the key and
+    its line."""
+    with pytest.raises(ConfigError) as info:
+        parse(BASE + f"reboot: {{policy: windows, windows: [{{days: {days}, start: {start}, length: 60}}]}}\n")
+    message = str(info.value)
+    assert message.startswith("agent.yaml:5: reboot.windows: window 1: ") and says in message, message
+    assert "\n" not in message and "int()" not in message and "base 10" not in message, message
+
+
+@pytest.mark.parametrize("days,weekdays", [
+    ("[sat, sun]", {5, 6}), ("sat", {5}), ("[mon-fri]", {0, 1, 2, 3, 4}), ("[fri-mon]", {4, 5, 6, 0}),
+    ("[Saturday, SUN]", {5, 6}), ("[mon-wed, fri]", {0, 1, 2, 4}),
+])
+def test_window_days_take_names_full_names_and_ranges(days, weekdays):
+    config = parse(BASE + f"reboot: {{policy: windows, windows: [{{days: {days}, start: '02:00', length: 60}}]}}\n")
+    assert config.reboot.windows[0].days == frozenset(weekdays)
 
 
 def test_a_windows_and_fleetlock_configuration_parses_into_its_parts():

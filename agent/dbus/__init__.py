@@ -2,7 +2,8 @@
 
 The only package that imports dbus-next (besides logind.py). It observes the runner through ``Agent.listeners``
 and forwards method calls to it; the engine knows nothing of D-Bus. The bus is the system bus, or the one in
-``DBUS_SYSTEM_BUS_ADDRESS`` when set (tests run a private one).
+``DBUS_SYSTEM_BUS_ADDRESS`` when set (tests run a private one). The connection is guarded against its callers
+(``guard.py``); if it ends all the same, ``on_lost`` is told why (the service exits for systemd to restart it).
 """
 from __future__ import annotations
 
@@ -19,17 +20,31 @@ class DbusUnavailable(Exception):
 
 
 class Service:
-    def __init__(self, agent, bus, interfaces):
+    def __init__(self, agent, bus, interfaces, on_lost=None):
         self.agent = agent
         self.bus = bus
         self.interfaces = interfaces
         self._loop = asyncio.get_running_loop()
+        self._watch = asyncio.ensure_future(self._watch_connection(on_lost))
         self._latest: dict | None = None
         self._operation = None
         self._reboot = None  # the planned reboot's time: a change goes out at once (RebootScheduled), never merged
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
         agent.listeners.append(self.on_status)
+
+    async def _watch_connection(self, on_lost) -> None:
+        """The connection ended without ``close()``: log it and say so (never stay on the bus deaf)."""
+        try:
+            await self.bus.wait_for_disconnect()
+            reason = "the bus daemon closed the connection"
+        except Exception as exc:  # noqa: BLE001 - whatever ended it, the reason is logged
+            reason = str(exc) or type(exc).__name__
+        if self.bus._user_disconnect:
+            return
+        log.error("D-Bus: lost the connection to the system bus: %s", reason)
+        if on_lost is not None:
+            on_lost(f"lost the connection to the system bus: {reason}")
 
     def on_status(self, snapshot: dict) -> None:
         """Operation and reboot-plan changes go out at once; progress at most every MIN_INTERVAL, and the last one
@@ -61,17 +76,19 @@ class Service:
             self.agent.listeners.remove(self.on_status)
         if self._timer is not None:
             self._timer.cancel()
+        self._watch.cancel()
         self.bus.disconnect()
 
 
 def _bus_class():
-    """dbus-next's bus, answering an error raised by an ``async`` method without also logging it as an
-    unhandled exception: its reply context manager sends the error but does not swallow it (dbus-next 0.2.3)."""
+    """The guarded bus (``guard.py``), answering an error raised by an ``async`` method without also logging it
+    as an unhandled exception: dbus-next's reply context manager sends the error but does not swallow it."""
     from dbus_next import Message
-    from dbus_next.aio import MessageBus
     from dbus_next.service import ServiceInterface
 
-    class Bus(MessageBus):
+    from .guard import GuardedBus
+
+    class Bus(GuardedBus):
         def _make_method_handler(self, interface, method):
             if not asyncio.iscoroutinefunction(method.fn):
                 return super()._make_method_handler(interface, method)
@@ -94,8 +111,9 @@ def _bus_class():
     return Bus
 
 
-async def publish(agent, flatcar_compat: bool = False) -> Service:
-    """Connects, exports the objects, then owns the names (so a caller never sees a name without objects)."""
+async def publish(agent, flatcar_compat: bool = False, on_lost=None) -> Service:
+    """Connects, exports the objects, then owns the names (so a caller never sees a name without objects);
+    ``on_lost(reason)`` is called if the connection ends before ``Service.close()``."""
     from dbus_next import BusType, NameFlag, RequestNameReply
     from dbus_next.errors import DBusError
 
@@ -123,6 +141,6 @@ async def publish(agent, flatcar_compat: bool = False) -> Service:
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             bus.disconnect()
             raise DbusUnavailable(f"{name} is already owned on the bus: another agent is running")
-    service = Service(agent, bus, interfaces)
+    service = Service(agent, bus, interfaces, on_lost)
     service.on_status(agent.snapshot())  # Flatcar's daemon also announces its status once at start-up
     return service

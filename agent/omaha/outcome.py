@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..text import clean
 from . import urls as url_policy
+from . import versions
 from .hashes import SHA1_LEN, SHA256_LEN, digest_from_text, sha256_from_fp
 from .model import Package, ProtocolError, Response, ResponseApp
 
@@ -84,7 +86,7 @@ class ServerError:
 
     @property
     def reason(self) -> str:
-        info = f" ({' '.join(self.info.split())[:200]})" if self.info.strip() else ""
+        info = f" ({clean(self.info, 200)})" if self.info.strip() else ""
         return f"server answered updatecheck status {url_policy.short(self.status, 60)}{info}"
 
 
@@ -94,8 +96,11 @@ class Unusable:
     reason: str
     version: str = ""
 
+    def __post_init__(self):  # the reason quotes what the server sent (attribute names, URLs, digests)
+        object.__setattr__(self, "reason", clean(self.reason, 600))
 
-MAX_VERSION = 128  # Chrome OS's 14092.106.2021_11_08_1354 is 25
+
+MAX_VERSION = versions.MAX_VERSION
 
 Outcome = UpdateOffer | NoUpdate | AppMissing | AppRejected | ServerError | Unusable
 
@@ -167,9 +172,8 @@ def _offer(app: ResponseApp, appid: str) -> Outcome:
     missing = []
     if not manifest.version:
         missing.append("the manifest has no version" + _unknown_hint(manifest.extra))
-    elif len(manifest.version) > MAX_VERSION or not manifest.version.isprintable():
-        return Unusable(appid, f"the manifest's version {url_policy.short(manifest.version, 40)} is not a version "
-                        f"(at most {MAX_VERSION} printable characters)")
+    elif why := versions.problem(manifest.version):
+        return Unusable(appid, f"the manifest's version {why}")
     if not manifest.packages:
         missing.append("packages")
     codebases = [u.codebase for u in uc.urls if u.codebase]
@@ -187,6 +191,9 @@ def _offer(app: ResponseApp, appid: str) -> Outcome:
         packages, metadata = (), ()
     if missing:
         return Unusable(appid, "no usable update: " + "; ".join(missing), manifest.version)
+    bad_urls = [why for p in packages for why in map(url_policy.problem, p.urls) if why]  # codebase + name
+    if bad_urls:
+        return Unusable(appid, f"download URL {bad_urls[0]}", manifest.version)
     return UpdateOffer(appid=appid, version=manifest.version, packages=packages, metadata=metadata,
                        poll_interval=_poll_interval(uc.extra))
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urljoin, urlsplit
 
+from ..text import is_clean
+
 MAX_REDIRECTS = 5
+MAX_URL = 4096
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 
 
@@ -23,6 +26,8 @@ def short(text: str, limit: int = 80) -> str:
 
 def problem(url: str, *, allow_http: bool = True) -> str | None:
     """Why ``url`` must not be fetched, or None when it may be."""
+    if not is_clean(url, MAX_URL):
+        return f"{short(url)} is not a URL (at most {MAX_URL} printable characters)"
     try:
         parts = urlsplit(url)
         host = parts.hostname

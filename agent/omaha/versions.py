@@ -14,6 +14,10 @@ Real-world versions that are not dotted integers get a documented total order th
 * Trailing zero elements are dropped, so the V3 equality holds for every version.
 
 ``key()`` never raises; every string has a key, and keys of any two strings compare.
+
+``problem()`` is the one rule for what may be a version at all, whatever names it (an online offer, the version
+argument of an offline install, a signed statement): 1 to ``MAX_VERSION`` printable characters (no control
+character, no line break, no lone surrogate).
 """
 from __future__ import annotations
 
@@ -21,6 +25,17 @@ import functools
 import re
 
 _RUN = re.compile(r"[0-9]+|[^0-9]+")
+MAX_VERSION = 128  # Chrome OS's 14092.106.2021_11_08_1354 is 25
+
+
+def problem(version) -> str | None:
+    """Why ``version`` cannot be a version (one short line, the text quoted and cut), or None when it can."""
+    if not isinstance(version, str) or not version:
+        return "no version is given"
+    if len(version) > MAX_VERSION or not version.isprintable():
+        shown = repr(version[:40]) + (f" (+{len(version) - 40} more characters)" if len(version) > 40 else "")
+        return f"{shown} is not a version (at most {MAX_VERSION} printable characters)"
+    return None
 _ZERO = ((1, 0, ""),)
 
 

@@ -71,7 +71,7 @@ class Faults:
     extra_urls: tuple[str, ...] = ()  # codebases listed before the real one (dead mirrors)
     always_offer: bool = False  # offer the image even to clients already at (or above) its version
     malformed: bytes | None = None  # answer update checks with these bytes
-    cup: str = ""  # CUP proofs: "missing", "tampered" (body changed after signing), "other-request"
+    cup: str = ""  # CUP proofs: "missing", "tampered" (body changed after signing), "other-request", "huge" (20 KiB)
     cohort: str | None = None  # send this cohort in every app answer
     gzip_encoding: bool = False  # Content-Encoding: gzip on payloads when the client accepts it (Range counts
     #                              the encoded bytes, as a server of precompressed files does)
@@ -271,6 +271,8 @@ class DevServer:
             proof = cup.sign(load_private_key(self.cup_key), ch, payload)
             if self.faults.cup == "other-request":
                 proof = proof.rsplit(":", 1)[0] + ":" + "00" * 32
+            if self.faults.cup == "huge":
+                proof = "0" * (20 << 10) + proof
             if self.faults.cup != "missing":
                 headers["X-Cup-Server-Proof"] = proof
             if self.faults.cup == "tampered":

@@ -25,6 +25,7 @@ class FleetLockServer:
         self.log: list[dict] = []
         self.down = False  # answer 503 (a server in maintenance) instead of acting
         self.observe = None  # called with each log entry as it is made (a test's probe)
+        self.refusal: bytes | None = None  # when set, every answer but a 200 has this body (a hostile server)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -75,6 +76,8 @@ class FleetLockServer:
         self.log.append(entry)
         if self.observe is not None:
             self.observe(entry)
+        if self.refusal is not None and response.status != 200:
+            return web.Response(status=response.status, body=self.refusal, content_type="application/json")
         return response
 
     async def _pre_reboot(self, request: web.Request) -> web.Response:
