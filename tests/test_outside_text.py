@@ -95,8 +95,7 @@ async def _install(agent: Agent, path: str, signature: str = "", version: str = 
     """(ok, message) of an offline install through the owner, as the D-Bus Install method submits it."""
     reply = await agent.submit(InstallFile(path, signature, version))
     assert reply.job is not None, reply.message
-    outcome = await asyncio.wait_for(reply.job, 60)
-    await until(lambda: agent.owner.job is None, "the job to end")
+    outcome = await asyncio.wait_for(agent.owner.finished(reply.job), 60)  # the job, and the owner's save of its end
     return outcome.ok, outcome.message
 
 

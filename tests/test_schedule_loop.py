@@ -13,14 +13,15 @@ from .simdevice import Device, image
 SCHEDULE = "schedule: {initial_delay: 0, interval: 18000, backoff_base: 60, backoff_cap: 3600}\ndbus: {enabled: false}\n"
 
 
-async def run_until(tmp_path, checks: int, faults: Faults, clock: FakeClock, version="1.0.0", seed=5, cup=None):
-    """Runs the daemon until it started ``checks`` update checks; returns their (virtual) times."""
-    srv = DevServer([image(tmp_path, version)], clock=clock.now, faults=faults, cup_key=cup[0] if cup else None)
+async def run_until(tmp_path, checks: int, faults: Faults, clock: FakeClock, version="1.0.0", seed=5, pki=None):
+    """Runs the daemon until it started ``checks`` update checks; returns their (virtual) times. With ``pki``
+    (tests/test_tls.py's openssl-made certificates) the server speaks TLS and the device verifies it."""
+    context = pki.server_context(require_client=False) if pki else None
+    srv = DevServer([image(tmp_path, version)], clock=clock.now, faults=faults, ssl_context=context)
     await srv.start()
     dev = Device(tmp_path, srv.url, extra=SCHEDULE)
-    if cup:
-        text = open(dev.config).read().replace("insecure_http: true", f"cup: {{key_version: 1, public_key: "
-                                                                      f"{cup[1]}}}")
+    if pki:
+        text = open(dev.config).read().replace("insecure_http: true", f"ca_file: {pki.path('ca.pem')}")
         with open(dev.config, "w") as f:
             f.write(text)
     agent = Agent(load(dev.config), clock=clock, rng=random.Random(seed))
@@ -60,11 +61,11 @@ async def test_failed_checks_back_off_exponentially_then_return_to_the_interval(
     assert agent.ctx.state.failures == 0
 
 
-async def test_x_retry_after_holds_background_checks_back(tmp_path):
-    from .test_cup import cup_key
+async def test_x_retry_after_over_verified_tls_holds_background_checks_back(tmp_path):
+    from .test_tls import Pki
     clock = FakeClock()
-    keys = cup_key(tmp_path)  # X-Retry-After binds only an answer CUP (or TLS) vouches for
-    times, _ = await run_until(tmp_path, 2, Faults(retry_after="30000"), clock, cup=keys)
+    # X-Retry-After binds only an answer that came over verified TLS (a CUP proof covers no header)
+    times, _ = await run_until(tmp_path, 2, Faults(retry_after="30000"), clock, pki=Pki(tmp_path))
     assert times[1] - times[0] >= 30000, times  # longer than the 18000 s interval
 
 
