@@ -16,7 +16,7 @@ from agent.text import is_clean
 
 from .simdevice import APP, Device, image
 from .test_logind import login1  # noqa: F401 - the fixture: a stand-in for logind on a private bus
-from .test_reboots import FLEET, FRIDAY_NOON, Sim, until
+from .test_reboots import FLEET, FRIDAY_NOON, devices, until  # noqa: F401 (devices: the fixture)
 from .seams import FakeClock
 
 QUIET = "schedule: {initial_delay: 3600}\ndbus: {enabled: false}\n"
@@ -32,29 +32,17 @@ async def locks():
     await srv.stop()
 
 
-@pytest.fixture
-async def sims():
-    made: list[Sim] = []
-
-    def make(*args, **kw) -> Sim:
-        made.append(Sim(*args, **kw))
-        return made[-1]
-    yield make
-    for sim in made:
-        await sim.stop()
-
-
 NESTED = b"[" * 60000
 ESCAPES = json.dumps({"kind": "\x1b[2J" * 10, "value": "\x1b]0;owned\x07\x9b31m\udc9b" + "v" * 5000}).encode()
 
 
 @pytest.mark.parametrize("body", [NESTED, ESCAPES, b"\xff\xfe\x9b not json"], ids=["nested", "escapes", "bytes"])
 async def test_a_malformed_fleetlock_refusal_keeps_the_plan_and_is_retried_with_backoff(tmp_path, server, locks,
-                                                                                        sims, body):
+                                                                                        devices, body):
     """issue 25 row 5: a 409 of 60 000 nested "[" raised RecursionError out of the reboot job, which dropped the
     plan (RebootTime 0, no retry); and row 2/7: its kind and value went raw into LastError and the status."""
     locks.holders["workers"], locks.refusal = ["another-node"], body
-    sim = sims(tmp_path, server.url, FLEET.replace("URL", locks.url), FakeClock(FRIDAY_NOON))
+    sim = devices(tmp_path, server.url, FLEET.replace("URL", locks.url), FakeClock(FRIDAY_NOON))
     agent = await sim.start()
     await sim.install()
     await until(lambda: len(locks.requests("pre-reboot", 409)) >= 3, "three refused attempts")
@@ -68,9 +56,9 @@ async def test_a_malformed_fleetlock_refusal_keeps_the_plan_and_is_retried_with_
     await until(lambda: sim.rebooted_at, "the reboot once the slot is free")
 
 
-async def test_a_malformed_fleetlock_answer_to_the_release_is_retried_until_200(tmp_path, server, locks, sims):
+async def test_a_malformed_fleetlock_answer_to_the_release_is_retried_until_200(tmp_path, server, locks, devices):
     """issue 25 row 5: on steady-state the RecursionError ended the release: the lock was never given back."""
-    sim = sims(tmp_path, server.url, FLEET.replace("URL", locks.url), FakeClock(FRIDAY_NOON))
+    sim = devices(tmp_path, server.url, FLEET.replace("URL", locks.url), FakeClock(FRIDAY_NOON))
     await sim.start()
     await sim.install()
     await until(lambda: sim.rebooted_at, "the reboot")
