@@ -17,6 +17,7 @@ from .boot.worker import TIMEOUT as BOOT_TIMEOUT, BootWorker
 from .clock import SYSTEM, Clock
 from .config import Config
 from .context import Context
+from .exporter import Exporter
 from .machine import Check, NoOp, Settle
 from .owner import Owner, Reply, describe
 from .reporter import Reporter
@@ -72,6 +73,8 @@ class Agent:
         self.reporter = Reporter(self.ctx)
         self.settler = Settler(self.ctx, self.reporter)
         self.owner = Owner(self.ctx, self.settler, UpdateAttempt(self.ctx, self.reporter))
+        metrics = config.metrics
+        self.exporter = Exporter(self.ctx, self.reporter) if metrics.textfile or metrics.socket else None
         self.wakeup = asyncio.Event()  # the schedule loop re-plans (a job ended, or a stop)
 
     # -------------------------------------------------------------- what the D-Bus layer and the CLI use
@@ -125,6 +128,8 @@ class Agent:
             log.error("%s", ctx.status.trust)
         self.owner.wait_for_boot_complete = wait_for_boot_complete
         self.owner.once = once
+        if self.exporter is not None:
+            await self.exporter.start()
         self.owner.start()
         settled = await self.owner.submit(Settle())
         await ctx.status.refresh_slots()
@@ -139,6 +144,8 @@ class Agent:
             await self.ctx.store.commit()
         except OSError as exc:
             log.error("could not save the state: %s", describe(exc))
+        if self.exporter is not None:
+            await self.exporter.close()
         await self.reporter.close()
         self.ctx.boot.close()
 
