@@ -71,13 +71,21 @@ class SocketServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        try:
             os.chmod(self.path, 0o660)
             gid = os.stat(os.path.dirname(os.path.abspath(self.path))).st_gid
-            if gid != os.getgid():
-                os.chown(self.path, -1, gid)
+            if gid != os.getegid():
+                try:
+                    os.chown(self.path, -1, gid)
+                except OSError as exc:
+                    log.warning("the metrics socket %s keeps the agent's group: %s", self.path, exc.strerror or exc)
             self.server = await asyncio.get_running_loop().create_unix_server(lambda: _Answer(self), sock=sock)
         except BaseException:
             sock.close()
+            os.unlink(self.path)
             raise
 
     async def close(self) -> None:
