@@ -111,6 +111,7 @@ class Exporter:
         self._inflight: asyncio.Future | None = None  # the write in its thread (a cancel does not stop a thread)
         self._last = float("-inf")
         self._error = ""
+        self.writes = 0  # textfile writes so far
         reporter.on_queue = self._event
         ctx.status.listeners.append(self._changed)
 
@@ -174,6 +175,7 @@ class Exporter:
         try:
             self._inflight = asyncio.ensure_future(asyncio.to_thread(write_atomic, path, self.text().encode(), 0o644))
             await asyncio.shield(self._inflight)
+            self.writes += 1
         except OSError as exc:
             error = f"{exc.strerror or exc}"
             if error != self._error:  # said once, not at every status change

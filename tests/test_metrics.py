@@ -104,6 +104,31 @@ async def test_a_failed_check_counts_a_check_failure(tmp_path):
     assert value(parsed, "omaha_agent_operation", operation="idle") == 1
 
 
+async def test_a_burst_of_status_changes_writes_the_textfile_once(tmp_path):
+    textfile = str(tmp_path / "omaha_agent.prom")
+    dev = Device(tmp_path, "http://127.0.0.1:9/v1/update/", extra=f"metrics: {{textfile: {textfile}}}\n")
+    agent = Agent(load(dev.config))
+    try:
+        await agent.start(once=True)
+        exporter = agent.exporter
+        for _ in range(200):  # the start-up write (and the one its status changes asked for)
+            if exporter._writer is None or exporter._writer.done():
+                break
+            await asyncio.sleep(0.05)
+        before = exporter.writes
+        agent.ctx.state.last_check = 1234
+        for _ in range(1000):  # as a download's progress does, once per chunk
+            agent.status.notify()
+        for _ in range(200):
+            if exporter._writer.done():
+                break
+            await asyncio.sleep(0.05)
+        assert exporter.writes == before + 1
+        assert value(samples(open(textfile).read()), "omaha_agent_last_check_timestamp_seconds") == 1234
+    finally:
+        await agent.close()
+
+
 def test_textfile_is_replaced_atomically_never_seen_half_written(tmp_path):
     path = str(tmp_path / "omaha_agent.prom")
     tally = Tally()
