@@ -9,6 +9,7 @@ import tempfile
 import threading
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.atomic import write_atomic
@@ -239,6 +240,14 @@ def test_hostile_label_values_stay_one_parsable_sample(version):
     info = [labels for (name, labels) in parsed if name == "omaha_agent_info"]
     assert len(info) == 1 and dict(info[0])["version"] == clean(version, 200)
     assert [name for (name, _) in parsed if name == "x"] == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300), st.text(max_size=20))
+def test_any_version_and_slot_text_renders_as_one_info_sample(version, slot):
+    parsed = samples(render({"operation": "idle", "current_version": version, "booted_slot": slot}, Tally(), "sim", 0))
+    info = [dict(labels) for (name, labels) in parsed if name == "omaha_agent_info"]
+    assert info == [{"version": clean(version, 200), "slot": clean(slot, 200), "backend": "sim"}]
 
 
 def test_metrics_are_off_by_default_and_their_paths_are_checked(tmp_path):
