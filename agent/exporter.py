@@ -112,6 +112,7 @@ class Exporter:
         self._last = float("-inf")
         self._error = ""
         self.writes = 0  # textfile writes so far
+        self._closed = False
         reporter.on_queue = self._event
         ctx.status.listeners.append(self._changed)
 
@@ -127,11 +128,13 @@ class Exporter:
                 self.socket = server
                 log.info("metrics served on %s", self.config.socket)
             except OSError as exc:
-                log.error("cannot serve the metrics on %s: %s", self.config.socket, exc.strerror or exc)
+                log.error("cannot serve the metrics on %s: %s (does its directory exist, and may the service write "
+                          "there? see README, Metrics)", self.config.socket, exc.strerror or exc)
         self._schedule()
 
     async def close(self) -> None:
         """Stops serving, and writes the textfile a last time."""
+        self._closed = True
         if self.socket is not None:
             await self.socket.close()
         if self._writer is not None:
@@ -154,7 +157,7 @@ class Exporter:
         self._schedule()
 
     def _schedule(self) -> None:
-        if not self.config.textfile:
+        if not self.config.textfile or self._closed:
             return
         self._dirty = True
         if self._writer is None or self._writer.done():
@@ -179,7 +182,8 @@ class Exporter:
         except OSError as exc:
             error = f"{exc.strerror or exc}"
             if error != self._error:  # said once, not at every status change
-                log.error("cannot write the metrics to %s: %s", path, error)
+                log.error("cannot write the metrics to %s: %s (does its directory exist, and may the service write "
+                          "there? see README, Metrics)", path, error)
             self._error = error
             return
         if self._error:

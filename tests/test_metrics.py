@@ -130,6 +130,21 @@ async def test_a_burst_of_status_changes_writes_the_textfile_once(tmp_path):
         await agent.close()
 
 
+async def test_a_textfile_that_cannot_be_written_is_said_once_and_the_agent_goes_on(tmp_path, caplog):
+    textfile = str(tmp_path / "missing-dir" / "omaha_agent.prom")
+    dev = Device(tmp_path, "http://127.0.0.1:9/v1/update/", extra=f"metrics: {{textfile: {textfile}}}\n")
+    agent = Agent(load(dev.config))
+    try:
+        await agent.start(once=True)
+        outcome = await (await agent.submit(Check(interactive=True))).job  # several status changes, each a write
+        assert not outcome.ok and "127.0.0.1:9" in outcome.message
+    finally:
+        await agent.close()
+    said = [r.getMessage() for r in caplog.records if "cannot write the metrics" in r.getMessage()]
+    assert len(said) == 1 and "No such file or directory" in said[0], said
+    assert agent.exporter.writes == 0
+
+
 def test_textfile_is_replaced_atomically_never_seen_half_written(tmp_path):
     path = str(tmp_path / "omaha_agent.prom")
     tally = Tally()
