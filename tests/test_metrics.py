@@ -48,6 +48,17 @@ def short_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+async def job_ended(agent, outcome_of, operation: str):
+    """Awaits the job of a command's reply, then (bounded) until the owner has set the operation it ended in."""
+    outcome = await outcome_of
+    for _ in range(600):
+        if agent.status.operation.value == operation:
+            break
+        await asyncio.sleep(0.05)
+    assert agent.status.operation.value == operation
+    return outcome
+
+
 async def read_socket(path: str) -> bytes:
     reader, writer = await asyncio.open_unix_connection(path)
     try:
@@ -67,7 +78,7 @@ async def test_an_installed_update_is_exported_on_the_socket_and_in_the_textfile
         assert value(before, "omaha_agent_operation", operation="idle") == 1
         assert value(before, "omaha_agent_download_bytes_total") == 0
         reply = await agent.submit(Check(interactive=True))
-        outcome = await reply.job
+        outcome = await job_ended(agent, reply.job, "updated-need-reboot")
         assert outcome.ok, outcome.message
         after = samples((await read_socket(sock)).decode())
     finally:
@@ -95,7 +106,7 @@ async def test_a_failed_check_counts_a_check_failure(tmp_path):
     agent = Agent(load(dev.config))
     try:
         await agent.start(once=True)
-        outcome = await (await agent.submit(Check(interactive=True))).job
+        outcome = await job_ended(agent, (await agent.submit(Check(interactive=True))).job, "idle")
         assert not outcome.ok
     finally:
         await agent.close()
@@ -136,7 +147,8 @@ async def test_a_textfile_that_cannot_be_written_is_said_once_and_the_agent_goes
     agent = Agent(load(dev.config))
     try:
         await agent.start(once=True)
-        outcome = await (await agent.submit(Check(interactive=True))).job  # several status changes, each a write
+        # several status changes, each a write
+        outcome = await job_ended(agent, (await agent.submit(Check(interactive=True))).job, "idle")
         assert not outcome.ok and "127.0.0.1:9" in outcome.message
     finally:
         await agent.close()
