@@ -118,6 +118,12 @@ class TrustConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    textfile: str | None = None  # the Prometheus exposition, replaced atomically (node exporter's textfile collector)
+    socket: str | None = None  # a Unix socket that answers every connection with the exposition
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
@@ -131,6 +137,7 @@ class Config:
     install: InstallConfig = field(default_factory=InstallConfig)
     dbus: DbusConfig = field(default_factory=DbusConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 class _Reader:
@@ -359,7 +366,7 @@ def _reboot(r: _Reader) -> RebootConfig:
 def parse(text: str, path: str = "agent.yaml") -> Config:
     r = _Reader(path, text)
     r.unknown("", {"server", "app", "slots", "boot", "state_dir", "schedule", "reboot", "health", "install", "dbus",
-                   "trust"})
+                   "trust", "metrics"})
     for sec, keys in {"server": {"url", "protocol", "insecure_http", "ca_file", "timeout", "cup", "client_cert",
                                  "client_key"},
                       "app": {"id", "version", "version_file", "track", "board", "hardware_class", "send_machine_id",
@@ -368,7 +375,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                       "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
                       "reboot": {"policy", "windows", "fleetlock", "notice", "max_postpone", "max_inhibit_delay"},
                       "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout"},
-                      "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"}}.items():
+                      "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"},
+                      "metrics": {"textfile", "socket"}}.items():
         r.unknown(sec, keys)
 
     url = str(r.get("server.url", kind=str))
@@ -462,7 +470,30 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
         health=HealthConfig(tuple(commands), _duration(r, "health.timeout", 300, int, 1), after,
                             _duration(r, "health.boot_complete_timeout", 900, int, 1)),
         install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1))),
-        dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust)
+        dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust,
+        metrics=_metrics(r))
+
+
+MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108 with its terminating NUL
+
+
+def _metrics(r: _Reader) -> MetricsConfig:
+    paths = {}
+    for name in ("textfile", "socket"):
+        key = f"metrics.{name}"
+        path = r.get(key, None, str)
+        if path is None:
+            continue
+        if not os.path.isabs(path) or path.endswith("/") or any(not c.isprintable() for c in path):
+            r.fail(key, f"must be an absolute file path, not {urls.short(path, 40)}")
+        if os.path.isdir(path):
+            r.fail(key, f"{urls.short(path, 80)} is a directory; give the file's path in it")
+        paths[name] = path
+    if len(os.fsencode(paths.get("socket", ""))) > MAX_SOCKET_PATH:
+        r.fail("metrics.socket", f"is longer than {MAX_SOCKET_PATH} bytes, the most a Unix socket's path can be")
+    if paths.get("socket") and paths.get("socket") == paths.get("textfile"):
+        r.fail("metrics.socket", "is the same path as metrics.textfile; give each its own")
+    return MetricsConfig(paths.get("textfile"), paths.get("socket"))
 
 
 def load(path: str = DEFAULT_PATH) -> Config:

@@ -18,6 +18,7 @@ from .boot.worker import TIMEOUT as BOOT_TIMEOUT, BootWorker
 from .clock import SYSTEM, Clock
 from .config import Config
 from .context import Context
+from .exporter import Exporter
 from .machine import Check, NoOp, Settle
 from .errors import describe
 from .owner import Owner, Reply
@@ -74,6 +75,8 @@ class Agent:
         self.reporter = Reporter(self.ctx)
         self.settler = Settler(self.ctx, self.reporter)
         self.owner = Owner(self.ctx, self.settler, UpdateAttempt(self.ctx, self.reporter))
+        metrics = config.metrics
+        self.exporter = Exporter(self.ctx, self.reporter) if metrics.textfile or metrics.socket else None
         self.wakeup = asyncio.Event()  # the schedule loop re-plans (a job ended, or a stop)
 
     # -------------------------------------------------------------- what the D-Bus layer and the CLI use
@@ -127,6 +130,8 @@ class Agent:
             log.error("%s", ctx.status.trust)
         self.owner.wait_for_boot_complete = wait_for_boot_complete
         self.owner.once = once
+        if self.exporter is not None:
+            await self.exporter.start()
         self.owner.start()
         settled = await self.owner.submit(Settle())
         await ctx.status.refresh_slots()
@@ -140,6 +145,8 @@ class Agent:
         await self.owner.close()
         await self.ctx.cancel_background()
         await self.ctx.save()
+        if self.exporter is not None:
+            await self.exporter.close()
         await self.reporter.close()
         self.ctx.boot.close()
 

@@ -41,6 +41,7 @@ class Progress:
     done: int
     total: int
     rate: float  # bytes per second over this attempt
+    fetched: int = 0  # bytes taken from the source since the previous report (the metrics add them up)
 
     @property
     def fraction(self) -> float:
@@ -244,6 +245,7 @@ class Installer:
         self.on_checkpoint = on_checkpoint
         self.chunk = chunk
         self.checkpoint_every = checkpoint_every
+        self._taken = self._reported = 0  # bytes taken from the sources, and how many of them a Progress told
 
     async def install(self, boot: BootWorker, slot: str, path: str, capacity: int, pkg: PackageOffer,
                       version: str, tries: int, resume: Checkpoint | None = None,
@@ -436,6 +438,7 @@ class Installer:
             if pipe.fed + pipe.pending + len(data) > pkg.size:
                 raise PayloadError(f"the source sent more than the promised {pkg.size} bytes", "size")
             handed = await pipe.put(data)
+            self._taken += len(data)
             if handed:
                 await handed_on(sum(handed))
 
@@ -457,6 +460,7 @@ class Installer:
                             pipe.commit(body.landed)
                         raise
                     handed = pipe.commit(n)
+                    self._taken += n
                     if handed:
                         await handed_on(handed)
             finally:
@@ -521,7 +525,8 @@ class Installer:
 
     def _progress(self, writer: SlotWriter, pkg: PackageOffer, start: float, base: int) -> None:
         elapsed = max(1e-6, time.monotonic() - start)
-        self.on_progress(Progress(writer.received, pkg.size, (writer.received - base) / elapsed))
+        fetched, self._reported = self._taken - self._reported, self._taken
+        self.on_progress(Progress(writer.received, pkg.size, (writer.received - base) / elapsed, fetched))
 
 
 async def _settle(pipe: "_Pipeline | None") -> None:

@@ -25,6 +25,7 @@ class Reporter:
         self.session = None
         self._cup = None
         self._flush_lock = asyncio.Lock()
+        self.on_queue = None  # told of every event queued (the metrics count them)
 
     # -------------------------------------------------------------- requests
     def client_info(self, version: str | None = None) -> build.ClientInfo:
@@ -115,6 +116,8 @@ class Reporter:
     def queue(self, event: Event, version: str) -> None:
         """Adds ``event`` to the durable queue (the caller commits the state)."""
         self.ctx.state.enqueue(EventRecord(self.ctx.guid(), self.ctx.guid(), self.ctx.now(), version, event))
+        if self.on_queue is not None:
+            self.on_queue(event)
         log.info("event %s queued (%s -> %s)", event_label(event.eventtype, event.eventresult),
                  event.previousversion, event.nextversion)
 

@@ -99,13 +99,18 @@ def test_tmpfiles_and_sysusers_apply_with_systemds_tools(installed, tmp_path):
     need_tool("systemd-sysusers")
     root = tmp_path / "image"
     (root / "etc").mkdir(parents=True)
+    # sysusers first, as at boot (systemd-sysusers.service runs before systemd-tmpfiles-setup.service)
+    proc = run("systemd-sysusers", f"--root={root}", str(installed / "usr/lib/sysusers.d/omaha-agent.conf"))
+    assert proc.returncode == 0, proc.stderr
+    group = [line for line in (root / "etc/group").read_text().splitlines() if line.startswith("omaha-agent:")]
+    assert len(group) == 1
     proc = run("systemd-tmpfiles", "--create", f"--root={root}", str(installed / "usr/lib/tmpfiles.d/omaha-agent.conf"))
     assert proc.returncode == 0, proc.stderr
     state = root / "var/lib/omaha-agent"
     assert state.is_dir() and oct(state.stat().st_mode & 0o777) == "0o700"
-    proc = run("systemd-sysusers", f"--root={root}", str(installed / "usr/lib/sysusers.d/omaha-agent.conf"))
-    assert proc.returncode == 0, proc.stderr
-    assert any(line.startswith("omaha-agent:") for line in (root / "etc/group").read_text().splitlines())
+    run_dir = root / "run/omaha-agent"  # the metrics socket's directory: its group may read the metrics
+    assert run_dir.is_dir() and oct(run_dir.stat().st_mode & 0o777) == "0o750"
+    assert run_dir.stat().st_gid == int(group[0].split(":")[2])
 
 
 def test_main_unit_leaves_proc_cmdline_readable_for_the_booted_slot():
