@@ -4,7 +4,8 @@ At start-up: which slot runs and which version; then the trial record against th
 the trial slot booted → confirm it (health step, then good and 3/2, or bad, 3/0 code 45 and a reboot back);
 the old slot runs and the trial's tries are gone → it fell back (bad, 3/0 code 44, the version blocked);
 the trial slot still has its tries → keep waiting for the reboot. A running slot the bootloader does not call
-good although no record names it is confirmed like a trial, or adopted when no other slot is good.
+good although no record names it is confirmed like a trial, or adopted when no other slot is good; so is the
+running slot when the bootloader's env is missing or empty (a first boot before provisioning).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from enum import Enum
 
 from . import policy, schedule
 from .omaha import versions
-from .boot import BootError, SlotState, other
+from .boot import BootEnvMissing, BootError, SlotState, other
 from .errors import describe
 from .omaha.events import ErrorCategory, ErrorCode
 from .reboot import reboot
@@ -119,6 +120,15 @@ class Settler:
             status = await ctx.boot.status()
             booted_good = status[ctx.booted].state is SlotState.GOOD
             other_good = status[other(ctx.booted)].state is SlotState.GOOD
+        except BootEnvMissing as exc:
+            # a first boot before provisioning: the bootloader sees nothing good or armed either, so the
+            # running slot is adopted (written good, never bad) and the other slot is bad, as it boots
+            log.warning("%s: adopting the running slot %s as good, the other slot bad", exc, ctx.booted)
+            try:
+                await ctx.boot.adopt(ctx.booted)
+            except BootError as error:
+                log.error("could not adopt slot %s: %s", ctx.booted, error)
+            return None
         except (BootError, KeyError):
             return None
         decision = policy.untracked_boot(ctx.booted, booted_good, other_good)

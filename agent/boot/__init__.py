@@ -38,6 +38,11 @@ class BootError(Exception):
     """The bootloader's state could not be read or written; the message says which file and why."""
 
 
+class BootEnvMissing(BootError):
+    """The bootloader's env is missing or empty (a first boot before provisioning): the bootloader itself sees no
+    slot good or armed. Nothing in it can be lost by writing a fresh one."""
+
+
 class BootControl(Protocol):
     name: str
 

@@ -24,7 +24,7 @@ import os
 import stat
 
 from ..atomic import write_atomic
-from . import BootError, SlotState, SlotStatus, check_slot, check_tries, other, reorder
+from . import BootEnvMissing, BootError, SlotState, SlotStatus, check_slot, check_tries, other, reorder
 
 HEADER = b"# GRUB Environment Block\n"
 SIZE = 1024
@@ -66,12 +66,16 @@ def rewrite_in_place(fd: int, block: bytes) -> None:
 def read(path: str) -> dict[str, str]:
     try:
         with open(path, "rb") as f:
-            return parse(f.read(64 * 1024), path)
+            block = f.read(64 * 1024)
     except FileNotFoundError:
-        raise BootError(f"{path}: GRUB environment block not found (create it with "
-                        f"'grub-editenv {path} create' and mark the factory slot good)") from None
+        raise BootEnvMissing(f"{path}: GRUB environment block not found (write the factory state with "
+                             "'omaha-agent provision --slot a --version V')") from None
     except OSError as exc:
         raise BootError(f"{path}: cannot read the GRUB environment block: {exc.strerror}") from None
+    if not block:  # GRUB's load_env finds no variables in it either
+        raise BootEnvMissing(f"{path}: the GRUB environment block is empty (write the factory state with "
+                             "'omaha-agent provision --slot a --version V')")
+    return parse(block, path)
 
 
 class GrubEnvBoot:
@@ -104,10 +108,12 @@ class GrubEnvBoot:
                 os.close(fd)
 
     def initialize(self, good: str = "a") -> None:
-        """A fresh block for a factory image: ``good`` is good, the other slot bad."""
-        env = {}
-        if os.path.exists(self.path):
+        """The factory state: ``good`` is good, the other slot bad, nothing armed; other variables are kept.
+        Writing it again gives the same bytes."""
+        try:
             env = self._read()
+        except BootEnvMissing:
+            env = {}
         env.update({"ORDER": f"{good.upper()} {other(good).upper()}", f"{good.upper()}_OK": "1",
                     f"{good.upper()}_TRY": "0", f"{other(good).upper()}_OK": "0",
                     f"{other(good).upper()}_TRY": "0"})

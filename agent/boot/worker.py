@@ -57,6 +57,10 @@ class BootWorker:
     async def set_trial(self, slot: str, tries: int, version: str | None = None) -> None:
         await self._call(f"setting slot {slot} for a trial boot", self.control.set_trial, slot, tries, version)
 
+    async def adopt(self, slot: str) -> None:
+        """A missing or empty env (``BootEnvMissing``) gets the factory state with ``slot`` good, the other bad."""
+        await self._call(f"writing a fresh bootloader env with slot {slot} good", self.control.initialize, slot)
+
     async def refill(self, slot: str) -> bool:
         """The backend's start-of-run refill of a good slot's boot attempts (U-Boot); False when it has none."""
         if not hasattr(self.control, "refill"):
