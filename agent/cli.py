@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_slots)
     with_config(sub.add_parser("sim-reboot", help="emulate a reboot through the simulated bootloader")).set_defaults(
         func=cmd_sim_reboot)
+    pv = with_config(sub.add_parser("provision", help="write the factory boot state: SLOT good, the other bad"))
+    pv.add_argument("--slot", required=True, choices=("a", "b"), help="the slot the image boots from")
+    pv.add_argument("--version", required=True, help="the version in that slot")
+    pv.add_argument("--image-root", default=None, metavar="DIR",
+                    help="an image being built: config paths are taken inside DIR (gpt: DIR is the disk image)")
+    pv.set_defaults(func=lambda args: __import__("agent.provision", fromlist=["main"]).main(args))
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     with_config(csub.add_parser("check", help="validate a configuration file")).set_defaults(func=cmd_config_check)

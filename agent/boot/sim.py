@@ -29,7 +29,7 @@ class SimBoot:
                 env = json.loads(f.read(1 << 20))
         except FileNotFoundError:
             raise BootError(f"{self.path}: simulated bootloader env not found (run 'omaha-agent demo' or "
-                            "create it with SimBoot.initialize)") from None
+                            "write it with 'omaha-agent provision --slot a --version V')") from None
         except (OSError, ValueError) as exc:
             raise BootError(f"{self.path}: unreadable simulated bootloader env: {exc}") from None
         slots = env.get("slots") if isinstance(env, dict) else None

@@ -64,9 +64,28 @@ class UBootBoot:
             os.unlink(script)
 
     def initialize(self, good: str = "a", defaults: str | None = None) -> None:
-        g, o = good.upper(), other(good).upper()
-        self._set({"BOOT_ORDER": f"{g} {o}", f"BOOT_{g}_LEFT": str(GOOD_ATTEMPTS), f"BOOT_{g}_OK": "1",
-                   f"BOOT_{o}_LEFT": "0", f"BOOT_{o}_OK": "0"}, defaults)
+        """The factory state: ``good`` good with full attempts, the other slot bad, nothing armed. No write when
+        the env holds it already (a redundant pair would otherwise switch copies: the same state, other bytes).
+        A blank env (no valid copy) starts from ``defaults``, else from the factory variables alone."""
+        g, o = check_slot(good).upper(), other(good).upper()
+        values = {"BOOT_ORDER": f"{g} {o}", f"BOOT_{g}_LEFT": str(GOOD_ATTEMPTS), f"BOOT_{g}_OK": "1",
+                  f"BOOT_{o}_LEFT": "0", f"BOOT_{o}_OK": "0"}
+        try:
+            env = self._env()
+        except BootError:  # blank or unreadable: fw_setenv starts from the defaults
+            env = {}
+        if all(env.get(name) == value for name, value in values.items()):
+            return
+        if defaults is not None:
+            self._set(values, defaults)
+            return
+        fd, factory = tempfile.mkstemp(prefix="omaha-agent-uboot-defaults.", suffix=".txt")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("".join(f"{k}={v}\n" for k, v in values.items()))
+            self._set(values, factory)
+        finally:
+            os.unlink(factory)
 
     def status(self) -> dict[str, SlotStatus]:
         env = self._env()
