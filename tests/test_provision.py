@@ -61,6 +61,15 @@ def test_provision_grubenv_keeps_other_variables_and_disarms_a_trial(tmp_path):
     assert editenv_list(str(env)) == {"saved_entry": "0", **FACTORY_GRUB}
 
 
+def test_provision_grubenv_replaces_an_empty_file_with_a_full_block(tmp_path):
+    need_tool("grub-editenv")
+    (tmp_path / "grubenv").write_bytes(b"")
+    config = write_config(tmp_path / "agent.yaml", "{backend: grubenv, env: /grubenv}")
+    assert provision(config, "--image-root", str(tmp_path)) == 0
+    assert editenv_list(str(tmp_path / "grubenv")) == FACTORY_GRUB
+    assert len((tmp_path / "grubenv").read_bytes()) == 1024
+
+
 def test_provision_slot_b_marks_b_good_and_a_bad(tmp_path):
     need_tool("grub-editenv")
     config = write_config(tmp_path / "agent.yaml", "{backend: grubenv, env: /grubenv}")
