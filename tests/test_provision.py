@@ -166,6 +166,14 @@ def test_provision_names_the_missing_directory_in_one_line(tmp_path, capsys):
     assert f"{tmp_path}/boot/efi does not exist: create it" in err
 
 
+def test_provision_leaves_a_file_that_is_no_grub_env_block_alone_and_says_what_to_do(tmp_path, capsys):
+    (tmp_path / "grubenv").write_bytes(b"not an env block\n")
+    config = write_config(tmp_path / "agent.yaml", "{backend: grubenv, env: /grubenv}")
+    assert provision(config, "--image-root", str(tmp_path)) == 1
+    assert "move the file away and write a fresh block with 'omaha-agent provision'" in one_line_error(capsys)
+    assert (tmp_path / "grubenv").read_bytes() == b"not an env block\n"
+
+
 def test_provision_refuses_a_bad_version_in_one_line(tmp_path, capsys):
     config = write_config(tmp_path / "agent.yaml", "{backend: grubenv, env: /grubenv}")
     assert provision(config, "--image-root", str(tmp_path), version="1.0\x07") == 1

@@ -33,7 +33,8 @@ MAX_TRIES = 9  # grub.cfg counts down with an if-chain from 9
 
 def parse(block: bytes, where: str = "grubenv") -> dict[str, str]:
     if not block.startswith(HEADER):
-        raise BootError(f"{where}: not a GRUB environment block (missing '# GRUB Environment Block' header)")
+        raise BootError(f"{where}: not a GRUB environment block (no '# GRUB Environment Block' header): check "
+                        "boot.env, or move the file away and write a fresh block with 'omaha-agent provision'")
     env: dict[str, str] = {}
     for raw in block[len(HEADER):].split(b"\n"):
         line = raw.decode("utf-8", "replace")
