@@ -209,8 +209,9 @@ class Agent:
             await self.close()
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
-        """A stop, or the end of any job (an interactive check too), wakes the loop to re-plan."""
-        while not stop.is_set():
+        """A stop, or the end of any job (an interactive check too), wakes the loop to re-plan. A stop that came
+        before this task's first step wakes it too (the loop may already sleep: it would sleep on, up to 30 s)."""
+        while True:
             stop_wait = asyncio.ensure_future(stop.wait())
             job_wait = asyncio.ensure_future(self.owner.job_ended.wait())
             await asyncio.wait({stop_wait, job_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -219,6 +220,8 @@ class Agent:
             if self.owner.job_ended.is_set():
                 self.owner.job_ended.clear()
             self.wakeup.set()
+            if stop.is_set():
+                return
 
     async def _loop_once(self, nxt: schedule.NextCheck, stop: asyncio.Event) -> schedule.NextCheck:
         ctx = self.ctx

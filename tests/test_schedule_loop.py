@@ -83,3 +83,33 @@ async def test_a_check_missed_while_suspended_runs_within_five_minutes_of_waking
         assert woke <= times[1] <= woke + 300 + 31, (times[1] - woke)  # caught up within 5 minutes
         delays.append(times[1] - woke)
     assert max(delays) - min(delays) > 60, delays  # spread, not all at the moment of waking
+
+
+async def test_a_stop_that_comes_while_the_loop_first_sleeps_wakes_it(tmp_path):
+    """A SIGTERM right after READY, when the loop already sleeps but its wake-up watcher has not taken its first
+    step yet: the watcher saw the stop set, left without waking the sleep, and the daemon stopped only when the
+    sleep ran out (up to 30 s; systemd's stop, and a test's, waited that long)."""
+    stop = asyncio.Event()
+
+    class StopInFirstSleep(FakeClock):
+        woken: list[bool] = []
+
+        async def sleep(self, seconds, wake=None):
+            if wake is None or self.woken:
+                return await super().sleep(seconds, wake)
+            stop.set()  # the signal, before any other task ran
+            waiter = asyncio.ensure_future(wake.wait())
+            await asyncio.wait({waiter}, timeout=20)  # bounded: the stop must wake it long before
+            waiter.cancel()
+            self.woken.append(wake.is_set())
+
+    clock = StopInFirstSleep()
+    srv = DevServer([image(tmp_path, "1.0.0")], clock=clock.now)
+    await srv.start()
+    try:
+        dev = Device(tmp_path, srv.url, extra=SCHEDULE.replace("initial_delay: 0", "initial_delay: 600"))
+        agent = Agent(load(dev.config), clock=clock, rng=random.Random(5))
+        await asyncio.wait_for(agent.run_forever(stop), 60)
+    finally:
+        await srv.stop()
+    assert clock.woken == [True], "the first sleep was not woken by the stop"
