@@ -209,6 +209,8 @@ async def test_a_rollback_on_the_grub_backend_arms_the_recorded_older_slot_as_gr
     agent = await started(config, Booted(str(env), "b"))
     try:
         assert editenv(env)["B_OK"] == "1" and agent.status.operation is Operation.IDLE
+        await agent.status.refresh_slots()  # the Slots property shows what a rollback would boot
+        assert agent.status.slots["a"] == {"state": "good", "tries_left": 0, "version": "1.0.0"}
         reply = await agent.submit(Rollback())
         assert reply.message == "rollback to 1.0.0 armed on slot a; it boots on the next reboot (omaha-agent reboot)"
         listed = editenv(env)
@@ -231,3 +233,57 @@ async def test_a_rollback_on_the_grub_backend_arms_the_recorded_older_slot_as_gr
         assert state["fallback"] == {"slot": "b", "version": "2.0.0"}
     finally:
         await agent.close()
+
+
+async def test_rollback_over_dbus_and_the_cli_answers_in_one_line_and_refuses_with_the_project_error(
+        tmp_path, server, system_bus):
+    """issue 29 row 4: through a private dbus-daemon with the project's policy and a real daemon process: on a
+    factory device ``Rollback()`` fails with ``org.omaha_agent.Agent1.Error.NoRollback`` and ``omaha-agent
+    rollback`` prints its reason in one line (exit 1); after an update to 2.0.0 is confirmed, ``omaha-agent
+    rollback`` prints one line and slot a waits, armed, for the reboot (the manual policy)."""
+    from dbus_next import BusType, Message, MessageType
+    from dbus_next.aio import MessageBus
+
+    from agent.dbus.client import Client
+
+    from .test_dbus import BUS_NAME, PATH, Daemon, cli, wait_status
+
+    dev = Device(tmp_path, server.url, after="boot-complete", extra="schedule: {initial_delay: 3600}\n")
+    daemon = Daemon(dev)
+    await daemon.start()
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    client = await Client.connect()
+    try:
+        reply = await bus.call(Message(destination=BUS_NAME, path=PATH, interface=BUS_NAME, member="Rollback"))
+        assert reply.message_type == MessageType.ERROR and reply.error_name == f"{BUS_NAME}.Error.NoRollback"
+        assert reply.body == ["slot b is bad or empty (never installed, or its update failed): nothing to roll back to"]
+        rc, out, err = await cli("rollback")
+        assert rc == 1 and err.splitlines() == ["omaha-agent: slot b is bad or empty (never installed, or its update "
+                                                "failed): nothing to roll back to"] and out == "", (out, err)
+        await client.call("CheckForUpdate", "b", [True])
+        await wait_status(client, lambda s: s["operation"] == "updated-need-reboot")
+        rc, out, err = await cli("rollback")  # 2.0.0 waits on slot b: 1.0.0's slot is the running one
+        assert rc == 1 and "2.0.0 is installed and waits for a reboot" in err and len(err.splitlines()) == 1
+        await client.call("Reboot")
+        await wait_status(client, lambda s: dev.boot.booted_slot() == "b")
+    finally:
+        await daemon.stop()
+
+    second = Daemon(dev)  # on slot b, 2.0.0 on trial until boot-complete
+    await second.start()
+    try:
+        await wait_status(client, lambda s: s["waiting_for_boot_complete"])
+        rc, out, err = await cli("rollback")  # not before the trial is confirmed
+        assert rc == 1 and "boots on trial" in err and "Traceback" not in err, err
+        assert (await cli("confirm-boot"))[0] == 0
+        await wait_status(client, lambda s: s["operation"] == "idle" and s["slots"]["b"]["state"] == "good")
+        rc, out, err = await cli("rollback")
+        assert rc == 0 and out.splitlines() == [
+            "rollback to 1.0.0 armed on slot a; it boots on the next reboot (omaha-agent reboot)"], (out, err)
+        status = await client.status()
+        assert status["operation"] == "updated-need-reboot" and status["new_version"] == "1.0.0"
+        assert status["slots"]["a"]["state"] == "trial" and status["slots"]["b"]["state"] == "good"
+    finally:
+        client.close()
+        bus.disconnect()
+        await second.stop()
