@@ -220,8 +220,8 @@ class Owner:
             return self._plan_reboot(forced=True)
         if action is Action.ROLL_BACK:
             trial = await rollback.arm(ctx)
+            status.offer(trial.version, 0)  # named in the operation's change
             self.flow.to(Operation.NEED_REBOOT)
-            status.offer(trial.version, 0)
             armed = f"rollback to {trial.version} armed on slot {trial.slot}"
             if ctx.config.reboot.policy == "manual":
                 return f"{armed}; it boots on the next reboot (omaha-agent reboot)", None

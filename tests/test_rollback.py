@@ -287,3 +287,34 @@ async def test_rollback_over_dbus_and_the_cli_answers_in_one_line_and_refuses_wi
         client.close()
         bus.disconnect()
         await second.stop()
+
+
+async def test_a_power_cut_while_a_rollback_is_armed_leaves_it_whole_or_gone_and_never_reports_a_3_1(tmp_path,
+                                                                                                   server):
+    """issue 29 row 4: power can fail between the rollback's record and ``set_trial``, or between ``set_trial``
+    and the armed record; the next start asks the bootloader: not armed, the record goes and slot a stays good;
+    armed, it waits for its reboot. Neither queues a 3/1 (a rollback installs nothing)."""
+    for cut_after_set_trial in (False, True):
+        work = tmp_path / str(cut_after_set_trial)
+        work.mkdir()
+        dev = Device(work, server.url, extra=QUIET)
+        dev.boot.set_trial("b", 2, "2.0.0")
+        dev.boot.mark_good("b")
+        assert dev.boot.reboot() == "b"  # running 2.0.0 on b, 1.0.0 still good on a
+        if cut_after_set_trial:
+            dev.boot.set_trial("a", 2, "1.0.0")
+        (work / "state").mkdir()
+        (work / "state" / "state.json").write_text(json.dumps({"trial": {
+            "slot": "a", "version": "1.0.0", "previous_version": "2.0.0", "armed": False, "rollback": True}}))
+        agent = await started(dev.config, dev.boot)
+        try:
+            state = dev.state()
+            assert state["events"] == []
+            if cut_after_set_trial:
+                assert agent.status.operation is Operation.NEED_REBOOT and agent.status.new_version == "1.0.0"
+                assert state["trial"]["armed"] is True and dev.boot.status()["a"].state.value == "trial"
+            else:
+                assert agent.status.operation is Operation.IDLE and state["trial"] is None
+                assert dev.boot.status()["a"].state.value == "good"
+        finally:
+            await agent.close()
