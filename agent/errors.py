@@ -1,8 +1,8 @@
 """The errors a user or a caller sees, in one place: each carries the one line that says what went wrong.
 
 ``AttemptFailed`` (the update job failed), ``CommandFailed`` (a command could not be carried out), ``Refused``
-(a command refused once acting could tell: the reboot plan, a rollback; ``machine.Refuse`` as an exception) and ``describe``, which turns any
-exception into the one line ``LastError`` shows.
+(a command refused once acting could tell, by the reboot plan or a rollback: ``machine.Refuse`` as an exception)
+and ``describe``, which turns any exception into the one line ``LastError`` shows.
 """
 from __future__ import annotations
 

@@ -48,11 +48,13 @@ async def arm(ctx) -> Trial:
         async with ctx.shutdown_delay(f"arming the rollback to {trial.version} on slot {trial.slot}"):
             await ctx.boot.set_trial(trial.slot, ctx.config.boot.tries, trial.version)
     except BootError:
-        try:  # it was good: so it stays (a set_trial that timed out may still land; this one queues after it)
+        try:  # both were good: so they stay, the running slot first in the boot order again (a set_trial that
+            # timed out may still land: these queue after it in the bootloader's one thread)
             await ctx.boot.mark_good(trial.slot)
+            await ctx.boot.mark_good(booted)
             state.trial = None
         except BootError as exc:  # the record stays unarmed: the next start reads which happened
-            log.error("could not put slot %s back as good: %s", trial.slot, exc)
+            log.error("could not put slot %s back as it was: %s", trial.slot, exc)
         await ctx.save()
         raise
     state.trial = replace(trial, armed=True)

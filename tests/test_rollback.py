@@ -318,3 +318,27 @@ async def test_a_power_cut_while_a_rollback_is_armed_leaves_it_whole_or_gone_and
                 assert dev.boot.status()["a"].state.value == "good"
         finally:
             await agent.close()
+
+
+async def test_a_rollback_the_bootloader_cannot_arm_fails_in_one_line_and_leaves_the_running_slot_first(tmp_path,
+                                                                                                      server):
+    """issue 29 row 4: ``set_trial`` fails (``FaultyBoot``, tests/seams.py: a real bootloader cannot be made to
+    fail at that call here): the command fails with the bootloader's reason in LastError, both slots stay good
+    with the running slot b first in the boot order (so no reboot boots 1.0.0 untested), and no record is left."""
+    from .seams import FaultyBoot
+    dev = Device(tmp_path, server.url, policy="immediate", extra=QUIET)
+    assert (await dev.once())[0] == 0
+    boot = FaultyBoot(dev.boot)
+    agent = await started(dev.config, boot)
+    try:
+        boot.fail("set_trial", "error")
+        reply = await agent.submit(Rollback())
+        assert type(reply.result).__name__ == "Failed" and reply.message == "injected failure in set_trial", reply
+        assert agent.snapshot()["last_error"] == "injected failure in set_trial"
+        assert agent.status.operation is Operation.IDLE and dev.state()["trial"] is None
+        with open(dev.boot.path) as f:
+            env = json.load(f)
+        assert env["order"] == ["b", "a"] and [s.state.value for s in dev.boot.status().values()] == ["good", "good"]
+        assert dev.boot.reboot() == "b"
+    finally:
+        await agent.close()
