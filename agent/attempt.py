@@ -146,7 +146,7 @@ class UpdateAttempt:
                                blocked_version=blocked.version if blocked else None,
                                blocked_until=blocked.until if blocked else 0.0,
                                rollback_allowed=ctx.config.app.rollback_allowed, booted_good=booted_good,
-                               now=ctx.now())
+                               now=ctx.now(), blocked_rolled_back=bool(blocked and blocked.rolled_back))
         if isinstance(decision, OfferDeclined):
             log.info("offer of %s not taken: %s", offer.version, decision.reason)
             await ctx.save()
@@ -322,6 +322,8 @@ class _Hooks(InstallHooks):
 
     async def writing(self) -> None:
         state = self.attempt.ctx.state
+        if state.fallback is not None and state.fallback.slot == self.target:
+            state.fallback = None  # its older system is being overwritten: no rollback to it any more
         if state.trial is not None and state.trial.replaced:  # its slot is marked bad now: the record goes
             state.trial = None
             await self.attempt.ctx.save()

@@ -148,7 +148,8 @@ def cmd_client(args) -> int:
         return console.run(console.install(args.payload, args.sig or "", args.version or "", args.wait, args.timeout))
     if args.command == "postpone":
         return console.run(console.simple("PostponeReboot", "u", [args.seconds]))
-    member = {"mark-good": "MarkGood", "reboot": "Reboot", "confirm-boot": "ConfirmBoot"}[args.command]
+    member = {"mark-good": "MarkGood", "reboot": "Reboot", "confirm-boot": "ConfirmBoot", "rollback": "Rollback"}[
+        args.command]
     return console.run(console.simple(member))
 
 
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("postpone", help="move the planned reboot later (at most reboot.max_postpone)")
     pp.add_argument("seconds", type=_seconds, help="how much later, in seconds (or 30m, 2h)")
     pp.set_defaults(func=cmd_client)
+    sub.add_parser("rollback", help="go back to the older system on the other slot (a trial boot, then the reboot "
+                   "by reboot.policy)").set_defaults(func=cmd_client)
     fl = sub.add_parser("fleetlock-server", help="run a development FleetLock server (reboot slots per group)")
     fl.add_argument("--host", default="127.0.0.1")
     fl.add_argument("--port", type=int, default=8090)

@@ -298,6 +298,7 @@ async def read_slots(config: Config) -> dict:
         await agent.settler.detect()
         status = await agent.ctx.boot.status()
         return {"booted": agent.ctx.booted, "version": agent.ctx.version,
-                "slots": slot_view(status, agent.ctx.booted, agent.ctx.version, agent.ctx.state.trial)}
+                "slots": slot_view(status, agent.ctx.booted, agent.ctx.version, agent.ctx.state.trial,
+                                   agent.ctx.state.fallback)}
     finally:
         agent.ctx.boot.close()

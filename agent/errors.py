@@ -1,8 +1,8 @@
 """The errors a user or a caller sees, in one place: each carries the one line that says what went wrong.
 
 ``AttemptFailed`` (the update job failed), ``CommandFailed`` (a command could not be carried out), ``Refused``
-(a command the reboot plan refuses: ``machine.Refuse`` as an exception) and ``describe``, which turns any
-exception into the one line ``LastError`` shows.
+(a command refused once acting could tell, by the reboot plan or a rollback: ``machine.Refuse`` as an exception)
+and ``describe``, which turns any exception into the one line ``LastError`` shows.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class CommandFailed(Exception):
 
 
 class Refused(Exception):
-    """A command the reboot plan refuses (a ``machine.Refuse`` carried as an exception to the owner)."""
+    """A command refused once acting could tell (a ``machine.Refuse`` carried as an exception to the owner)."""
 
     def __init__(self, refuse):
         super().__init__(refuse.reason)

@@ -13,20 +13,20 @@ already asked of logind), ``reboot-pending`` (the reboot job: a planned reboot w
 window, a shutdown inhibitor or the fleet's lock, then reboots), ``awaiting-boot-complete`` (the trial
 slot booted; its health step waits for boot-complete.target), ``health-check`` (the health step runs).
 
-================================  =========  ==============  =============  ==============  =============  ========  ========  =========
-operation \\ command              check      cancel          mark-good      reset           reboot         confirm   install⁶  postpone
-================================  =========  ==============  =============  ==============  =============  ========  ========  =========
-starting                          refuse     refuse          refuse         refuse          refuse         refuse    refuse    refuse
-idle                              ACT job    refuse          no-op¹         no-op           refuse         no-op     ACT job   refuse
-checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse
-downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse
-verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse
-reporting-error                   no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse
-updated-need-reboot               no-op      refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    refuse⁸
-reboot-pending                    no-op      refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    ACT⁸
-awaiting-boot-complete            refuse     refuse          ACT trial⁴     refuse          refuse         ACT job   refuse    refuse
-health-check                      refuse     refuse          refuse⁵        refuse          refuse         no-op     refuse    refuse
-================================  =========  ==============  =============  ==============  =============  ========  ========  =========
+================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========
+operation \\ command              check      cancel          mark-good      reset           reboot         confirm   install⁶  postpone   rollback⁹
+================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========
+starting                          refuse     refuse          refuse         refuse          refuse         refuse    refuse    refuse     refuse
+idle                              ACT job    refuse          no-op¹         no-op           refuse         no-op     ACT job   refuse     ACT arm⁹
+checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse
+downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse
+verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse     refuse
+reporting-error                   no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse     refuse
+updated-need-reboot               no-op      refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    refuse⁸    refuse
+reboot-pending                    no-op      refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    ACT⁸       refuse
+awaiting-boot-complete            refuse     refuse          ACT trial⁴     refuse          refuse         ACT job   refuse    refuse     refuse
+health-check                      refuse     refuse          refuse⁵        refuse          refuse         no-op     refuse    refuse     refuse
+================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========
 
 The start-up ``settle`` is acted on in ``starting`` only (a no-op anywhere else); ``health-timeout`` (boot-complete
 never came) is acted on in ``awaiting-boot-complete`` only. A job's end is no command: the owner learns it from
@@ -46,6 +46,12 @@ the job's task and moves the operation through ``TRANSITIONS`` (``owner.py`` say
    (FleetLock) is still taken first when one is configured. In ``reboot-pending`` it replaces the plan.
 8. ``PostponeReboot`` moves a planned reboot later, at most ``reboot.max_postpone`` past its first planned time
    (refused once that bound is reached); with nothing planned (the manual policy) there is nothing to move.
+9. An operator's rollback: the other slot's older system is armed for a trial boot (its own settle, health step
+   and 3/2 follow the reboot), and the reboot is planned by ``reboot.policy`` as for an installed update
+   (``updated-need-reboot``, then ``reboot-pending`` unless the policy is manual). Acting reads the bootloader
+   first, and ``rollback_target`` can still refuse: the running slot not good, the other slot bad, empty, on
+   trial or of unknown version, or a trial record already armed. Refused while a job runs, while an installed
+   update waits for its reboot (it holds the other slot now) and during a trial boot (it is confirmed first).
 """
 from __future__ import annotations
 
@@ -79,7 +85,7 @@ TRIAL_BOOT = frozenset({_O.AWAITING_BOOT_COMPLETE, _O.HEALTH_CHECK})
 
 TRANSITIONS: dict[Operation, frozenset[Operation]] = {
     _O.STARTING: frozenset({_O.IDLE, _O.NEED_REBOOT, _O.AWAITING_BOOT_COMPLETE, _O.HEALTH_CHECK}),
-    _O.IDLE: frozenset({_O.CHECKING}),
+    _O.IDLE: frozenset({_O.CHECKING, _O.NEED_REBOOT}),  # a check, or an operator's rollback armed
     _O.CHECKING: frozenset({_O.IDLE, _O.UPDATE_AVAILABLE, _O.REPORTING_ERROR, _O.NEED_REBOOT}),
     _O.UPDATE_AVAILABLE: frozenset({_O.DOWNLOADING, _O.IDLE, _O.REPORTING_ERROR, _O.NEED_REBOOT}),
     _O.DOWNLOADING: frozenset({_O.VERIFYING, _O.REPORTING_ERROR, _O.IDLE}),
@@ -157,6 +163,11 @@ class PostponeReboot:
 
 
 @dataclass(frozen=True)
+class Rollback:
+    """An operator's rollback to the older system on the other slot."""
+
+
+@dataclass(frozen=True)
 class Settle:
     pass
 
@@ -166,7 +177,8 @@ class HealthTimeout:
     seconds: float
 
 
-Command = Check | InstallFile | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | PostponeReboot | Settle | HealthTimeout
+Command = (Check | InstallFile | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | PostponeReboot | Rollback | Settle
+           | HealthTimeout)
 
 
 # ---------------------------------------------------------------------------------------------- decisions
@@ -181,6 +193,7 @@ class Action(str, Enum):
     REBOOT = "reboot into the installed update now"
     POSTPONE_REBOOT = "move the planned reboot later"
     SETTLE = "settle the last update"
+    ROLL_BACK = "arm the other slot's older system for a trial boot"
 
 
 @dataclass(frozen=True)
@@ -278,7 +291,60 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
         if op is _O.HEALTH_CHECK:
             return NoOp("the health check of the running trial is in progress")
         return NoOp("no trial boot waits for confirmation")
+    if isinstance(command, Rollback):
+        return _rollback(op, waiting, booted_good)
     raise TypeError(f"not a command: {command!r}")
+
+
+def _rollback(op: Operation, waiting: str, booted_good: bool) -> Decision:
+    if op is _O.IDLE:
+        if not booted_good:
+            return Refuse("the running slot is not good (its update failed here, or its state cannot be read): the "
+                          "next reboot goes back to the other slot already", "NoRollback")
+        return Act(Action.ROLL_BACK)
+    if op in WAITING_FOR_REBOOT:
+        return Refuse(f"{waiting} on the other slot: nothing older is left there to roll back to", "NoRollback")
+    if op in TRIAL_BOOT:
+        return Refuse(f"the running slot boots on trial ({op.value}): it is confirmed or failed first; roll back "
+                      "once it is good", "Busy")
+    return Refuse(f"an update is running ({op.value}); roll back once it ends", "Busy")
+
+
+@dataclass(frozen=True)
+class RollbackTarget:
+    """The slot a rollback arms, and the version it holds."""
+
+    slot: str
+    version: str
+
+
+def rollback_target(booted: str | None, booted_state: str, other_state: str, other_version: str | None,
+                    current: str, armed: str | None) -> RollbackTarget | Refuse:
+    """Whether the other slot can be rolled back to, from the bootloader's fresh word (the slot states ``good``,
+    ``trial``, ``bad``), the version the other slot is known to hold (None: unknown), the running version and
+    the version of a trial record (None: no record)."""
+    if booted is None:
+        return Refuse("cannot tell which slot runs: nothing is rolled back", "NoRollback")
+    other = "b" if booted == "a" else "a"
+    if armed is not None:
+        return Refuse(f"version {armed} is armed on slot {other} and waits for a reboot: nothing older is left "
+                      "there to roll back to", "NoRollback")
+    if booted_state != "good":
+        return Refuse(f"the running slot {booted} is not good ({booted_state}): the next reboot goes back to slot "
+                      f"{other} already", "NoRollback")
+    if other_state == "trial":
+        return Refuse(f"slot {other} holds an update that never booted to confirmation: nothing to roll back to",
+                      "NoRollback")
+    if other_state != "good":
+        return Refuse(f"slot {other} is bad or empty (never installed, or its update failed): nothing to roll back "
+                      "to", "NoRollback")
+    if not other_version:
+        return Refuse(f"slot {other} is good but its version is unknown (no update installed by this agent was "
+                      "confirmed over it): it is not booted blind", "NoRollback")
+    if versions.same(other_version, current):
+        return Refuse(f"slot {other} holds {other_version}, the version running: nothing to roll back to",
+                      "NoRollback")
+    return RollbackTarget(other, other_version)
 
 
 # ---------------------------------------------------------------------------------------------- install policy
@@ -298,7 +364,7 @@ class OfferDeclined:
 
 def may_install(offer: str, current: str, *, trial_version: str | None, blocked_version: str | None,
                 blocked_until: float, rollback_allowed: bool, booted_good: bool,
-                now: float) -> OfferTaken | OfferDeclined:
+                now: float, blocked_rolled_back: bool = False) -> OfferTaken | OfferDeclined:
     """Whether an offered version is installed. Never relies on the server to compare versions."""
     if not booted_good:
         return OfferDeclined("the running slot is not confirmed good yet; no update before it is")
@@ -307,6 +373,9 @@ def may_install(offer: str, current: str, *, trial_version: str | None, blocked_
     if trial_version is not None and versions.same(offer, trial_version):
         return OfferDeclined(f"version {offer} is already installed and waits for a reboot")
     if blocked_version is not None and versions.same(offer, blocked_version) and now < blocked_until:
+        if blocked_rolled_back:
+            return OfferDeclined(f"version {offer} was rolled back on this device; not offered again before the "
+                                 "block ends")
         return OfferDeclined(f"version {offer} failed on this device; not retried before the backoff ends")
     if not versions.is_newer(offer, current) and not rollback_allowed:
         return OfferDeclined(f"version {offer} is older than {current}: a downgrade, refused "

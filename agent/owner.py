@@ -23,6 +23,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from . import rollback
 from .boot import BootError
 from .errors import AttemptFailed, CommandFailed, Refused, describe
 from .machine import (
@@ -217,6 +218,15 @@ class Owner:
             return "idle", None
         if action is Action.REBOOT:
             return self._plan_reboot(forced=True)
+        if action is Action.ROLL_BACK:
+            trial = await rollback.arm(ctx)
+            status.offer(trial.version, 0)  # named in the operation's change
+            self.flow.to(Operation.NEED_REBOOT)
+            armed = f"rollback to {trial.version} armed on slot {trial.slot}"
+            if ctx.config.reboot.policy == "manual":
+                return f"{armed}; it boots on the next reboot (omaha-agent reboot)", None
+            message, job = self._plan_reboot(forced=False)
+            return f"{armed}; {message}", job
         if action is Action.POSTPONE_REBOOT:
             message = self.rebooter.postpone(command.seconds)
             await ctx.save("the postponement")  # on disk before the caller hears it: a restart keeps it

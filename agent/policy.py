@@ -48,10 +48,12 @@ BLOCK_BACKOFF = 24 * 3600
 BLOCK_MAX = BLOCK_BACKOFF * 2 ** 4
 
 
-def block_until(now: float, previous: Blocked | None, version: str) -> Blocked:
-    """A failed version is not offered again before a backoff that doubles on each failure (1 d .. 16 d)."""
+def block_until(now: float, previous: Blocked | None, version: str, rolled_back: bool = False) -> Blocked:
+    """A failed version is not offered again before a backoff that doubles on each failure (1 d .. 16 d); so is
+    a version an operator rolled back from (``rolled_back``: the same backoff, counted the same way). A newer
+    version is never blocked by it."""
     count = previous.count + 1 if previous and previous.version == version else 1
-    return Blocked(version, now + min(BLOCK_MAX, BLOCK_BACKOFF * 2 ** min(count - 1, 4)), count)
+    return Blocked(version, now + min(BLOCK_MAX, BLOCK_BACKOFF * 2 ** min(count - 1, 4)), count, rolled_back)
 
 
 def _event(code, **kw) -> Event:

@@ -23,7 +23,7 @@ from .errors import describe
 from .omaha.events import ErrorCategory, ErrorCode
 from .reboot import reboot
 from .slots import SlotError, detect_booted, resolve
-from .state import Trial
+from .state import Fallback, Trial
 
 log = logging.getLogger("omaha-agent")
 
@@ -92,7 +92,7 @@ class Settler:
             # (booting the slot, or its tries left, prove set_trial ran; otherwise the install did not finish)
             armed = bootable or ctx.booted == trial.slot
             state.trial = trial = replace(trial, armed=True) if armed else None
-            if armed:  # its 3/1 was never queued
+            if armed and not trial.rollback:  # its 3/1 was never queued (a rollback has none)
                 self.reporter.queue(policy.applied(trial.previous_version, trial.version), trial.previous_version)
             await ctx.save()
         if trial and trial.replaced and not bootable and ctx.booted != trial.slot:
@@ -188,16 +188,20 @@ class Settler:
         return False
 
     async def confirm(self, trial: Trial) -> None:
-        """The booted trial slot is good: mark it good, queue 3/2, unblock, commit."""
+        """The booted trial slot is good: mark it good, queue 3/2, unblock (a rollback blocks the version it left
+        instead), record what the other slot keeps, commit."""
         ctx, state = self.ctx, self.ctx.state
         async with ctx.shutdown_delay(f"confirming {trial.version} on slot {trial.slot}"):
             await ctx.boot.mark_good(trial.slot)
             self.reporter.queue(policy.updated_and_rebooted(trial.previous_version, trial.version), trial.version)
             state.trial = None
-            state.blocked = None
+            state.blocked = (policy.block_until(ctx.now(), state.blocked, trial.previous_version, rolled_back=True)
+                             if trial.rollback else None)
+            state.fallback = None if trial.untracked else Fallback(other(trial.slot), trial.previous_version)
             state.last_error = ""
             await ctx.save()
-        log.info("slot %s is good: updated %s -> %s after reboot; reporting 3/2", trial.slot,
+        how = "rolled back" if trial.rollback else "updated"
+        log.info("slot %s is good: %s %s -> %s after reboot; reporting 3/2", trial.slot, how,
                  trial.previous_version, trial.version)
 
     async def fail(self, trial: Trial, reason: str) -> None:

@@ -1,7 +1,7 @@
 """The daemon's durable state as typed records, one JSON file replaced atomically, and the one way to save it.
 
-Records: the trial (``Trial``), the download checkpoint (``Checkpoint``), the blocked version (``Blocked``) and
-the event queue (``EventRecord``). Events leave the queue only once the server acknowledged them; a resend keeps
+Records: the trial (``Trial``), the download checkpoint (``Checkpoint``), the blocked version (``Blocked``), the
+version the other slot keeps (``Fallback``, what a rollback boots) and the event queue (``EventRecord``). Events leave the queue only once the server acknowledged them; a resend keeps
 its original request id and creation time (for ``X-Request-Age``). The queue is bounded: past ``MAX_EVENTS`` the
 oldest progress events (13/1, 14/1) go first, outcomes (3/x) last.
 
@@ -45,6 +45,7 @@ class Trial:
     armed: bool = False
     untracked: bool = False  # found running unconfirmed without a record (state lost, or another tool)
     replaced: bool = False  # a new install is replacing it: if it turns out unbootable, that was on purpose
+    rollback: bool = False  # an operator's rollback to the older system on that slot (nothing was installed)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,16 @@ class Blocked:
     version: str
     until: float
     count: int = 1
+    rolled_back: bool = False  # blocked because an operator rolled back from it, not because it failed
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The version the other slot holds, still good, after an update over it was confirmed (a rollback's target;
+    the bootloaders other than sim do not record versions)."""
+
+    slot: str
+    version: str
 
 
 MAX_POSTPONED = 366 * 86400  # seconds: no configuration postpones a reboot further (config: durations up to a year)
@@ -105,10 +116,11 @@ class State:
     last_error: str = ""
     fleet_lock: str = ""  # the FleetLock group whose reboot slot may be held (asked for, not yet given back)
     postponed: Postponed | None = None
+    fallback: Fallback | None = None
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("download", "trial", "blocked", "postponed"):
+        for key in ("download", "trial", "blocked", "postponed", "fallback"):
             out[key] = asdict(out[key]) if out[key] is not None else None
         out["events"] = [dict(asdict(e), event={k: v for k, v in e.event.__dict__.items()}) for e in self.events]
         return out
@@ -171,11 +183,16 @@ def _record(cls, data, kinds: dict, check=lambda r: True):
 
 def trial_from(data) -> Trial | None:
     return _record(Trial, data, {"slot": str, "version": str, "previous_version": str, "armed": bool,
-                                 "untracked": bool, "replaced": bool}, lambda t: t.slot in SLOTS)
+                                 "untracked": bool, "replaced": bool, "rollback": bool}, lambda t: t.slot in SLOTS)
 
 
 def blocked_from(data) -> Blocked | None:
-    return _record(Blocked, data, {"version": str, "until": (int, float), "count": int}, lambda b: b.count >= 1)
+    return _record(Blocked, data, {"version": str, "until": (int, float), "count": int, "rolled_back": bool},
+                   lambda b: b.count >= 1)
+
+
+def fallback_from(data) -> Fallback | None:
+    return _record(Fallback, data, {"slot": str, "version": str}, lambda f: f.slot in SLOTS and bool(f.version))
 
 
 def postponed_from(data) -> Postponed | None:
@@ -227,7 +244,8 @@ class _EventFields:
 _PLAIN = {"ping": dict, "cohort": dict, "failures": int, "last_check": (int, float, type(None)),
           "next_check": (int, float, type(None)), "retry_after_until": (int, float, type(None)), "last_error": str,
           "fleet_lock": str}
-_RECORDS = {"trial": trial_from, "blocked": blocked_from, "download": checkpoint_from, "postponed": postponed_from}
+_RECORDS = {"trial": trial_from, "blocked": blocked_from, "download": checkpoint_from, "postponed": postponed_from,
+            "fallback": fallback_from}
 
 
 def from_json(data: dict) -> tuple[State, list[str]]:

@@ -7,13 +7,16 @@ import logging
 
 from .boot import BootError, SlotState, SlotStatus
 from .machine import Flow, Operation
-from .state import Trial
+from .state import Fallback, Trial
 
 log = logging.getLogger("omaha-agent")
 
 
-def slot_view(status: dict[str, SlotStatus], booted: str | None, version: str, trial: Trial | None) -> dict:
-    """The bootloader's view for people: a running slot on its last try is still shown as a trial."""
+def slot_view(status: dict[str, SlotStatus], booted: str | None, version: str, trial: Trial | None,
+              fallback: Fallback | None = None) -> dict:
+    """The bootloader's view for people: a running slot on its last try is still shown as a trial; a slot's
+    version where the bootloader, the running system, the trial or the recorded fallback (what a rollback
+    boots) knows it."""
     out = {}
     for slot, st in status.items():
         entry = st.to_json()
@@ -23,6 +26,8 @@ def slot_view(status: dict[str, SlotStatus], booted: str | None, version: str, t
             entry["version"] = version
         if trial is not None and slot == trial.slot and "version" not in entry:
             entry["version"] = trial.version
+        if fallback is not None and slot == fallback.slot and st.state is SlotState.GOOD and "version" not in entry:
+            entry["version"] = fallback.version
         out[slot] = entry
     return out
 
@@ -59,7 +64,8 @@ class StatusBoard:
     async def refresh_slots(self) -> None:
         try:
             status = await self.ctx.boot.status()
-            self.slots = slot_view(status, self.ctx.booted, self.ctx.version, self.ctx.state.trial)
+            self.slots = slot_view(status, self.ctx.booted, self.ctx.version, self.ctx.state.trial,
+                                   self.ctx.state.fallback)
             running = status.get(self.ctx.booted)
             self.booted_good = running is not None and running.state is SlotState.GOOD
         except BootError as exc:

@@ -21,7 +21,7 @@ from .unprivileged import NobodyPython
 BUS_NAME, PATH = "org.omaha_agent.Agent1", "/org/omaha_agent/Agent1"
 PROPERTIES = ["Operation", "Progress", "CurrentVersion", "NewVersion", "NewSize", "BytesDownloaded", "LastCheckTime",
               "NextCheckTime", "BootedSlot", "LastError", "Slots", "RebootVersion", "RebootTime", "RebootWaitingFor"]
-METHODS = ["CheckForUpdate", "Cancel", "GetStatus", "MarkGood", "Reboot", "ConfirmBoot", "PostponeReboot"]
+METHODS = ["CheckForUpdate", "Cancel", "GetStatus", "MarkGood", "Reboot", "ConfirmBoot", "PostponeReboot", "Rollback"]
 
 
 class Daemon:
@@ -323,6 +323,10 @@ async def test_policy_lets_anyone_read_but_only_root_and_the_group_act(tmp_path,
         assert rc != 0 and "Access denied" in err, (out, err)
         rc, out, err = await run(*nobody, "busctl", addr, "call", *target, "MarkGood")
         assert rc != 0 and "Access denied" in err
+        rc, out, err = await run(*nobody, "busctl", addr, "call", *target, "Rollback")
+        assert rc != 0 and "Access denied" in err, (out, err)
+        rc, out, err = await run(*member, "busctl", addr, "call", *target, "Rollback")  # allowed, then refused
+        assert rc != 0 and "slot b is bad or empty" in err and "Access denied" not in err, (out, err)
         rc, out, err = await run(*nobody, "busctl", addr, "call", *target, "GetStatus")
         assert rc == 0 and "a{sv}" in out, err
         rc, out, err = await run(*nobody, "busctl", addr, "get-property", *target, "Operation")

@@ -8,13 +8,15 @@ import pytest
 from agent import machine
 from agent.machine import (
     Act, Action, Cancel, Check, ConfirmBoot, Flow, HealthTimeout, InstallFile, MarkGood, NoOp, OfferDeclined, OfferTaken,
-    Operation, PostponeReboot, Reboot, Refuse, Reset, Settle, decide, may_install,
+    Operation, PostponeReboot, Reboot, Refuse, Reset, Rollback, RollbackTarget, Settle, decide, may_install,
+    rollback_target,
 )
 
 from .simdevice import ROOT
 
 COLUMNS = {"check": Check(True), "cancel": Cancel(), "mark-good": MarkGood(), "reset": Reset(), "reboot": Reboot(),
-           "confirm": ConfirmBoot(), "install": InstallFile("/media/usb/image.img"), "postpone": PostponeReboot(600)}
+           "confirm": ConfirmBoot(), "install": InstallFile("/media/usb/image.img"), "postpone": PostponeReboot(600),
+           "rollback": Rollback()}
 EVERY_COMMAND = list(COLUMNS.values()) + [Settle(), HealthTimeout(900)]
 
 
@@ -37,7 +39,7 @@ def table_rows(lines):
         if not cells:
             continue
         if "check" in cells and "reboot" in cells:
-            header = [c.rstrip("⁶") for c in cells[1:]]
+            header = [c.rstrip("¹²³⁴⁵⁶⁷⁸⁹") for c in cells[1:]]
             continue
         if header and len(cells) == len(header) + 1:
             ops = [Operation(o.strip().strip("`")) for o in cells[0].split(",")]
@@ -145,10 +147,53 @@ def test_the_table_holds_whether_the_running_slot_is_good_or_not(booted_good):
                 got = decide(op, command, "2.0.0", booted_good)
                 if not booted_good and column == "mark-good" and op in MARK_GOOD_NEEDS_A_GOOD_SLOT:
                     assert got.kind == "NotConfirmable", (op, got)
+                elif not booted_good and column == "rollback" and op is Operation.IDLE:
+                    assert got.kind == "NoRollback" and "goes back to the other slot already" in got.reason, got
                 else:
                     assert isinstance(got, kind(row[column])), (op.value, column, booted_good, got)
     for op in machine.WAITING_FOR_REBOOT:
         assert "already good" in decide(op, MarkGood(), "2.0.0", booted_good=False).reason
+
+
+def test_a_rollback_acts_only_when_idle_and_says_why_it_is_refused_elsewhere():
+    """issue 29 row 4: the rollback column: idle arms it; a job running or a trial boot is Busy; an installed update
+    waiting for its reboot holds the other slot, so there is nothing older to go back to."""
+    assert decide(Operation.IDLE, Rollback()) == Act(Action.ROLL_BACK)
+    for op in machine.UPDATE_JOB | {Operation.HEALTH_CHECK, Operation.AWAITING_BOOT_COMPLETE}:
+        got = decide(op, Rollback(), "2.0.0")
+        assert isinstance(got, Refuse) and got.kind == "Busy", (op, got)
+    for op in machine.WAITING_FOR_REBOOT:
+        got = decide(op, Rollback(), "2.0.0")
+        assert got.kind == "NoRollback" and "version 2.0.0 is installed and waits for a reboot" in got.reason
+    assert Operation.NEED_REBOOT in machine.TRANSITIONS[Operation.IDLE]  # the armed rollback waits for its reboot
+
+
+@pytest.mark.parametrize("args, reason", [
+    ((None, "", "", None, "2.0.0", None), "cannot tell which slot runs"),
+    (("b", "good", "good", "1.0.0", "2.0.0", "3.0.0"), "version 3.0.0 is armed on slot a"),
+    (("b", "bad", "good", "1.0.0", "2.0.0", None), "the running slot b is not good (bad)"),
+    (("b", "good", "bad", "1.0.0", "2.0.0", None), "slot a is bad or empty"),
+    (("b", "good", "trial", "1.0.0", "2.0.0", None), "slot a holds an update that never booted to confirmation"),
+    (("b", "good", "good", None, "2.0.0", None), "slot a is good but its version is unknown"),
+    (("b", "good", "good", "2.0", "2.0.0", None), "slot a holds 2.0, the version running"),
+])
+def test_a_rollback_target_is_refused_with_its_reason(args, reason):
+    got = rollback_target(*args)
+    assert isinstance(got, Refuse) and got.kind == "NoRollback" and reason in got.reason, got
+    assert "\n" not in got.reason
+
+
+def test_a_good_other_slot_of_known_version_is_the_rollback_target():
+    assert rollback_target("b", "good", "good", "1.0.0", "2.0.0", None) == RollbackTarget("a", "1.0.0")
+    assert rollback_target("a", "good", "good", "2.0.0", "1.0.0", None) == RollbackTarget("b", "2.0.0")  # forward
+
+
+def test_a_version_rolled_back_from_is_declined_for_its_block_and_says_so():
+    common = dict(trial_version=None, blocked_version="2.0.0", blocked_until=200.0, rollback_allowed=False,
+                  booted_good=True, now=100.0, blocked_rolled_back=True)
+    assert "was rolled back on this device" in may_install("2.0.0", "1.0.0", **common).reason
+    assert isinstance(may_install("2.0.1", "1.0.0", **common), OfferTaken)  # a newer one is not blocked
+    assert isinstance(may_install("2.0.0", "1.0.0", **dict(common, now=201.0)), OfferTaken)
 
 
 @pytest.mark.parametrize("booted_good", [True, False])

@@ -10,7 +10,10 @@ After each step and at the end of each sequence:
 * every operation change is one ``machine.TRANSITIONS`` has, and no command or job ended in an internal error;
 * a trial whose health step failed reboots back to the good slot under a policy other than manual;
 * every armed update gets exactly one final report (3/2, or 3/0 with code 44 or 45; a resend keeps its request id
-  and counts once); an unarmed one none.
+  and counts once); an unarmed one none;
+* so does an operator's rollback to 1.0.0 (``Rollback`` is among the commands until one acted): armed (the sim
+  bootloader says so), it boots and gets exactly one report of 1.0.0 (3/2 from 2.0.0, or 3/0 with code 44 or 45,
+  then the way back to slot b); not armed, none.
 
 A full disk is an ``OSError`` raised where the store writes its file, and a bootloader fault is ``FaultyBoot``
 (tests/seams.py) around the real sim backend: neither can be made real at a chosen step here.
@@ -28,7 +31,7 @@ import pytest
 from agent.config import load
 from agent.daemon import Agent
 from agent.machine import (
-    TRANSITIONS, Action, Cancel, Check, ConfirmBoot, MarkGood, Operation, PostponeReboot, Reboot, Reset,
+    TRANSITIONS, Action, Cancel, Check, ConfirmBoot, MarkGood, Operation, PostponeReboot, Reboot, Reset, Rollback,
 )
 from agent.tools.devserver import DevServer
 
@@ -40,8 +43,9 @@ from .test_interleavings import Errors, trial_reports
 RUNS = int(os.environ.get("OWNER_SEQUENCES", "500"))
 QUIET = "schedule: {initial_delay: 3600}\ndbus: {enabled: false}\n"
 COMMANDS = [Check(True), Check(False), Cancel(), Cancel(), MarkGood(), Reset(), Reboot(), ConfirmBoot(),
-            PostponeReboot(60)]
+            PostponeReboot(60), Rollback()]
 FAULTS = ["disk full", "disk back", "bootloader fault", "bootloader back"]
+ROLLED_BACK: list[int] = []  # the seeds whose sequence armed a rollback (printed with the count)
 
 
 class Disk:
@@ -60,7 +64,8 @@ class Disk:
 class Life:
     """One daemon lifetime on the simulated device, with what the invariants need recorded."""
 
-    def __init__(self, dev, boot: FaultyBoot, clock, rng, problems: list):
+    def __init__(self, dev, boot: FaultyBoot, clock, rng, problems: list, rollback: bool = True):
+        self.commands = COMMANDS if rollback else [c for c in COMMANDS if not isinstance(c, Rollback)]
         self.agent = Agent(load(dev.config), clock=clock, boot=boot, rng=random.Random(rng.random()),
                            boot_timeout=0.5)
         self.boot, self.problems, self.sent = boot, problems, []
@@ -87,7 +92,7 @@ class Life:
         self.sent.append((type(command).__name__, asyncio.ensure_future(self.agent.submit(command))))
 
     async def step(self, rng) -> None:
-        what = rng.choice(COMMANDS * 2 + FAULTS)
+        what = rng.choice(self.commands * 2 + FAULTS)
         if what == "disk full":
             self.disk.full = True
         elif what == "disk back":
@@ -138,11 +143,11 @@ class Life:
                 self.problems.append(f"a Cancel said it cancelled a job that then ended with {job.result()}")
 
 
-async def lifetime(dev, boot, clock, rng, problems, drive: bool) -> bool:
+async def lifetime(dev, boot, clock, rng, problems, drive: bool, rollback: bool = True) -> bool:
     """Starts the daemon (which sends what is queued, as ``run_forever`` does), runs random steps, then settles
     it, unless it was stopped half-way (as by SIGTERM) or rebooted the device. Returns whether the daemon starts
     again (a stop or a reboot)."""
-    life = Life(dev, boot, clock, rng, problems)
+    life = Life(dev, boot, clock, rng, problems, rollback)
     booted = boot.sim.booted_slot()
     await life.agent.start(wait_for_boot_complete=rng.random() < 0.5)
     await life.agent._flush()
@@ -181,13 +186,30 @@ async def sequence(seed: int, root, server, errors: Errors) -> list[str]:
         dev.state()["trial"] or {}).get("armed")
     if armed and sim.booted_slot() == "a" and sim.status()["b"].state.value == "trial":
         sim.reboot()  # the device reboots into its trial
+    rolled_back = False  # at most one rollback per sequence: once armed, the lifetimes that follow send none
     if armed:
         for _ in range(4):  # the trial boot, and after a reboot back the start that sends its report
-            if not await lifetime(dev, boot, clock, rng, problems, drive=False):
+            going_on = await lifetime(dev, boot, clock, rng, problems, drive=False, rollback=not rolled_back)
+            rolled_back = rolled_back or rollback_armed(sim)
+            if not going_on:
                 break
+    if rolled_back and sim.booted_slot() == "b" and sim.status()["a"].state.value == "trial":
+        sim.reboot()  # the reboot into the rollback (the manual policy, or a stop before the reboot job asked)
+    if rolled_back:
+        ROLLED_BACK.append(seed)
+        for _ in range(4):
+            if not await lifetime(dev, boot, clock, rng, problems, drive=False, rollback=False):
+                break
+    back = list({e["requestid"]: e for e in rollback_reports(server.events)}.values())
+    if rolled_back and len(back) != 1:
+        problems.append(f"an armed rollback got {codes_of(back) or 'no report'}")
+    if not rolled_back and back:
+        problems.append(f"an unarmed rollback got {codes_of(back)}")
+    if back and back[-1]["errorcode"] == 45 and policy != "manual" and sim.booted_slot() != "b":
+        problems.append("a failed rollback trial did not reboot back")
     # a resend (its delivery was not saved: a full disk, a stop) keeps its request id: the server counts it once
     reports = list({e["requestid"]: e for e in trial_reports(server.events)}.values())
-    codes = [f"3/{e['eventresult']}" + (f"({e['errorcode']})" if e["eventresult"] == 0 else "") for e in reports]
+    codes = codes_of(reports)
     if armed and len(reports) != 1:
         problems.append(f"an armed trial got {codes or 'no report'}")
     if not armed and reports:
@@ -203,6 +225,23 @@ async def sequence(seed: int, root, server, errors: Errors) -> list[str]:
     return []
 
 
+def rollback_armed(sim) -> bool:
+    """After 2.0.0 booted on slot b, only a rollback puts slot a on trial, or boots slot a with b still good (a
+    failed 2.0.0 is marked bad before the reboot back)."""
+    states = {slot: status.state.value for slot, status in sim.status().items()}
+    booted = sim.booted_slot()
+    return (booted == "b" and states["a"] == "trial") or (booted == "a" and states["b"] == "good")
+
+
+def rollback_reports(events) -> list:
+    return [e for e in events if e["nextversion"] == "1.0.0" and e["previousversion"] == "2.0.0"
+            and e["eventtype"] == 3 and (e["eventresult"] == 2 or (e["eventresult"] == 0 and e["errorcode"] in (44, 45)))]
+
+
+def codes_of(reports) -> list[str]:
+    return [f"3/{e['eventresult']}" + (f"({e['errorcode']})" if e["eventresult"] == 0 else "") for e in reports]
+
+
 @pytest.mark.timeout(900)
 async def test_random_owner_sequences_keep_every_invariant(tmp_path, capsys):
     server = DevServer([image(tmp_path, "2.0.0", size=256 << 10)])
@@ -213,6 +252,7 @@ async def test_random_owner_sequences_keep_every_invariant(tmp_path, capsys):
     logger.addHandler(errors)
     seeds = [int(s) for s in os.environ.get("OWNER_SEEDS", "").split(",") if s] or list(range(RUNS))
     failures, started = [], time.monotonic()
+    ROLLED_BACK.clear()
     try:
         for seed in seeds:
             try:
@@ -222,7 +262,8 @@ async def test_random_owner_sequences_keep_every_invariant(tmp_path, capsys):
     finally:
         logger.removeHandler(errors)
         await server.stop()
-    line = f"{len(seeds)} in {time.monotonic() - started:.0f} s, {len(failures)} broke an invariant"
+    line = (f"{len(seeds)} in {time.monotonic() - started:.0f} s ({len(ROLLED_BACK)} armed a rollback), "
+            f"{len(failures)} broke an invariant")
     record_count("owner sequences", line)
     with capsys.disabled():
         print(f"\nowner sequences: {line}")

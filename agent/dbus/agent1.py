@@ -6,7 +6,7 @@ from dbus_next import PropertyAccess
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
-from ..machine import Cancel, Check, ConfirmBoot, InstallFile, MarkGood, PostponeReboot, Reboot, Refuse
+from ..machine import Cancel, Check, ConfirmBoot, InstallFile, MarkGood, PostponeReboot, Reboot, Refuse, Rollback
 from ..owner import Failed
 from . import convert
 
@@ -141,6 +141,12 @@ class Agent1(ServiceInterface):
     async def PostponeReboot(self, seconds: "u") -> "s":
         """Moves the planned reboot ``seconds`` later (at most reboot.max_postpone past its first planned time)."""
         return (await answer(self.agent, PostponeReboot(int(seconds)))).message
+
+    @method()
+    async def Rollback(self) -> "s":
+        """Arms the older system on the other slot for a trial boot and plans the reboot by reboot.policy; an
+        error (``Error.NoRollback``, ``Error.Busy``) says why when there is nothing to roll back to now."""
+        return (await answer(self.agent, Rollback())).message
 
     @method()
     async def ConfirmBoot(self) -> "s":
