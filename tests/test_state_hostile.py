@@ -9,7 +9,7 @@ import signal
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from agent.omaha import encode_request
 from agent.omaha.request import ClientInfo, event_report
@@ -146,6 +146,7 @@ TEXT_COUNTS = [0, 0]  # examples, misbehaved
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_text_state, st.booleans())
+@example({"trial": {"slot": "b", "version": "2.0.0", "previous_version": " "}}, False)  # a found one: a blank version
 def test_outside_text_in_the_state_file_is_repaired_or_dropped_never_kept_raw(data, through_file):
     """issue 25 row 2: a lone surrogate (or a control character) in state.json reached D-Bus and stopped the
     daemon before READY; whatever text the file holds, what the loader keeps is clean and can be sent anywhere."""

@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import re
 
+from ..text import clean
+
 _RUN = re.compile(r"[0-9]+|[^0-9]+")
 MAX_VERSION = 128  # Chrome OS's 14092.106.2021_11_08_1354 is 25
 
@@ -32,9 +34,9 @@ def problem(version) -> str | None:
     """Why ``version`` cannot be a version (one short line, the text quoted and cut), or None when it can."""
     if not isinstance(version, str) or not version:
         return "no version is given"
-    if len(version) > MAX_VERSION or not version.isprintable():
+    if len(version) > MAX_VERSION or not version.isprintable() or clean(version, MAX_VERSION) != version:
         shown = repr(version[:40]) + (f" (+{len(version) - 40} more characters)" if len(version) > 40 else "")
-        return f"{shown} is not a version (at most {MAX_VERSION} printable characters)"
+        return f"{shown} is not a version (at most {MAX_VERSION} printable characters, no white space at either end or twice in a row)"
     return None
 _ZERO = ((1, 0, ""),)
 
