@@ -351,8 +351,14 @@ async def test_cli_status_check_and_watch(running, server):
     rc, out, err = await cli("status")
     assert rc == 0, err
     assert "operation:      idle" in out and "running:        1.0.0 on slot a" in out and "a  good" in out
-    # watches until the daemon stops (the limit only bounds the test)
-    watch = asyncio.create_task(cli("watch", "--limit", "300", timeout=320))
+    # watches until the daemon stops (the limit only bounds the test); its first line (the status it starts from)
+    # comes once it has subscribed, so the check starts after that and every change reaches it
+    watcher = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent.cli", "watch", "--limit", "300",
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                   env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    first = (await asyncio.wait_for(watcher.stdout.readline(), 60)).decode()
+    assert first.startswith("idle"), first
+    watch = asyncio.create_task(asyncio.wait_for(watcher.communicate(), 320))
     rc, out, err = await cli("check", "--wait", timeout=120)
     assert rc == 0, err
     lines = out.splitlines()
@@ -368,7 +374,8 @@ async def test_cli_status_check_and_watch(running, server):
     stopped = time.monotonic()
     daemon.proc.terminate()
     await daemon.proc.wait()
-    rc, wout, err = await watch
+    wout, err = (part.decode() for part in await watch)
+    rc = watcher.returncode
     assert "checking" in wout and "updated-need-reboot (2.0.0)" in wout
     assert rc == 1 and err.strip().splitlines() == [
         "omaha-agent: omaha-agent stopped (it left the system bus); see: journalctl -u omaha-agent"], err
