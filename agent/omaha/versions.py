@@ -34,10 +34,14 @@ def problem(version) -> str | None:
     """Why ``version`` cannot be a version (one short line, the text quoted and cut), or None when it can."""
     if not isinstance(version, str) or not version:
         return "no version is given"
-    if len(version) > MAX_VERSION or not version.isprintable() or clean(version, MAX_VERSION) != version:
-        shown = repr(version[:40]) + (f" (+{len(version) - 40} more characters)" if len(version) > 40 else "")
-        return f"{shown} is not a version (at most {MAX_VERSION} printable characters, no white space at either end or twice in a row)"
-    return None
+    if len(version) > MAX_VERSION or not version.isprintable():
+        why = f"at most {MAX_VERSION} printable characters"
+    elif clean(version, MAX_VERSION) != version:
+        why = "white space at an end, or twice in a row"
+    else:
+        return None
+    shown = repr(version[:40]) + (f" (+{len(version) - 40} more characters)" if len(version) > 40 else "")
+    return f"{shown} is not a version ({why})"
 _ZERO = ((1, 0, ""),)
 
 
