@@ -299,29 +299,10 @@ def test_uboot_refill_tops_up_a_good_slot_counted_down_and_leaves_a_trial_countd
 
 
 async def test_uboot_daemon_start_refills_the_booted_good_slot_through_fw_setenv(tmp_path, monkeypatch):
-    from agent import settle
-    from agent.config import load
-    from agent.daemon import Agent
+    from .test_first_boot import start_agent
     env, config = uboot_env(tmp_path)
-    for s in "ab":
-        (tmp_path / f"slot-{s}.img").write_bytes(bytes(4096))
-    (tmp_path / "agent.yaml").write_text(f"""server: {{url: "http://127.0.0.1:9/", insecure_http: true}}
-app: {{id: "{{0a0b0c0d-1111-4222-8333-444455556666}}", version: "1.0.0"}}
-slots:
-  a: {{file: {tmp_path}/slot-a.img}}
-  b: {{file: {tmp_path}/slot-b.img}}
-boot: {{backend: uboot, fw_config: {config}}}
-state_dir: {tmp_path}/state
-trust: {{require_signature: false}}
-""")
     subprocess.run(["fw_setenv", "-c", config, "BOOT_A_LEFT", "1"], check=True)  # two boots counted down
-    # which slot runs is read from /proc/cmdline on a device; this host's names neither slot file
-    monkeypatch.setattr(settle, "detect_booted", lambda specs: "a")
-    agent = Agent(load(str(tmp_path / "agent.yaml")))
-    try:
-        await agent.start(once=True)
-    finally:
-        await agent.close()
+    await start_agent(tmp_path, monkeypatch, f"{{backend: uboot, fw_config: {config}}}")
     values = printenv(config)
     assert (values["BOOT_A_LEFT"], values["BOOT_A_OK"], values["BOOT_ORDER"]) == ("3", "1", "A B")
 
