@@ -16,22 +16,13 @@ from agent.text import is_clean
 
 from .simdevice import APP, Device, image
 from .test_logind import login1  # noqa: F401 - the fixture: a stand-in for logind on a private bus
-from .test_reboots import FLEET, FRIDAY_NOON, devices, until  # noqa: F401 (devices: the fixture)
+from .test_reboots import FLEET, FRIDAY_NOON, devices, locks, until  # noqa: F401 (devices, locks: fixtures)
 from .seams import FakeClock
 
 QUIET = "schedule: {initial_delay: 3600}\ndbus: {enabled: false}\n"
 
 
 # ---------------------------------------------------------------------------------------------- FleetLock
-@pytest.fixture
-async def locks():
-    from agent.tools.fleetlockserver import FleetLockServer
-    srv = FleetLockServer(slots=1)
-    await srv.start()
-    yield srv
-    await srv.stop()
-
-
 NESTED = b"[" * 60000
 ESCAPES = json.dumps({"kind": "\x1b[2J" * 10, "value": "\x1b]0;owned\x07\x9b31m\udc9b" + "v" * 5000}).encode()
 
