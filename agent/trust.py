@@ -49,6 +49,24 @@ class Release:
     size: int
     track: str | None = None
     board: str | None = None
+    image: "Artifact | None" = None  # the uncompressed image the payload holds (adaptive releases)
+    chunks: "Chunks | None" = None  # the chunk index and chunk data (adaptive releases)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file of the release named by the statement: its name relative to the payload URL (None for the image,
+    which is not served as a file), SHA-256 (hex, lower case) and size."""
+
+    name: str | None
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Chunks:
+    index: Artifact
+    data: Artifact
 
 
 def pae(payload_type: str, body: bytes) -> bytes:
@@ -172,8 +190,8 @@ def _statement(body: bytes) -> Release:
     if st.get("predicateType") != PREDICATE_TYPE:
         raise SignatureError(f"the signed statement's predicateType is not {PREDICATE_TYPE}")
     subject = st.get("subject")
-    if not isinstance(subject, list) or len(subject) != 1 or not isinstance(subject[0], dict):
-        raise SignatureError("the signed statement must name exactly one subject")
+    if not isinstance(subject, list) or not subject or not isinstance(subject[0], dict):
+        raise SignatureError("the signed statement names no subject (the payload comes first)")
     digest = subject[0].get("digest")
     sha = digest.get("sha256") if isinstance(digest, dict) else None
     if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha):
@@ -193,8 +211,51 @@ def _statement(body: bytes) -> Release:
         if fields[k] is not None and not isinstance(fields[k], str):
             raise SignatureError(f"the signed statement's {k} is not a string")
     name = subject[0].get("name")
+    image, chunks = _adaptive(pred, subject)
     return Release(clean(name, 255) if isinstance(name, str) else "", sha.lower(), fields["appid"], fields["version"], size,
-                   fields["track"], fields["board"])
+                   fields["track"], fields["board"], image, chunks)
+
+
+def _artifact(value, what: str, named: bool) -> Artifact:
+    if not isinstance(value, dict):
+        raise SignatureError(f"the signed statement's {what} is not an object")
+    sha, size, name = value.get("sha256"), value.get("size"), value.get("name")
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha):
+        raise SignatureError(f"the signed statement's {what} has no sha256 digest")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise SignatureError(f"the signed statement's {what} has no size")
+    if named and (not isinstance(name, str) or not relative_name(name)):
+        raise SignatureError(f"the signed statement's {what} needs a plain file name beside the payload "
+                             "(letters, digits, '.', '_', '-', '+'; no '/', at most 255)")
+    return Artifact(name if named else None, sha.lower(), size)
+
+
+def relative_name(name: str) -> bool:
+    """A file name the agent resolves against the payload URL's directory: one path segment, nothing to decode."""
+    return (0 < len(name) <= 255 and name not in (".", "..")
+            and all(c.isascii() and (c.isalnum() or c in "._-+") for c in name))
+
+
+def _adaptive(pred: dict, subject: list) -> "tuple[Artifact | None, Chunks | None]":
+    """``predicate.image`` and ``predicate.chunks`` (both or neither); every chunk file is also a subject."""
+    if "image" not in pred and "chunks" not in pred:
+        if len(subject) != 1:
+            raise SignatureError("the signed statement must name exactly one subject")
+        return None, None
+    image = _artifact(pred.get("image"), "image", named=False)
+    chunks = pred.get("chunks")
+    if not isinstance(chunks, dict):
+        raise SignatureError("the signed statement names an image but no chunks (predicate.chunks)")
+    refs = Chunks(_artifact(chunks.get("index"), "chunk index", named=True),
+                  _artifact(chunks.get("data"), "chunk data", named=True))
+    if not 1 <= len(subject) <= 3 or not all(isinstance(s, dict) for s in subject):
+        raise SignatureError("the signed statement must name the payload, then its chunk files, as subjects")
+    listed = {(s.get("name"), (s.get("digest") or {}).get("sha256", "").lower() if isinstance(s.get("digest"), dict)
+               else None) for s in subject}
+    for ref in (refs.index, refs.data):
+        if (ref.name, ref.sha256) not in listed:
+            raise SignatureError(f"the signed statement's chunk file {ref.name!r} is not among its subjects")
+    return image, refs
 
 
 def check_release(release: Release, *, appid: str, version: str, sha256_hex: str, size: int, track: str,
@@ -218,13 +279,23 @@ def check_release(release: Release, *, appid: str, version: str, sha256_hex: str
 
 # ---------------------------------------------------------------------------------------------- making them
 def statement(name: str, sha256_hex: str, appid: str, version: str, size: int, track: str | None = None,
-              board: str | None = None) -> bytes:
+              board: str | None = None, image: Artifact | None = None, chunks: Chunks | None = None) -> bytes:
+    """The statement for a payload; an adaptive release also names its image and chunk files (``image`` and
+    ``chunks`` together), each chunk file also a subject (the data file is listed once when it is the payload)."""
     predicate = {"appid": appid, "version": version, "size": size}
+    subjects = [{"name": name, "digest": {"sha256": sha256_hex}}]
     if track:
         predicate["track"] = track
     if board:
         predicate["board"] = board
-    return json.dumps({"_type": STATEMENT_TYPE, "subject": [{"name": name, "digest": {"sha256": sha256_hex}}],
+    if image is not None and chunks is not None:
+        predicate["image"] = {"sha256": image.sha256, "size": image.size}
+        predicate["chunks"] = {k: {"name": a.name, "sha256": a.sha256, "size": a.size}
+                               for k, a in (("index", chunks.index), ("data", chunks.data))}
+        for a in (chunks.index, chunks.data):
+            if (a.name, a.sha256) != (name, sha256_hex):
+                subjects.append({"name": a.name, "digest": {"sha256": a.sha256}})
+    return json.dumps({"_type": STATEMENT_TYPE, "subject": subjects,
                        "predicateType": PREDICATE_TYPE, "predicate": predicate}, sort_keys=True).encode()
 
 

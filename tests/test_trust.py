@@ -222,3 +222,57 @@ async def test_an_offline_install_of_a_signed_file_goes_through_to_3_2(tmp_path,
         client.close()
         await second.stop()
         await srv.stop()
+
+
+# ------------------------------------------------------------------------------ adaptive releases' statements
+def _private(keys):
+    return trust.load_private_key(keys["p256"][0])
+
+
+def _public(keys):
+    return trust.load_public_keys([keys["p256"][1]])
+
+def _adaptive_statement(**change) -> dict:
+    body = json.loads(trust.statement(
+        "os.czst", "aa" * 32, APP, "2.0.0", 900, image=trust.Artifact(None, "bb" * 32, 4096),
+        chunks=trust.Chunks(trust.Artifact("os.cidx", "cc" * 32, 200), trust.Artifact("os.czst", "aa" * 32, 900))))
+    for path, value in change.items():
+        node, *keys = path.split(".")
+        target = body[node]
+        for k in keys[:-1]:
+            target = target[k]
+        if value is None:
+            del target[keys[-1]]
+        else:
+            target[keys[-1]] = value
+    return body
+
+
+def test_an_adaptive_statement_names_its_image_and_chunk_files_and_lists_them_as_subjects(keys):
+    body = _adaptive_statement()
+    assert [s["name"] for s in body["subject"]] == ["os.czst", "os.cidx"]  # the data file is the payload: once
+    release = trust.open_envelope(trust.sign_statement(json.dumps(body).encode(), _private(keys)), _public(keys))
+    assert release.image == trust.Artifact(None, "bb" * 32, 4096)
+    assert release.chunks.index == trust.Artifact("os.cidx", "cc" * 32, 200)
+    assert release.chunks.data == trust.Artifact("os.czst", "aa" * 32, 900)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"predicate.chunks.index.name": "../os.cidx"}, "plain file name"),
+    ({"predicate.chunks.index.name": "https://elsewhere.example/os.cidx"}, "plain file name"),
+    ({"predicate.chunks.data.sha256": "dd" * 32}, "not among its subjects"),
+    ({"predicate.chunks": None}, "no chunks"),
+    ({"predicate.image.size": -1}, "image has no size"),
+    ({"predicate.chunks.index.sha256": "zz"}, "chunk index has no sha256"),
+])
+def test_an_adaptive_statement_that_does_not_hold_together_is_refused(keys, change, says):
+    body = json.dumps(_adaptive_statement(**change)).encode()
+    with pytest.raises(trust.SignatureError, match=says):
+        trust.open_envelope(trust.sign_statement(body, _private(keys)), _public(keys))
+
+
+def test_a_plain_statement_with_more_than_one_subject_is_still_refused(keys):
+    body = json.loads(trust.statement("os.img", "aa" * 32, APP, "2.0.0", 900))
+    body["subject"].append({"name": "other", "digest": {"sha256": "bb" * 32}})
+    with pytest.raises(trust.SignatureError, match="exactly one subject"):
+        trust.open_envelope(trust.sign_statement(json.dumps(body).encode(), _private(keys)), _public(keys))
