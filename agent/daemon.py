@@ -217,8 +217,9 @@ class Agent:
             await asyncio.wait({stop_wait, job_wait}, return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
             job_wait.cancel()
-            if self.owner.job_ended.is_set():
-                self.owner.job_ended.clear()
+            if not self.owner.job_ended.is_set() and not stop.is_set():
+                continue  # the loop took that end itself (its own check): no second plan
+            self.owner.job_ended.clear()
             self.wakeup.set()
             if stop.is_set():
                 return
@@ -240,9 +241,13 @@ class Agent:
             return nxt
         reply = await self.owner.submit(Check(interactive=False))
         if reply.job is not None:  # a stop does not wait for the job: close() cancels it, keeping its checkpoint
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({reply.job, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping, ended = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.owner.finished(reply.job))
+            await asyncio.wait({ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
+            if ended.done():  # the owner applied its end: this loop plans after it, the watcher need not wake it
+                self.owner.job_ended.clear()
+            else:
+                ended.cancel()
         self.wakeup.clear()
         return self._after_check()
 

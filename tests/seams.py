@@ -8,13 +8,18 @@ from agent.clock import Clock
 
 
 class FakeClock(Clock):
-    """Virtual wall-clock time: ``sleep`` advances it at once (yielding to the loop). ``suspend(after, seconds)``
-    makes the clock jump ``seconds`` ahead the first time it passes ``after``, as a device waking from suspend."""
+    """Virtual wall-clock time: ``sleep`` advances it at once (yielding to the loop), but never past an earlier
+    sleeper's deadline: concurrent sleeps of 30 s and 480 s end 480 s later, not 510, whatever order the loop
+    runs them in. ``suspend(after, seconds)`` makes the clock jump ``seconds`` ahead the first time it passes
+    ``after``, as a device waking from suspend. While ``held``, no sleep advances it (a test acts at a moment
+    of its choosing, however loaded the machine is)."""
 
     def __init__(self, start: float = 1_800_000_000.0):
         self.t = start
         self.jumps: list[tuple[float, float]] = []
         self.woke_at: list[float] = []
+        self.held = False
+        self._deadlines: list[float] = []
 
     def now(self) -> float:
         return self.t
@@ -25,13 +30,24 @@ class FakeClock(Clock):
     async def sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         if wake is not None and wake.is_set():
             return
-        self.t += max(0.0, seconds)
+        deadline = self.t + max(0.0, seconds)
+        self._deadlines.append(deadline)
+        try:
+            # bounded: each pass either advances the clock or waits 1 ms for an earlier sleeper (or a release)
+            while self.t < deadline and (self.held or deadline > min(self._deadlines)):
+                await asyncio.sleep(0.001)
+        finally:
+            self._deadlines.remove(deadline)
+        self._advance(deadline)
+        await asyncio.sleep(0.001)
+
+    def _advance(self, deadline: float) -> None:
+        self.t = max(self.t, deadline)
         for after, jump in list(self.jumps):
             if self.t >= after:
                 self.jumps.remove((after, jump))
                 self.t += jump
                 self.woke_at.append(self.t)
-        await asyncio.sleep(0.001)
 
 
 class FaultyBoot:

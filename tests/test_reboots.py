@@ -154,6 +154,7 @@ async def test_a_notice_announces_the_reboot_ahead_and_postponement_is_bounded(t
     agent = await sim.start()
     announced = []
     agent.listeners.append(lambda s: s["reboot_time"] and announced.append((clock.now(), s["reboot_time"])))
+    clock.held = True  # the notice's time does not pass before the test has postponed
     await sim.install()
     planned = agent.snapshot()["reboot_time"]
     assert planned >= FRIDAY_NOON + 600 and announced and announced[0][0] < planned
@@ -164,13 +165,16 @@ async def test_a_notice_announces_the_reboot_ahead_and_postponement_is_bounded(t
     assert agent.snapshot()["reboot_time"] == planned + 1800
     reply = await agent.submit(PostponeReboot(60))
     assert isinstance(reply.result, Refuse) and reply.result.kind == "PostponeLimit"
+    clock.held = False
     await until(lambda: sim.rebooted_at, "the reboot", 60)
     assert sim.rebooted_at[0] >= planned + 1800
 
 
 async def installed_with_notice(sim) -> float:
-    """Starts ``sim``, installs 2.0.0 and returns the reboot's planned time."""
+    """Starts ``sim``, installs 2.0.0 and returns the reboot's planned time; the clock is held (no time passes
+    before the test acts: it releases it)."""
     agent = await sim.start()
+    sim.clock.held = True
     await sim.install()
     return agent.snapshot()["reboot_time"]
 
@@ -193,6 +197,7 @@ async def test_a_postponement_survives_a_restart_and_stays_bounded_from_the_firs
     restarted = clock.now()
     agent = await sim.start()
     assert agent.snapshot()["reboot_time"] == restarted + 600
+    clock.held = False
     await until(lambda: sim.rebooted_at, "the reboot", 60)
 
 
