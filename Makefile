@@ -9,7 +9,7 @@ SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool
 	bootctl:systemd-boot
 
 .PHONY: test fuzz demo bench system-deps venv clean install qemu-deps qemu-image qemu-test \
-	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64
+	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64 qemu-image-sdboot qemu-test-sdboot
 
 venv: $(STAMP)
 
@@ -40,7 +40,7 @@ fuzz: $(STAMP)
 
 # The QEMU amd64-generic image and its boot test (root; see README "QEMU test").
 QEMU_PACKAGES := qemu-system-x86 ovmf mmdebstrap grub-efi-amd64-bin grub-common dosfstools mtools fdisk e2fsprogs \
-	zstd iproute2 util-linux openssl
+	zstd iproute2 util-linux openssl systemd-boot-efi
 QEMU_TESTS ?= qemu --ignore=qemu/arm64
 QEMU_PULLS ?= 5# plug pulls in the campaign scenario (QEMU_PULL_SEED=N repeats a printed draw)
 qemu-deps:
@@ -52,7 +52,15 @@ qemu-image: qemu-deps $(STAMP)
 	PATH="$$PATH:/usr/sbin:/sbin" bash qemu/build-image.sh
 
 # Inside a new network namespace with only lo: the dev server and QEMU's user network stay on this machine.
-qemu-test: qemu-image
+# the systemd-boot twin of the image (README "QEMU test (amd64-generic image)"); its success scenario runs in
+# qemu-test, the rollback and the power cut with qemu-test-sdboot
+qemu-image-sdboot: qemu-deps $(STAMP)
+	PATH="$$PATH:/usr/sbin:/sbin" BOOTLOADER=systemd-boot bash qemu/build-image.sh
+
+qemu-test-sdboot: qemu-image-sdboot
+	PATH="$$PATH:/usr/sbin:/sbin" QEMU_SDBOOT_ALL=1 unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s qemu/test_qemu_sdboot.py $(PYTEST_ARGS)'
+
+qemu-test: qemu-image qemu-image-sdboot
 	PATH="$$PATH:/usr/sbin:/sbin" QEMU_PULLS=$(QEMU_PULLS) unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s $(QEMU_TESTS) $(PYTEST_ARGS)'
 
 # The QEMU aarch64 (virt, U-Boot) image and its boot test (root; see README "QEMU test (arm64, U-Boot)"): the
