@@ -301,7 +301,8 @@ class BlsBoot:
                 if entry_id(name) == wanted:
                     slot = slot_option(self._text(name))
                     if slot in ("a", "b"):
-                        log.info("booted slot %s, read from the entry systemd-boot selected (%s)", slot, name)
+                        log.info("booted slot %s, read from the entry systemd-boot selected (LoaderEntrySelected=%s, "
+                                 "file %s)", slot, selected[:80], name)
                         return slot
         except BootError as exc:
             log.warning("cannot read the entry systemd-boot selected: %s", exc)
