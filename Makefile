@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages whose tools the tests use for real (grub-editenv, sfdisk, fw_setenv, dbus-daemon, busctl, ...)
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
-	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl \
-	bootctl:systemd-boot
+	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl
+# bootctl (tests/test_boot_bls.py) is unpacked from Debian's systemd-boot package, never installed: its postinst
+# runs 'bootctl install' into the machine's own ESP. The version matches the installed systemd (bootctl links
+# against its private libsystemd-shared).
+BOOTCTL := build/sdboot/usr/bin/bootctl
 
 .PHONY: test fuzz demo bench system-deps venv clean install qemu-deps qemu-image qemu-test \
 	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64 qemu-image-sdboot qemu-test-sdboot
@@ -29,8 +32,14 @@ system-deps:
 	  else echo "missing system packages:$$missing (run as root or install them; the tests needing them will skip)"; fi; \
 	fi
 
-test: system-deps $(STAMP)
-	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m pytest $(PYTEST_ARGS)
+$(BOOTCTL):
+	@mkdir -p build/sdboot && cd build/sdboot && \
+	if apt-get download -q "systemd-boot=$$(dpkg-query -W -f='$${Version}' systemd)" >/dev/null 2>&1; then \
+	  dpkg -x systemd-boot_*.deb . && rm -f systemd-boot_*.deb; \
+	else echo "bootctl: cannot download systemd-boot (the bls backend's bootctl cross-checks will skip)"; fi
+
+test: system-deps $(STAMP) $(BOOTCTL)
+	PATH="$$PATH:/usr/sbin:/sbin:$(CURDIR)/build/sdboot/usr/bin" $(PY) -m pytest $(PYTEST_ARGS)
 
 # A long property-based run of the decoders, the version order, the config and the state loaders (the normal
 # suite runs 150 examples per target; FUZZ_EXAMPLES=N for another figure).
