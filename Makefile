@@ -6,9 +6,13 @@ STAMP := $(VENV)/.installed
 # Debian packages whose tools the tests use for real (grub-editenv, sfdisk, fw_setenv, dbus-daemon, busctl, ...)
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
 	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl
+# bootctl (tests/test_boot_bls.py) is unpacked from Debian's systemd-boot package, never installed: its postinst
+# runs 'bootctl install' into the machine's own ESP. The version matches the installed systemd (bootctl links
+# against its private libsystemd-shared).
+BOOTCTL := build/sdboot/usr/bin/bootctl
 
 .PHONY: test fuzz demo bench system-deps venv clean install qemu-deps qemu-image qemu-test \
-	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64
+	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64 qemu-image-sdboot qemu-test-sdboot
 
 venv: $(STAMP)
 
@@ -28,8 +32,14 @@ system-deps:
 	  else echo "missing system packages:$$missing (run as root or install them; the tests needing them will skip)"; fi; \
 	fi
 
-test: system-deps $(STAMP)
-	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m pytest $(PYTEST_ARGS)
+$(BOOTCTL):
+	@mkdir -p build/sdboot && cd build/sdboot && \
+	if apt-get download -q "systemd-boot=$$(dpkg-query -W -f='$${Version}' systemd)" >/dev/null 2>&1; then \
+	  dpkg -x systemd-boot_*.deb . && rm -f systemd-boot_*.deb; \
+	else echo "bootctl: cannot download systemd-boot (the bls backend's bootctl cross-checks will skip)"; fi
+
+test: system-deps $(STAMP) $(BOOTCTL)
+	PATH="$$PATH:/usr/sbin:/sbin:$(CURDIR)/build/sdboot/usr/bin" $(PY) -m pytest $(PYTEST_ARGS)
 
 # A long property-based run of the decoders, the version order, the config and the state loaders (the normal
 # suite runs 150 examples per target; FUZZ_EXAMPLES=N for another figure).
@@ -39,7 +49,7 @@ fuzz: $(STAMP)
 
 # The QEMU amd64-generic image and its boot test (root; see README "QEMU test").
 QEMU_PACKAGES := qemu-system-x86 ovmf mmdebstrap grub-efi-amd64-bin grub-common dosfstools mtools fdisk e2fsprogs \
-	zstd iproute2 util-linux openssl
+	zstd iproute2 util-linux openssl systemd-boot-efi
 QEMU_TESTS ?= qemu --ignore=qemu/arm64
 QEMU_PULLS ?= 5# plug pulls in the campaign scenario (QEMU_PULL_SEED=N repeats a printed draw)
 qemu-deps:
@@ -51,7 +61,15 @@ qemu-image: qemu-deps $(STAMP)
 	PATH="$$PATH:/usr/sbin:/sbin" bash qemu/build-image.sh
 
 # Inside a new network namespace with only lo: the dev server and QEMU's user network stay on this machine.
-qemu-test: qemu-image
+# the systemd-boot twin of the image (README "QEMU test (amd64-generic image)"); its success scenario runs in
+# qemu-test, the rollback and the power cut with qemu-test-sdboot
+qemu-image-sdboot: qemu-deps $(STAMP)
+	PATH="$$PATH:/usr/sbin:/sbin" BOOTLOADER=systemd-boot bash qemu/build-image.sh
+
+qemu-test-sdboot: qemu-image-sdboot
+	PATH="$$PATH:/usr/sbin:/sbin" QEMU_SDBOOT_ALL=1 unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s qemu/test_qemu_sdboot.py $(PYTEST_ARGS)'
+
+qemu-test: qemu-image qemu-image-sdboot
 	PATH="$$PATH:/usr/sbin:/sbin" QEMU_PULLS=$(QEMU_PULLS) unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s $(QEMU_TESTS) $(PYTEST_ARGS)'
 
 # The QEMU aarch64 (virt, U-Boot) image and its boot test (root; see README "QEMU test (arm64, U-Boot)"): the

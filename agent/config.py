@@ -64,6 +64,8 @@ class BootConfig:
     disk: str | None = None  # gpt: the whole disk
     labels: tuple[tuple[str, str], ...] = (("a", "ROOT-A"), ("b", "ROOT-B"))  # gpt: partition names
     fw_config: str | None = None  # uboot: fw_env.config
+    esp: str = "/boot/efi"  # bls: the EFI system partition's mount point (its loader/entries)
+    efivars: str = "/sys/firmware/efi/efivars"  # bls: where LoaderEntrySelected is read
 
 
 @dataclass(frozen=True)
@@ -371,7 +373,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                                  "client_key"},
                       "app": {"id", "version", "version_file", "track", "board", "hardware_class", "send_machine_id",
                               "targetversionprefix", "rollback_allowed"},
-                      "boot": {"backend", "tries", "env", "disk", "labels", "fw_config"},
+                      "boot": {"backend", "tries", "env", "disk", "labels", "fw_config", "esp", "efivars"},
                       "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
                       "reboot": {"policy", "windows", "fleetlock", "notice", "max_postpone", "max_inhibit_delay"},
                       "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout"},
@@ -433,13 +435,14 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                           "an update would overwrite the running system")
 
     backend = str(r.get("boot.backend", kind=str))
-    if backend not in ("grubenv", "gpt", "uboot", "sim"):
-        r.fail("boot.backend", f"must be grubenv, gpt, uboot or sim, not {backend!r}")
+    if backend not in ("grubenv", "gpt", "uboot", "sim", "bls"):
+        r.fail("boot.backend", f"must be grubenv, gpt, uboot, bls or sim, not {backend!r}")
     labels = r.get("boot.labels", {"a": "ROOT-A", "b": "ROOT-B"}, dict)
     boot = BootConfig(backend, _positive(r, "boot.tries", 3, int, 1, 9 if backend == "grubenv" else 15),
                       r.get("boot.env", None, str), r.get("boot.disk", None, str),
                       tuple((k, str(labels.get(k, f"ROOT-{k.upper()}"))) for k in ("a", "b")),
-                      r.get("boot.fw_config", None, str))
+                      r.get("boot.fw_config", None, str), str(r.get("boot.esp", "/boot/efi", str)),
+                      str(r.get("boot.efivars", "/sys/firmware/efi/efivars", str)))
     if backend in ("grubenv", "sim") and not boot.env:
         r.fail("boot.env", f"missing (the {backend} backend needs the path of its env file)")
     if backend == "gpt" and not boot.disk:

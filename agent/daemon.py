@@ -45,6 +45,9 @@ def make_boot(config: Config) -> BootControl:
     if b.backend == "grubenv":
         from .boot.grubenv import GrubEnvBoot
         return GrubEnvBoot(b.env)
+    if b.backend == "bls":
+        from .boot.bls import BlsBoot
+        return BlsBoot(b.esp, b.efivars)
     if b.backend == "gpt":
         from .boot.gpt import GptBoot
         return GptBoot(b.disk, dict(b.labels))

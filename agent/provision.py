@@ -2,7 +2,7 @@
 
 Slot ``slot`` good, the other slot bad (empty), nothing armed. With ``image_root`` no running system is
 involved: the paths in the configuration are taken inside that directory (the grubenv and sim env files, the
-U-Boot ``fw_env.config`` and the env files it names), except for the gpt backend, whose state is the partition
+U-Boot ``fw_env.config`` and the env files it names, the ESP of systemd-boot's entries), except for the gpt backend, whose state is the partition
 table: there ``image_root`` is the disk image file itself. Running it twice gives the same bytes.
 """
 from __future__ import annotations
@@ -114,6 +114,16 @@ def provision(config: Config, slot: str, version: str, image_root: str | None = 
         _parent_exists(path, "simulated bootloader env")
         SimBoot(path).initialize(slot, version)
         where = f"sim env {path}"
+    elif backend == "bls":
+        from .boot.bls import BlsBoot
+        from .boot import BootError
+        esp = inside(image_root, config.boot.esp)
+        _parent_exists(os.path.join(esp, "loader", "entries", "x"), "systemd-boot entries")
+        try:
+            BlsBoot(esp).initialize(slot)
+        except BootError as exc:
+            raise ProvisionError(str(exc)) from None
+        where = f"systemd-boot entries in {esp}/loader/entries"
     elif backend == "gpt":
         from .boot.gpt import GptBoot
         disk = image_root or config.boot.disk

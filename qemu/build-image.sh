@@ -4,6 +4,9 @@
 #                                    STATE (the agent's state dir, shared by both slots)
 #   build/qemu/payload-2.0.0.ext4.zst   the same root filesystem with VERSION_ID=2.0.0
 #   build/qemu/payload-3.0.0.ext4.zst   version 3.0.0 whose init fails at once (the kernel panics, panic=5)
+# BOOTLOADER=systemd-boot builds the systemd-boot twin instead (disk-sdboot.img, payload-sdboot-V.ext4.zst, from
+# the same Debian base): Debian's systemd-boot on the ESP, one Boot Loader Specification entry per slot
+# (loader/entries, the kernel and initrd on the ESP) and the agent's bls backend.
 # The Debian root filesystem comes from mmdebstrap with this machine's own apt sources and is cached by a key
 # of its inputs (build/qemu/base-KEY.tar); the agent and its files are laid on top on every build.
 set -euo pipefail
@@ -20,6 +23,14 @@ fi
 [ -n "$SOURCES" ] || { echo "build-image: no apt sources found; set APT_SOURCES=FILE" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "build-image: needs root (mmdebstrap --mode=root, files owned by root)" >&2; exit 1; }
 
+BOOTLOADER=${BOOTLOADER:-grub}
+case "$BOOTLOADER" in
+  grub) SUFFIX=; BOOT_CONFIG="{backend: grubenv, env: /boot/efi/grubenv, tries: 2}";;
+  systemd-boot) SUFFIX=-sdboot; BOOT_CONFIG="{backend: bls, esp: /boot/efi, tries: 3}"
+    SDBOOT_EFI=${SDBOOT_EFI:-/usr/lib/systemd/boot/efi/systemd-bootx64.efi}
+    [ -s "$SDBOOT_EFI" ] || { echo "build-image: $SDBOOT_EFI missing: apt-get install systemd-boot-efi" >&2; exit 1; };;
+  *) echo "build-image: BOOTLOADER must be grub or systemd-boot, not $BOOTLOADER" >&2; exit 1;;
+esac
 PORT=${OMAHA_TEST_PORT:-18080}      # the dev server inside the test's network namespace (guest: 10.0.2.2)
 APPID="{6f3c1a52-9c1e-4d9b-8a57-6d2f0c1e9a11}"
 FS_SIZE=${FS_SIZE:-640M}           # each root filesystem; the partitions are larger (room to grow)
@@ -72,7 +83,7 @@ app: {id: "$APPID", track: stable, board: amd64-generic}
 slots:
   a: {partlabel: ROOT-A}
   b: {partlabel: ROOT-B}
-boot: {backend: grubenv, env: /boot/efi/grubenv, tries: 2}
+boot: $BOOT_CONFIG
 state_dir: /var/lib/omaha-agent
 schedule: {initial_delay: 0, interval: 3600, backoff_base: 10, backoff_cap: 60}
 reboot: {policy: immediate}
@@ -124,8 +135,29 @@ rm -f "$TREE/sbin/init" "$TREE/usr/sbin/init"
 printf '#!/bin/sh\necho "omaha-test: version 3.0.0 has a broken init" >&2\nexit 1\n' > "$TREE/usr/sbin/init"
 chmod 0755 "$TREE/usr/sbin/init"
 mkfs_root 3.0.0 "$WORK/root-3.0.0.ext4"
-zstd -q -f -T0 -3 "$WORK/root-2.0.0.ext4" -o "$OUT/payload-2.0.0.ext4.zst"
-zstd -q -f -T0 -3 "$WORK/root-3.0.0.ext4" -o "$OUT/payload-3.0.0.ext4.zst"
+zstd -q -f -T0 -3 "$WORK/root-2.0.0.ext4" -o "$OUT/payload$SUFFIX-2.0.0.ext4.zst"
+zstd -q -f -T0 -3 "$WORK/root-3.0.0.ext4" -o "$OUT/payload$SUFFIX-3.0.0.ext4.zst"
+
+mkfs.vfat -n ESP -C "$WORK/esp.img" $((ESP_MIB * 1024)) >/dev/null
+mmd -i "$WORK/esp.img" ::/EFI ::/EFI/BOOT
+if [ "$BOOTLOADER" = systemd-boot ]; then
+# ---- the ESP: systemd-boot, no menu and no default entry (the entries' names decide: agent/boot/bls.py), the
+# kernel and initrd shared by both slots, one entry per slot in the factory state the agent's provisioning writes
+mkdir -p "$WORK/esp/loader/entries"
+printf 'timeout 0\neditor no\n' > "$WORK/esp/loader/loader.conf"
+for slot in A B; do
+  printf 'title Omaha slot %s\nlinux /omaha/vmlinuz\ninitrd /omaha/initrd.img\noptions root=PARTLABEL=ROOT-%s ro console=ttyS0 panic=5 omaha_agent.slot=%s\n' \
+    "$slot" "$slot" "$slot" > "$WORK/esp/loader/entries/omaha-$(echo $slot | tr AB ab).conf"
+done
+PYTHONPATH="$REPO" python3 -c 'import sys; from agent.boot.bls import BlsBoot; BlsBoot(sys.argv[1]).initialize("a")' \
+  "$WORK/esp"   # omaha-1-a.conf good, omaha-0-b+0.conf bad: the factory state
+mmd -i "$WORK/esp.img" ::/loader ::/loader/entries ::/omaha
+mcopy -i "$WORK/esp.img" "$SDBOOT_EFI" ::/EFI/BOOT/BOOTX64.EFI
+mcopy -i "$WORK/esp.img" "$WORK/esp/loader/loader.conf" ::/loader/loader.conf
+mcopy -i "$WORK/esp.img" "$WORK/esp/loader/entries/"*.conf ::/loader/entries/
+mcopy -i "$WORK/esp.img" "$(readlink -f "$TREE/vmlinuz")" ::/omaha/vmlinuz
+mcopy -i "$WORK/esp.img" "$(readlink -f "$TREE/initrd.img")" ::/omaha/initrd.img
+else
 
 # ---- the ESP: a standalone GRUB whose embedded stub hands over to the project's grub.cfg beside the grubenv
 cat > "$WORK/stub.cfg" <<'EOF'
@@ -141,15 +173,14 @@ import sys
 from agent.boot.grubenv import GrubEnvBoot
 GrubEnvBoot(sys.argv[1]).initialize("a")   # A good, B bad: the factory state
 EOF
-mkfs.vfat -n ESP -C "$WORK/esp.img" $((ESP_MIB * 1024)) >/dev/null
-mmd -i "$WORK/esp.img" ::/EFI ::/EFI/BOOT
 mcopy -i "$WORK/esp.img" "$WORK/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
 mcopy -i "$WORK/esp.img" "$REPO/config/grub/grub.cfg" ::/grub.cfg
 mcopy -i "$WORK/esp.img" "$WORK/grubenv" ::/grubenv
 : > "$WORK/marker" && mcopy -i "$WORK/esp.img" "$WORK/marker" ::/omaha-agent-esp
+fi
 
 # ---- the disk
-DISK=$OUT/disk.img
+DISK=$OUT/disk$SUFFIX.img
 rm -f "$DISK"
 truncate -s $(( (1 + ESP_MIB + 2 * PART_MIB + STATE_MIB + 1) * 1024 * 1024 )) "$DISK"
 sfdisk -q "$DISK" <<EOF
@@ -165,5 +196,5 @@ mkfs.ext4 -q -F -L state "$WORK/state.ext4" ${STATE_MIB}M
 dd if="$WORK/state.ext4" of="$DISK" bs=1M seek=$((1 + ESP_MIB + 2 * PART_MIB)) conv=notrunc,sparse status=none
 echo "$APPID" > "$OUT/appid"
 echo "$PORT" > "$OUT/port"
-ls -l "$DISK" "$OUT"/payload-*.zst
+ls -l "$DISK" "$OUT"/payload$SUFFIX-*.zst
 echo "build-image: done"

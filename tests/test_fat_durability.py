@@ -77,3 +77,22 @@ def test_grubenv_update_is_on_the_disk_when_it_returns(esp, tmp_path):
     boot.mark_good("b")
     on_disk = parse(disk_after_power_cut(img, tmp_path, "grubenv"))
     assert (on_disk["B_OK"], on_disk["B_TRY"], on_disk["A_OK"]) == ("1", "0", "1")
+
+
+def test_bls_entry_name_changes_are_on_the_disk_when_they_return(esp, tmp_path):
+    from agent.boot.bls import BlsBoot
+    img, mnt = esp
+    entries = mnt / "loader" / "entries"
+    entries.mkdir(parents=True)
+    for slot in "ab":
+        (entries / f"omaha-{slot}.conf").write_text(f"title {slot}\nlinux /vmlinuz\noptions omaha_agent.slot={slot}\n")
+    boot = BlsBoot(str(mnt))
+    boot.initialize("a")
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    boot.set_trial("b", 3)
+    assert b"omaha_agent.slot=b" in disk_after_power_cut(img, tmp_path, "loader/entries/omaha-2-b+3.conf")
+    listing = subprocess.run(["mdir", "-b", "-i", str(tmp_path / "cut.img"), "::/loader/entries"],
+                             capture_output=True, text=True, env=MTOOLS).stdout
+    assert "omaha-0-b+0.conf" not in listing and "omaha-1-a.conf" in listing
+    boot.mark_good("b")
+    assert b"omaha_agent.slot=b" in disk_after_power_cut(img, tmp_path, "loader/entries/omaha-2-b.conf")
