@@ -230,6 +230,9 @@ class UpdateAttempt:
             size = await asyncio.to_thread(capacity, path)
         except (SlotError, OSError) as exc:
             return await self._failed(offer, InstallError(str(exc), "device"), target)
+        if not self.interactive and ctx.config.install.on_metered == "wait":
+            from .network import wait_for_unmetered
+            await wait_for_unmetered(ctx, offer.version)
         resume = state.download
         if resume is None:  # marks the download as started: a restart resumes it soon (schedule.after_restart)
             state.download = Checkpoint(offer.version, target, pkg.sha256_hex, pkg.size, 0, False)
