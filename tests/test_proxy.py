@@ -19,6 +19,7 @@ from agent.tools.devserver import DevServer
 from .conftest import need_tool
 from .simdevice import Device, image
 from .test_tls import Pki
+from .test_trust import keys, signed_device, with_release  # noqa: F401 - keys is a fixture
 
 SECRET = "s3cret-Pa55"
 
@@ -136,17 +137,22 @@ async def test_through_the_proxy_the_servers_certificate_is_still_checked_agains
         await srv.stop()
 
 
-async def test_over_plain_http_the_environments_http_proxy_carries_every_request(tmp_path, tinyproxy, server):
-    dev = Device(tmp_path, server.url)
-    rc, out, err = await run_with_env(dev, {"http_proxy": tinyproxy.url(), "no_proxy": "example.com"})
-    assert rc == 0 and "installed 2.0.0 on slot b" in out, err
-    lines = tinyproxy.requests()
-    print("proxy saw:", lines)
-    base = server.url.rsplit("/", 3)[0]
-    posts = [line for line in lines if line.startswith(f"POST {server.url} ")]
-    gets = [line for line in lines if line.startswith(f"GET {base}/")]
-    assert len(posts) == len(server.requests) >= 2 and gets  # the check, the events, the payload
-    assert SECRET not in out + err
+async def test_over_plain_http_the_environments_http_proxy_carries_every_request(tmp_path, tinyproxy, keys):
+    srv = await with_release(tmp_path, keys["ed25519"][0])  # a signed release: its envelope comes through too
+    try:
+        dev = signed_device(tmp_path, srv, keys["ed25519"][1])
+        rc, out, err = await run_with_env(dev, {"http_proxy": tinyproxy.url(), "no_proxy": "example.com"})
+        assert rc == 0 and "installed 2.0.0 on slot b" in out, err
+        lines = tinyproxy.requests()
+        print("proxy saw:", lines)
+        base = srv.url.rsplit("/", 3)[0]
+        posts = [line for line in lines if line.startswith(f"POST {srv.url} ")]
+        gets = [line.split(" ")[1] for line in lines if line.startswith(f"GET {base}/")]
+        assert len(posts) == len(srv.requests) >= 2  # the check and the events
+        assert any(g.endswith(".sig") for g in gets) and any(not g.endswith(".sig") for g in gets)  # and the payload
+        assert SECRET not in out + err
+    finally:
+        await srv.stop()
 
 
 async def test_a_proxy_that_refuses_fails_the_check_in_one_line_without_the_password_and_backs_off(
