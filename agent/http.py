@@ -149,37 +149,12 @@ def make_session(ca_file: str | None = None, timeout: float = 30.0, client_cert:
         if client_cert and client_key:
             ssl_context.load_cert_chain(client_cert, client_key)
     connector = aiohttp.TCPConnector(ssl=ssl_context, limit=4, resolver=RefusingResolver(resolver))
-    extra = {"request_class": _proxied(route)} if route is not None and (route.https or route.http) else {}
+    extra = {}
+    if route is not None and (route.https or route.http):
+        from .proxy import request_class
+        extra["request_class"] = request_class(route)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
                                                                                    sock_read=timeout), **extra)
-
-
-def _proxied(route):
-    """aiohttp's request class, with the proxy ``route`` names for each request's URL (every request of the
-    session, whoever makes it, goes through the same rule); the credentials travel as ``Proxy-Authorization``
-    (on the CONNECT of an https request, on the request itself for plain http), never in a URL aiohttp could
-    quote in an error."""
-    import base64
-
-    from aiohttp import ClientRequest
-    from multidict import CIMultiDict
-    from yarl import URL
-
-    class ProxiedRequest(ClientRequest):
-        def __init__(self, method, url, *args, proxy=None, **kwargs):
-            chosen = route.for_url(str(url)) if proxy is None else None
-            if chosen is not None:
-                proxy = URL(chosen.url)
-                if chosen.user or chosen.password:
-                    auth = "Basic " + base64.b64encode(f"{chosen.user}:{chosen.password}".encode()).decode()
-                    if url.scheme == "https":
-                        kwargs["proxy_headers"] = {"Proxy-Authorization": auth}
-                    else:
-                        kwargs["headers"] = CIMultiDict(kwargs.get("headers") or {})
-                        kwargs["headers"]["Proxy-Authorization"] = auth
-            super().__init__(method, url, *args, proxy=proxy, **kwargs)
-
-    return ProxiedRequest
 
 
 async def _read_body(resp, limit: int) -> bytes:

@@ -21,8 +21,9 @@ POLL = 300.0  # seconds between two reads while waiting, whatever the signals sa
 
 async def _metered(bus) -> bool:
     from dbus_next import Message, MessageType
-    reply = await asyncio.wait_for(bus.call(Message(destination=NM, path=PATH, interface="org.freedesktop.DBus.Properties",
-                                                    member="Get", signature="ss", body=[NM, "Metered"])), TIMEOUT)
+    get = Message(destination=NM, path=PATH, interface="org.freedesktop.DBus.Properties", member="Get",
+                  signature="ss", body=[NM, "Metered"])
+    reply = await asyncio.wait_for(bus.call(get), TIMEOUT)
     if reply.message_type == MessageType.ERROR:
         return False  # (ServiceUnknown: no NetworkManager)
     value = reply.body[0].value if reply.body and hasattr(reply.body[0], "value") else None

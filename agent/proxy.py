@@ -9,7 +9,8 @@ update server there (``omaha.urls``); a proxy host name is resolved through the 
 link-local addresses too (``http.RefusingResolver``).
 
 User and password in the proxy URL are sent as ``Proxy-Authorization`` (Basic) and never shown: ``shown``
-gives the URL without them, ``redact`` takes them out of any text. Pure: no I/O (the environment is passed in).
+gives the URL without them, ``redact`` takes them out of any text. The rules are pure (the environment is passed
+in); ``request_class`` applies them to every request of an aiohttp session (``http.make_session``).
 """
 from __future__ import annotations
 
@@ -150,3 +151,31 @@ def route(proxy: str | None, no_proxy: tuple[str, ...], environ) -> Route:
     http = environ.get("http_proxy")  # never HTTP_PROXY: a CGI program's environment sets it from a header
     bypass = no_proxy_list(environ.get("no_proxy") or environ.get("NO_PROXY") or "")
     return Route(parse(https, "https_proxy") if https else None, parse(http, "http_proxy") if http else None, bypass)
+
+
+def request_class(route: Route):
+    """aiohttp's request class, with the proxy ``route`` names for each request's URL (every request of the
+    session, whoever makes it, goes through the same rule); the credentials travel as ``Proxy-Authorization``
+    (on the CONNECT of an https request, on the request itself for plain http), never in a URL aiohttp could
+    quote in an error."""
+    import base64
+
+    from aiohttp import ClientRequest
+    from multidict import CIMultiDict
+    from yarl import URL
+
+    class ProxiedRequest(ClientRequest):
+        def __init__(self, method, url, *args, proxy=None, **kwargs):
+            chosen = route.for_url(str(url)) if proxy is None else None
+            if chosen is not None:
+                proxy = URL(chosen.url)
+                if chosen.user or chosen.password:
+                    auth = "Basic " + base64.b64encode(f"{chosen.user}:{chosen.password}".encode()).decode()
+                    if url.scheme == "https":
+                        kwargs["proxy_headers"] = {"Proxy-Authorization": auth}
+                    else:
+                        kwargs["headers"] = CIMultiDict(kwargs.get("headers") or {})
+                        kwargs["headers"]["Proxy-Authorization"] = auth
+            super().__init__(method, url, *args, proxy=proxy, **kwargs)
+
+    return ProxiedRequest
