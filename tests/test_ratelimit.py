@@ -129,3 +129,18 @@ def test_rates_read_with_their_suffixes_and_bad_ones_are_refused_in_one_line(tmp
         with pytest.raises(config.ConfigError) as info:
             config.load(dev.config)
         assert f"install.max_rate: {says}" in str(info.value) and "\n" not in str(info.value)
+
+
+async def test_background_downloads_use_max_rate(tmp_path, server, caplog):
+    import logging
+
+    from agent.machine import Check
+
+    from .test_metered import Job
+    caplog.set_level(logging.INFO, logger="omaha-agent")
+    async with Job(tmp_path, server.url, extra="install: {max_rate: 1M, on_metered: allow}\n") as job:
+        outcome = await asyncio.wait_for((await job.agent.submit(Check(interactive=False))).job, 60)
+    assert outcome.ok and "installed 2.0.0 on slot b" in outcome.message, outcome.message
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("verified 2.0.0: 3145728 bytes"))
+    print(line)
+    assert float(line.split(" bytes in ")[1].split(" s")[0]) >= 3 * 0.9  # 3 MiB at 1 MiB/s at the most
