@@ -471,6 +471,7 @@ class Installer:
                     if handed:
                         await handed_on(handed)
                     if limiter is not None:
+                        body.pause()  # nothing is read (or spilled) while the rate holds this back
                         await limiter.spend(n)
             finally:
                 body.close()

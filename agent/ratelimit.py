@@ -1,4 +1,4 @@
-"""A token bucket for a download's bytes per second: smooth (each read takes at most ``quantum`` bytes, about 50 ms
+"""A token bucket for a download's bytes per second: smooth (each read takes at most ``quantum`` bytes, about 100 ms
 of the rate, and waits for what it took beyond the tokens at hand), never bursts of a second. The clock and the
 sleep are injected, so the arithmetic runs on a virtual clock in tests."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ MIN_QUANTUM = 16 << 10  # bytes: a read smaller than this costs more system call
 
 
 class TokenBucket:
-    def __init__(self, rate: int, *, burst: float = 0.05, clock=time.monotonic, sleep=asyncio.sleep):
+    def __init__(self, rate: int, *, burst: float = 0.1, clock=time.monotonic, sleep=asyncio.sleep):
         if rate <= 0:
             raise ValueError("a rate is a positive number of bytes per second")
         self.rate = rate

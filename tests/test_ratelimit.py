@@ -1,6 +1,6 @@
 """Bandwidth caps (agent/ratelimit.py, install.max_rate / max_rate_interactive): the token bucket's arithmetic on a
 virtual clock, then a capped download from the development server on 127.0.0.1 through the installer's ring (the
-bytes as they land on the slot, sampled every 128 KiB): over every window of 3 s or more the rate stays within
+bytes as they land on the slot, sampled every 64 KiB): over every window of 4 s or more the rate stays within
 10 % over the cap. Load on the machine can only make it slower, so the upper bound is what is asserted; the
 figures are printed."""
 import asyncio
@@ -38,7 +38,7 @@ class VirtualTime:
 async def test_the_bucket_never_lets_more_than_one_quantum_ahead_of_the_rate():
     t = VirtualTime()
     bucket = TokenBucket(2 << 20, clock=t.clock, sleep=t.sleep)
-    assert bucket.quantum == int((2 << 20) * 0.05)  # 50 ms of the rate per read: smooth, not 1-s bursts
+    assert bucket.quantum == int((2 << 20) * 0.1)  # 100 ms of the rate per read: smooth, not 1-s bursts
     spent = 0
     for size in [bucket.quantum] * 200 + [7000] * 300:
         await bucket.spend(size)
@@ -46,7 +46,7 @@ async def test_the_bucket_never_lets_more_than_one_quantum_ahead_of_the_rate():
         t.now += 0.0001  # the read itself
         assert spent <= (2 << 20) * t.now + bucket.quantum
     assert spent / t.now == pytest.approx(2 << 20, rel=0.05)
-    assert max(t.slept) <= 0.051  # no pause longer than one quantum's worth
+    assert max(t.slept) <= 0.101  # no pause longer than one quantum's worth
 
 
 async def test_a_slow_reader_is_not_paid_back_with_a_burst():
@@ -85,7 +85,7 @@ async def capped_download(tmp_path, cap: int, size: int):
     pkg = PackageOffer("big.img", (url,), size, hashlib.sha256(data).digest(), None)
     try:
         async with aiohttp.ClientSession() as session:
-            inst = Installer(session, chunk=128 << 10, max_rate=cap,
+            inst = Installer(session, chunk=64 << 10, max_rate=cap,
                              on_progress=lambda p: samples.append((time.monotonic(), p.done)))
             started = time.monotonic()
             samples.append((started, 0))
@@ -96,11 +96,11 @@ async def capped_download(tmp_path, cap: int, size: int):
 
 
 async def test_a_capped_download_stays_within_ten_percent_of_the_cap_over_every_window(tmp_path):
-    cap, size = 2 << 20, 14 << 20  # about 7 s
+    cap, size = 2 << 20, 16 << 20  # about 8 s
     samples, took = await capped_download(tmp_path, cap, size)
-    rates = [rate for _, rate in windows(samples, 3.0)]
+    rates = [rate for _, rate in windows(samples, 4.0)]
     overall = size / took
-    figures = (f"cap {cap >> 20} MiB/s: overall {overall / cap:.3f} of the cap in {took:.1f} s; 3-s windows "
+    figures = (f"cap {cap >> 20} MiB/s: overall {overall / cap:.3f} of the cap in {took:.1f} s; 4-s windows "
                f"{min(rates) / cap:.3f}..{max(rates) / cap:.3f} of the cap ({len(rates)} windows)")
     print(figures)
     record_count("capped download", figures)
