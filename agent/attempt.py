@@ -35,11 +35,13 @@ class UpdateAttempt:
         self.ctx = ctx
         self.reporter = reporter
         self.advance = _nowhere  # the owner's: applies the job's progress through the machine's transitions
+        self.interactive = False  # the running check was asked for (not the schedule's)
 
     async def run(self, interactive: bool, advance=None) -> str:
         """One update check, and the install if one is offered and allowed. Returns what happened, in a line."""
         from .http import OmahaHttpError
         self.advance = advance or _nowhere
+        self.interactive = interactive
         ctx, state = self.ctx, self.ctx.state
         try:
             req, answer = await self.reporter.check(interactive)
@@ -75,6 +77,7 @@ class UpdateAttempt:
         from .omaha.outcome import PackageOffer
         ctx, app = self.ctx, self.ctx.config.app
         self.advance = advance or _nowhere
+        self.interactive = True
         signed = ctx.config.trust.require_signature
         refused = f"{localfile.shown(path)} not installed"
         if not os.path.isabs(path) or (signature and not os.path.isabs(signature)):
@@ -227,6 +230,9 @@ class UpdateAttempt:
             size = await asyncio.to_thread(capacity, path)
         except (SlotError, OSError) as exc:
             return await self._failed(offer, InstallError(str(exc), "device"), target)
+        if not self.interactive and ctx.config.install.on_metered == "wait":
+            from .network import wait_for_unmetered
+            await wait_for_unmetered(ctx, offer.version)
         resume = state.download
         if resume is None:  # marks the download as started: a restart resumes it soon (schedule.after_restart)
             state.download = Checkpoint(offer.version, target, pkg.sha256_hex, pkg.size, 0, False)
@@ -236,7 +242,8 @@ class UpdateAttempt:
         installer = Installer(await self.reporter.http(), sessionid=sessionid,
                               read_timeout=ctx.config.install.read_timeout,
                               readback=ctx.config.install.verify == "readback", on_progress=self._progress,
-                              on_checkpoint=self._checkpoint)
+                              on_checkpoint=self._checkpoint, max_rate=ctx.config.install.max_rate_interactive
+                              if self.interactive else ctx.config.install.max_rate)
         log.info("downloading %s (%d bytes) onto slot %s from %s", offer.version, pkg.size, target, pkg.urls[0])
         # a shutdown asked for while the slot and the bootloader are written waits for the chunk and its checkpoint
         async with ctx.shutdown_delay(f"writing {offer.version} to slot {target}"):

@@ -41,6 +41,8 @@ class ServerConfig:
     cup: CupConfig | None = None
     client_cert: str | None = None  # the device's TLS certificate (PEM), for servers that identify devices by it
     client_key: str | None = None
+    proxy: str | None = None  # an http:// proxy for every request; unset: https_proxy/http_proxy/no_proxy
+    no_proxy: tuple[str, ...] = ()  # with proxy: hosts reached directly (no_proxy's rules)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ class HealthConfig:
 class InstallConfig:
     verify: str = "hash"  # hash | readback
     read_timeout: float = 60.0
+    max_rate: int | None = None  # bytes/s for a background download (None: unlimited)
+    max_rate_interactive: int | None = None  # bytes/s for one asked for (CheckForUpdate, the CLI)
+    on_metered: str = "wait"  # wait | allow: a background download on a metered connection
 
 
 @dataclass(frozen=True)
@@ -370,13 +375,14 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     r.unknown("", {"server", "app", "slots", "boot", "state_dir", "schedule", "reboot", "health", "install", "dbus",
                    "trust", "metrics"})
     for sec, keys in {"server": {"url", "protocol", "insecure_http", "ca_file", "timeout", "cup", "client_cert",
-                                 "client_key"},
+                                 "client_key", "proxy", "no_proxy"},
                       "app": {"id", "version", "version_file", "track", "board", "hardware_class", "send_machine_id",
                               "targetversionprefix", "rollback_allowed"},
                       "boot": {"backend", "tries", "env", "disk", "labels", "fw_config", "esp", "efivars"},
                       "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
                       "reboot": {"policy", "windows", "fleetlock", "notice", "max_postpone", "max_inhibit_delay"},
-                      "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout"},
+                      "health": {"commands", "timeout", "after", "boot_complete_timeout"},
+                      "install": {"verify", "read_timeout", "max_rate", "max_rate_interactive", "on_metered"},
                       "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"},
                       "metrics": {"textfile", "socket"}}.items():
         r.unknown(sec, keys)
@@ -402,7 +408,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     ca_file = _ca_file(r, r.get("server.ca_file", None, str))
     cert, key = _client_cert(r, r.get("server.client_cert", None, str), r.get("server.client_key", None, str))
     server = ServerConfig(url, protocol, insecure, ca_file, float(_duration(r, "server.timeout", 30, float, 0.1)), cup,
-                          cert, key)
+                          cert, key, *_proxy(r))
 
     version = r.get("app.version", None, str)
     version_file = r.get("app.version_file", "/etc/os-release", str)
@@ -472,9 +478,52 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
         reboot=reboot,
         health=HealthConfig(tuple(commands), _duration(r, "health.timeout", 300, int, 1), after,
                             _duration(r, "health.boot_complete_timeout", 900, int, 1)),
-        install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1))),
+        install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1)),
+                              _rate(r, "install.max_rate"), _rate(r, "install.max_rate_interactive"),
+                              _choice(r, "install.on_metered", "wait", ("wait", "allow"))),
         dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust,
         metrics=_metrics(r))
+
+
+def _proxy(r: _Reader) -> tuple[str | None, tuple[str, ...]]:
+    from .proxy import ProxyError, no_proxy_list, parse
+    value = r.get("server.proxy", None, str)
+    bypass = r.get("server.no_proxy", [], list)
+    if not all(isinstance(e, str) and e.strip() and len(e) <= 255 for e in bypass) or len(bypass) > 64:
+        r.fail("server.no_proxy", "must be a list of at most 64 host names, domains (.example.com) or addresses")
+    if bypass and value is None:
+        r.fail("server.no_proxy", "goes with server.proxy (without it, the environment's no_proxy applies)")
+    if value is not None:
+        try:
+            parse(value, "")
+        except ProxyError as exc:
+            r.fail("server.proxy", str(exc).removeprefix(": "))
+    return value, no_proxy_list(",".join(bypass))
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+MIN_RATE = 4096  # bytes/s: a slower cap would outlast every read timeout
+
+
+def _rate(r: _Reader, key: str) -> int | None:
+    """Bytes per second: a whole number, or with a K, M or G suffix (binary: 2M is 2 MiB/s); unset: unlimited."""
+    value = r.get(key, None, str)
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d{1,12}(?:\.\d{1,6})?)\s*([kKmMgG]?)(?:i?B)?(?:/s)?\s*", str(value))
+    if not m:
+        r.fail(key, f"must be bytes per second, e.g. 2M, 512K or 1000000, not {urls.short(str(value), 40)}")
+    rate = int(float(m[1]) * _UNITS[m[2].upper()])
+    if not MIN_RATE <= rate <= 1 << 40:
+        r.fail(key, f"must be between 4K and 1024G bytes per second (unset it for no limit), not {value}")
+    return rate
+
+
+def _choice(r: _Reader, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = str(r.get(key, default, str))
+    if value not in allowed:
+        r.fail(key, f"must be {' or '.join(allowed)}, not {urls.short(value, 40)}")
+    return value
 
 
 MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108 with its terminating NUL

@@ -31,7 +31,8 @@ _TOO_LONG = re.compile(r"Got more than (\d+) bytes when reading")
 def describe_error(exc: BaseException, timed_out: str = "timed out") -> str:
     """A transfer error in one short line a user can act on (aiohttp's own texts span lines, nest their causes,
     or say no more than ``400, message:``); whatever of it a server sent is cleaned (``text.clean``)."""
-    return clean(_describe(exc, timed_out), 300)
+    from .proxy import redact
+    return clean(redact(_describe(exc, timed_out)), 300)
 
 
 def _describe(exc: BaseException, timed_out: str) -> str:
@@ -40,6 +41,9 @@ def _describe(exc: BaseException, timed_out: str) -> str:
     refused = exc if isinstance(exc, LinkLocalRefused) else getattr(exc, "os_error", None) or exc.__cause__
     if isinstance(refused, LinkLocalRefused):
         return refused.strerror
+    proxy = _proxy_reason(exc)
+    if proxy:
+        return proxy
     tls = _tls_reason(exc)
     if tls:
         return tls
@@ -55,6 +59,18 @@ def _describe(exc: BaseException, timed_out: str) -> str:
     if re.fullmatch(r"\d{3}, message[:=]\s*'?'?", text.strip()) or not text:
         text = f"{type(exc).__name__}{': ' + str(cause) if cause else ''}"
     return text[:200]
+
+
+def _proxy_reason(exc: BaseException) -> str | None:
+    """A proxy that cannot be reached, or that refused the request, said so (not mistaken for the server)."""
+    import aiohttp
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        hint = ": check the user and password in the proxy URL" if exc.status in (401, 407) else ""
+        return f"the proxy refused: HTTP {exc.status} {clean(exc.message or '', 60)}".rstrip() + hint
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        why = getattr(exc, "strerror", None) or getattr(exc.os_error, "strerror", None) or type(exc.os_error).__name__
+        return f"cannot connect to the proxy {exc.host}:{exc.port}: {why}"
+    return None
 
 
 def _tls_reason(exc: BaseException) -> str | None:
@@ -116,10 +132,11 @@ class RefusingResolver:
 
 
 def make_session(ca_file: str | None = None, timeout: float = 30.0, client_cert: str | None = None,
-                 client_key: str | None = None, resolver=None):
+                 client_key: str | None = None, resolver=None, route=None):
     """An aiohttp session (aiohttp is imported here, when the first check runs, not at start-up); its TLS settings
-    (the extra CA, the device's certificate) apply to the checks, the events, the payloads and their signatures.
-    Host names are resolved by ``resolver`` (the system's by default) through ``RefusingResolver``."""
+    (the extra CA, the device's certificate) and its proxies (``route``, a ``proxy.Route``) apply to every request
+    made with it: the checks, the events, the payloads and their signatures, the fleet lock. Host names (a
+    proxy's too) are resolved by ``resolver`` (the system's by default) through ``RefusingResolver``."""
     import aiohttp
 
     ssl_context = True  # aiohttp's own verifying context (ssl.create_default_context(), made when aiohttp is
@@ -132,8 +149,12 @@ def make_session(ca_file: str | None = None, timeout: float = 30.0, client_cert:
         if client_cert and client_key:
             ssl_context.load_cert_chain(client_cert, client_key)
     connector = aiohttp.TCPConnector(ssl=ssl_context, limit=4, resolver=RefusingResolver(resolver))
+    extra = {}
+    if route is not None and (route.https or route.http):
+        from .proxy import request_class
+        extra["request_class"] = request_class(route)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
-                                                                                   sock_read=timeout))
+                                                                                   sock_read=timeout), **extra)
 
 
 async def _read_body(resp, limit: int) -> bytes:

@@ -236,8 +236,10 @@ class _Pipeline:
 class Installer:
     def __init__(self, session, *, sessionid: str = "", read_timeout: float = 60.0, readback: bool = False,
                  on_progress: OnProgress | None = None, on_checkpoint: OnCheckpoint | None = None,
-                 chunk: int = CHUNK, checkpoint_every: int = CHECKPOINT_EVERY):
+                 chunk: int = CHUNK, checkpoint_every: int = CHECKPOINT_EVERY, max_rate: int | None = None):
+        from .ratelimit import bucket
         self.session = session
+        self.limiter = bucket(max_rate)  # bytes/s over the network (``ratelimit``); None: as fast as it comes
         self.sessionid = sessionid
         self.read_timeout = read_timeout
         self.readback = readback
@@ -395,7 +397,7 @@ class Installer:
                     # the expected body, as is: read from the socket straight into the ring
                     head, body = DirectBody.take(resp, self.read_timeout)
                 await self._pump(resp.content.iter_any(), pipe, slot, pkg, version, attempt_start, attempt_base,
-                                 checkpoints=not encoded, head=head, body=body)
+                                 checkpoints=not encoded, head=head, body=body, limiter=self.limiter)
         except asyncio.CancelledError:
             await self._save_partial(pipe, slot, pkg, version, encoded)
             raise
@@ -419,10 +421,11 @@ class Installer:
             raise _TransferFailed(f"short body: {received} of {pkg.size} bytes")
 
     async def _pump(self, pieces, pipe: "_Pipeline", slot: str, pkg: PackageOffer, version: str, attempt_start: float,
-                    attempt_base: int, checkpoints: bool = True, head: bytes = b"", body=None) -> None:
+                    attempt_base: int, checkpoints: bool = True, head: bytes = b"", body=None, limiter=None) -> None:
         """Feeds the pieces of a body onto the slot through ``pipe``, with checkpoints (unless the body cannot be
         resumed: a content-encoded one) and progress. With ``body`` (an ``http.DirectBody``), ``head`` and then
-        what ``body`` reads straight into the ring instead of ``pieces``."""
+        what ``body`` reads straight into the ring instead of ``pieces``. With ``limiter`` (a
+        ``ratelimit.TokenBucket``) each read is at most its quantum and waits for its tokens."""
         since_checkpoint = 0
 
         async def handed_on(size: int) -> None:
@@ -441,6 +444,8 @@ class Installer:
             self._taken += len(data)
             if handed:
                 await handed_on(sum(handed))
+            if limiter is not None:
+                await limiter.spend(len(data))
 
         if head:
             await put(head)
@@ -453,6 +458,8 @@ class Installer:
                     if pipe.full:
                         body.pause()
                     view = await pipe.space()
+                    if limiter is not None:
+                        view = view[:limiter.quantum]
                     try:
                         n = await body.fill(view)
                     except asyncio.CancelledError:
@@ -463,6 +470,9 @@ class Installer:
                     self._taken += n
                     if handed:
                         await handed_on(handed)
+                    if limiter is not None:
+                        body.pause()  # nothing is read (or spilled) while the rate holds this back
+                        await limiter.spend(n)
             finally:
                 body.close()
         await pipe.finish()

@@ -273,11 +273,21 @@ class Rebooter:
             state.fleet_lock = lock.group
         if not await self.ctx.save("the fleet lock record"):  # durable before the lock is asked for
             return "the state could not be saved, and a lock is asked for only once it says so"
-        answer = await fleetlock.call(await self.http(), lock.url, "pre-reboot", client, lock.group)
+        answer = await self._lock_call(lock.url, "pre-reboot", client, lock.group)
         if isinstance(answer, fleetlock.Granted):
             log.info("fleet lock taken (group %s)", lock.group)
             return None
         return str(answer)
+
+    async def _lock_call(self, url: str, endpoint: str, client: str, group: str):
+        """One FleetLock request through the agent's session (its TLS settings and proxy)."""
+        from . import fleetlock
+        from .http import OmahaHttpError
+        try:
+            session = await self.http()
+        except OmahaHttpError as exc:  # a proxy setting that cannot be used: like a server out of reach
+            return fleetlock.Unreachable(f"FleetLock server {url}: {exc}")
+        return await fleetlock.call(session, url, endpoint, client, group)
 
     def release_when_steady(self) -> None:
         """Gives the fleet's lock back in the background (retried until the server says 200), when the state says
@@ -304,7 +314,7 @@ class Rebooter:
         client = self._client()
         failures = 0
         while True:
-            answer = await fleetlock.call(await self.http(), lock.url, "steady-state", client, group)
+            answer = await self._lock_call(lock.url, "steady-state", client, group)
             if isinstance(answer, fleetlock.Granted):
                 log.info("fleet lock given back (group %s)", group)
                 ctx.state.fleet_lock = ""

@@ -51,10 +51,21 @@ class Reporter:
         return build.Cohort(c.get("cohort", ""), c.get("cohorthint", ""), c.get("cohortname", ""))
 
     async def http(self):
+        """The one HTTP session (its TLS settings and proxies apply to every request). Raises ``OmahaHttpError``
+        when the proxy setting cannot be used (every request fails until it is fixed; none goes direct)."""
         if self.session is None:
-            from .http import make_session
+            import os
+
+            from .http import OmahaHttpError, make_session
+            from .proxy import ProxyError, route
             server = self.ctx.config.server
-            self.session = make_session(server.ca_file, server.timeout, server.client_cert, server.client_key)
+            try:
+                way = route(server.proxy, server.no_proxy, os.environ)
+            except ProxyError as exc:
+                raise OmahaHttpError(f"cannot use the proxy setting: {exc}") from None
+            log.info("HTTP: %s", way.describe())
+            self.session = make_session(server.ca_file, server.timeout, server.client_cert, server.client_key,
+                                        route=way)
         return self.session
 
     def cup(self):

@@ -20,7 +20,10 @@ payload URLs point at nginx (``devserver --payload-base``), so the server is not
 3. ``GetStatus`` latency over D-Bus, 20 calls a second, while a full-speed install runs, over
    ``BENCH_LATENCY_ROUNDS`` installs (default 10) so the p99 rests on a few hundred calls; and the same calls
    to the idle daemon just before, the floor the machine sets at the time.
-4. A fleet: 100 000 devices over 7 days with ``agent.schedule``'s own functions, a 6-hour server outage in
+4. Capped downloads (``install.max_rate_interactive``, as ``daemon --once`` checks interactively): a
+   ``BENCH_CAP_MIB`` payload (default 128) at 8 and 32 MiB/s and uncapped, alternating: the achieved rate as a
+   ratio to the cap (the agent's own download time, from its log) and CPU seconds per GiB capped and uncapped.
+5. A fleet: 100 000 devices over 7 days with ``agent.schedule``'s own functions, a 6-hour server outage in
    the middle.
 
 ``BENCH_OUT=PATH`` writes the figures as one JSON object; ``BENCH_QUICK=1`` runs a reduced set.
@@ -352,6 +355,43 @@ def throughput(tmp: str, www: str, nginx: Nginx, results: dict) -> None:
           f"ratio to pipeline {results['install_ratio']:.2f}, to limit {results['limit_ratio']:.2f}", flush=True)
 
 
+CAP_MIB = int(os.environ.get("BENCH_CAP_MIB") or (64 if QUICK else 128))
+CAPS = (8, 32)  # MiB/s
+
+
+def capped(tmp: str, www: str, nginx: Nginx, results: dict) -> None:
+    import re
+    size = CAP_MIB * MiB
+    payload = Payload(tmp, www, nginx, size)
+    runs: dict[int, list[tuple[float, float]]] = {cap: [] for cap in (*CAPS, 0)}  # (download s, CPU s)
+    try:
+        for _ in range(max(1, ROUNDS // 2)):
+            for cap in runs:
+                workdir = os.path.join(tmp, "capped")
+                extra = f"install: {{max_rate_interactive: {cap}M}}\n" if cap else ""
+                config = device(workdir, payload.server.url, size + MiB, extra)
+                out = os.path.join(tmp, "capped.txt")
+                with open(out, "w") as f:
+                    m = measure([sys.executable, "-m", "agent.cli", "daemon", "--once", "--verbose", "--config",
+                                 config], stdout=f, stderr=subprocess.STDOUT)
+                found = re.search(r"verified 2\.0\.0: \d+ bytes in ([\d.]+) s", open(out).read())
+                if not found:
+                    raise RuntimeError(f"the capped install did not finish: {open(out).read()[-2000:]}")
+                runs[cap].append((float(found[1]), m["cpu"]))
+                shutil.rmtree(workdir)
+    finally:
+        payload.close()
+    plain_cpu = median([c for _, c in runs[0]]) / (size / GiB)
+    print(f"capped downloads, {CAP_MIB} MiB payload (achieved/cap from the agent's download time; CPU s per GiB):")
+    for cap in CAPS:
+        ratio = (CAP_MIB / median([d for d, _ in runs[cap]])) / cap
+        cpu = median([c for _, c in runs[cap]]) / (size / GiB)
+        results[f"cap_{cap}_ratio"], results[f"cap_{cap}_cpu_s_per_gib"] = ratio, cpu
+        print(f"  cap {cap} MiB/s: achieved/cap {ratio:.3f}, {cpu:.2f} CPU s/GiB (uncapped {plain_cpu:.2f}: "
+              f"{cpu - plain_cpu:+.2f}; both include the agent's start-up and check)", flush=True)
+    results["uncapped_cpu_s_per_gib"] = plain_cpu
+
+
 # ---------------------------------------------------------------------------------------------- 2. memory
 def peak_rss(tmp: str, www: str, nginx: Nginx, size_mib: int) -> float:
     payload = Payload(tmp, www, nginx, size_mib * MiB)
@@ -585,6 +625,7 @@ def main() -> int:
             print(f"peak RSS of daemon --once: {results['peak_rss_mib_1g']:.1f} MiB (1 GiB payload), "
                   f"{results['peak_rss_mib_4g']:.1f} MiB (4 GiB payload)", flush=True)
             getstatus_latency(tmp, www, nginx, results)
+            capped(tmp, www, nginx, results)
         finally:
             nginx.close()
         idle_and_startup(tmp, results)

@@ -1,0 +1,42 @@
+"""A token bucket for a download's bytes per second: smooth (each read takes at most ``quantum`` bytes, about 100 ms
+of the rate, and waits for what it took beyond the tokens at hand), never bursts of a second. The clock and the
+sleep are injected, so the arithmetic runs on a virtual clock in tests."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+MIN_QUANTUM = 16 << 10  # bytes: a read smaller than this costs more system calls than it saves in smoothness
+
+
+class TokenBucket:
+    def __init__(self, rate: int, *, burst: float = 0.1, clock=time.monotonic, sleep=asyncio.sleep):
+        if rate <= 0:
+            raise ValueError("a rate is a positive number of bytes per second")
+        self.rate = rate
+        self.capacity = max(MIN_QUANTUM, int(rate * burst))  # the most that may go at once
+        self.clock, self.sleep = clock, sleep
+        self.tokens = float(self.capacity)
+        self.stamp = clock()
+
+    @property
+    def quantum(self) -> int:
+        """The most one read should ask for."""
+        return self.capacity
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(float(self.capacity), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    async def spend(self, n: int) -> None:
+        """``n`` bytes were taken: waits until the rate allows them (cancellable)."""
+        self._refill()
+        self.tokens -= n
+        if self.tokens < 0:
+            await self.sleep(-self.tokens / self.rate)
+
+
+def bucket(rate: int | None) -> TokenBucket | None:
+    """A bucket for ``rate`` bytes per second, or ``None`` for no limit (the caller skips it entirely)."""
+    return TokenBucket(rate) if rate else None
