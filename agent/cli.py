@@ -131,6 +131,20 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_chunk(args) -> int:
+    """Cuts an image into its chunk index and chunk data (the adaptive release's files)."""
+    from .adaptive.cut import CutError, cut
+    try:
+        r = cut(args.image, args.output_dir, name=args.name, level=args.level, threads=args.threads)
+    except CutError as exc:
+        return _fail(str(exc))
+    print(f"{r.index_path}: {r.chunks} chunks ({r.zero_chunks} all zero) of a {r.image_size}-byte image, "
+          f"sha256 {r.image_sha256}")
+    print(f"{r.data_path}: {r.data_size} bytes of zstd frames (level {args.level}), "
+          f"{r.image_size / max(r.seconds, 1e-9) / 1e6:.0f} MB/s ({r.seconds:.1f} s)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .tools.demo import main as demo_main
     return demo_main(args)
@@ -250,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("payload")
     f.add_argument("signature", nargs="?", default=None, help="the envelope (default PAYLOAD.sig)")
     f.set_defaults(func=cmd_verify)
+    k = sub.add_parser("chunk", help="cut an image into content-defined chunks: IMAGE.cidx (index) and IMAGE.czst "
+                       "(zstd frames; the adaptive release's payload)")
+    k.add_argument("image", help="the raw image (e.g. the ext4 root file system)")
+    k.add_argument("-o", "--output-dir", default=None, metavar="DIR", help="where to write them (default: beside "
+                   "the image)")
+    k.add_argument("--name", default=None, help="file name stem (default: the image's file name)")
+    k.add_argument("--level", type=int, default=19, help="zstd level of each frame (default 19)")
+    k.add_argument("--threads", type=int, default=None, help="compression threads (default: one per CPU)")
+    k.set_defaults(func=cmd_chunk)
     m = sub.add_parser("demo", help="the whole A/B cycle on a simulated device, no root needed")
     m.add_argument("--dir", default=None, help="keep the simulated device here (default: a temp dir)")
     m.set_defaults(func=cmd_demo)
