@@ -93,16 +93,27 @@ def cmd_fleetlock_server(args) -> int:
 
 
 def cmd_sign(args) -> int:
+    from .adaptive.release import ReleaseError, data_path_for, sign
     from .trust import TrustKeyError, load_private_key, sign_file
+    if args.chunks:
+        args.payload = args.payload or data_path_for(args.chunks)
+    elif not args.payload:
+        return _fail("sign: name the payload (or --chunks NAME.cidx, whose data file is then the payload)")
     try:
-        envelope = sign_file(args.payload, load_private_key(args.key), args.appid, args.version, args.track,
-                             args.board)
-    except TrustKeyError as exc:
+        key = load_private_key(args.key)
+        if args.chunks:
+            envelope = sign(args.payload, args.chunks, key, args.appid, args.version, args.track, args.board)
+        else:
+            envelope = sign_file(args.payload, key, args.appid, args.version, args.track, args.board)
+    except (TrustKeyError, ReleaseError) as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"sign: cannot read {args.payload}: {exc.strerror or exc}")
     out = args.output or args.payload + ".sig"
     with open(out, "wb") as f:
         f.write(envelope)
-    print(f"signed {args.payload} as {args.appid} {args.version}: {out}")
+    what = f" with its chunks ({args.chunks})" if args.chunks else ""
+    print(f"signed {args.payload} as {args.appid} {args.version}{what}: {out}")
     return 0
 
 
@@ -123,12 +134,41 @@ def cmd_verify(args) -> int:
                 h.update(chunk)
         if release.sha256 != h.hexdigest() or release.size != os.path.getsize(args.payload):
             raise SignatureError(f"the signed digest and size are not those of {args.payload}")
+        found = _check_chunk_files(release, os.path.dirname(os.path.abspath(args.payload)))
     except (SignatureError, TrustKeyError) as exc:
         return _fail(f"{sig_path}: {exc}")
-    print(json.dumps({"name": release.name, "sha256": release.sha256, "appid": release.appid,
-                      "version": release.version, "size": release.size, "track": release.track,
-                      "board": release.board}, indent=1))
+    except OSError as exc:
+        return _fail(f"verify: cannot read {args.payload}: {exc.strerror or exc}")
+    shown = {"name": release.name, "sha256": release.sha256, "appid": release.appid, "version": release.version,
+             "size": release.size, "track": release.track, "board": release.board}
+    if release.image is not None:
+        shown["image"] = {"sha256": release.image.sha256, "size": release.image.size}
+        shown["chunks"] = {k: {"name": a.name, "sha256": a.sha256, "size": a.size, "checked": found[k]}
+                           for k, a in (("index", release.chunks.index), ("data", release.chunks.data))}
+    print(json.dumps(shown, indent=1))
     return 0
+
+
+def _check_chunk_files(release, directory: str) -> dict:
+    """An adaptive release's chunk files beside the payload must be the signed ones; a missing one is reported
+    as unchecked (``False``), not as an error (a payload may be verified before its chunk files are copied)."""
+    import os
+
+    from .adaptive.release import file_digest
+    from .trust import SignatureError
+    found = {}
+    if release.chunks is None:
+        return found
+    for key, ref in (("index", release.chunks.index), ("data", release.chunks.data)):
+        path = os.path.join(directory, ref.name)
+        if not os.path.exists(path):
+            found[key] = False
+            continue
+        if file_digest(path) != (ref.sha256, ref.size):
+            raise SignatureError(f"the signed chunk {key} {ref.name} is not the file beside the payload "
+                                 "(digest or size)")
+        found[key] = True
+    return found
 
 
 def cmd_chunk(args) -> int:
@@ -256,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--version", required=True)
     g.add_argument("--track", default=None)
     g.add_argument("--board", default=None)
-    g.add_argument("payload")
+    g.add_argument("--chunks", default=None, metavar="NAME.cidx",
+                   help="an adaptive release: name the image and the chunk files (NAME.cidx and NAME.czst beside "
+                        "it, checked frame by frame) in the statement; the payload defaults to NAME.czst")
+    g.add_argument("payload", nargs="?", default=None)
     g.add_argument("-o", "--output", default=None, help="where to write the envelope (default PAYLOAD.sig)")
     g.set_defaults(func=cmd_sign)
     f = sub.add_parser("verify", help="verify a release's envelope and print its statement")
