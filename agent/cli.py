@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sign-key", default=None, help="PEM private key: serve <payload>.sig, a signed release envelope")
     v.add_argument("--cup-key", default=None, help="P-256 PEM private key: sign answers with CUP-ECDSA proofs")
     v.add_argument("--cup-key-version", type=int, default=1, help="the CUP key version clients name")
+    v.add_argument("--chunks", default=None, metavar="NAME.cidx",
+                   help="an adaptive release: serve NAME.cidx and NAME.czst beside the payload and name them in its "
+                        "signature (the payload is usually NAME.czst)")
     v.add_argument("--payload-base", default=None, metavar="URL",
                    help="point payload URLs here (another file server holding the payload under its file name) "
                         "instead of at this server's /packages/")
