@@ -137,3 +137,10 @@ async def test_a_multi_range_answer_is_the_one_nginx_gives_byte_for_byte(tmp_pat
                                                                                  theirs[1]["Content-Type"])
     finally:
         nginx.close()
+
+
+def test_a_release_whose_chunk_files_are_missing_is_refused_at_start_naming_the_file(tmp_path):
+    from agent.tools.devserver import Image
+    payload = write(tmp_path / "rootfs.ext4.czst", b"\x28\xb5\x2f\xfd" + bytes(20))
+    with pytest.raises(FileNotFoundError, match=r"chunk file .*rootfs.ext4.cidx not found"):
+        Image(payload, "2.0.0", APP, chunk_index=str(tmp_path / "rootfs.ext4.cidx"))

@@ -53,7 +53,9 @@ class Image:
         if self.chunk_index:
             from ..adaptive.release import data_path_for
             for path in (self.chunk_index, data_path_for(self.chunk_index)):
-                os.stat(path)  # both chunk files must be there (a missing one is an OSError, one line)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"chunk file {path} not found (omaha-agent chunk IMAGE writes "
+                                            "IMAGE.cidx and IMAGE.czst side by side)")
 
 
 def adaptive_image(raw_image: str, version: str, appid: str, out_dir: str | None = None, level: int = 3,
