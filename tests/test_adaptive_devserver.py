@@ -1,5 +1,6 @@
 """The development server publishing an adaptive release: the chunk files beside the payload, byte ranges answered
 as nginx answers them (checked against a real nginx on 127.0.0.1), and the faults the device tests need."""
+import hashlib
 import os
 import re
 
@@ -144,3 +145,28 @@ def test_a_release_whose_chunk_files_are_missing_is_refused_at_start_naming_the_
     payload = write(tmp_path / "rootfs.ext4.czst", b"\x28\xb5\x2f\xfd" + bytes(20))
     with pytest.raises(FileNotFoundError, match=r"chunk file .*rootfs.ext4.cidx not found"):
         Image(payload, "2.0.0", APP, chunk_index=str(tmp_path / "rootfs.ext4.cidx"))
+
+
+async def test_the_devserver_command_publishes_an_adaptive_release(tmp_path):
+    import asyncio
+    import sys
+    data = image_bytes(1 << 20, seed=22)
+    img = adaptive_image(write(tmp_path / "rootfs.ext4", data), "2.0.0", APP)
+    private, public = openssl_key(tmp_path, "p256", "rel")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "devserver", "--payload", img.path, "--chunks", img.chunk_index,
+        "--version", "2.0.0", "--appid", APP, "--port", "0", "--sign-key", private,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 30)).decode() for _ in range(3)]
+        base = re.search(r"update URL (http://127\.0\.0\.1:\d+)/", lines[1]).group(1) + "/packages/"
+        assert "an adaptive release: rootfs.ext4.cidx" in lines[2]
+        rel = trust.open_envelope((await get(base + "rootfs.ext4.czst.sig"))[2], trust.load_public_keys([public]))
+        assert rel.chunks.index.sha256 == hashlib.sha256(open(img.chunk_index, "rb").read()).hexdigest()
+        status, headers, body = await get(base + "rootfs.ext4.cidx", "bytes=0-7,76-116")
+        assert status == 206 and [d for _, d in parts(body, headers["Content-Type"])] == [
+            open(img.chunk_index, "rb").read()[a:b] for a, b in ((0, 8), (76, 117))]
+    finally:
+        proc.terminate()
+        await proc.wait()
