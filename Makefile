@@ -94,8 +94,9 @@ demo: $(STAMP)
 
 # Figures, not pass/fail: the agent against the machine's limit and a shell pipeline, CPU, memory, latency,
 # a fleet (see tests/bench.py). Also needs nginx (it serves the payloads), curl and openssl (the baselines).
-# BENCH_MIB=size, BENCH_QUICK=1 for a reduced set, BENCH_OUT=file.json for the figures as JSON.
-bench: SYSTEM_TOOLS += nginx:nginx curl:curl openssl:openssl
+# BENCH_MIB=size, BENCH_QUICK=1 for a reduced set, BENCH_OUT=file.json for the figures as JSON; the adaptive
+# figures build a Debian image pair once (mmdebstrap, root; cached under build/adaptive/), BENCH_ADAPTIVE=0 skips them.
+bench: SYSTEM_TOOLS += nginx:nginx curl:curl openssl:openssl mke2fs:e2fsprogs mmdebstrap:mmdebstrap
 bench: system-deps $(STAMP)
 	PATH="$$PATH:/usr/sbin:/sbin" $(PY) -m tests.bench
 

@@ -93,16 +93,27 @@ def cmd_fleetlock_server(args) -> int:
 
 
 def cmd_sign(args) -> int:
+    from .adaptive.release import ReleaseError, data_path_for, sign
     from .trust import TrustKeyError, load_private_key, sign_file
+    if args.chunks:
+        args.payload = args.payload or data_path_for(args.chunks)
+    elif not args.payload:
+        return _fail("sign: name the payload (or --chunks NAME.cidx, whose data file is then the payload)")
     try:
-        envelope = sign_file(args.payload, load_private_key(args.key), args.appid, args.version, args.track,
-                             args.board)
-    except TrustKeyError as exc:
+        key = load_private_key(args.key)
+        if args.chunks:
+            envelope = sign(args.payload, args.chunks, key, args.appid, args.version, args.track, args.board)
+        else:
+            envelope = sign_file(args.payload, key, args.appid, args.version, args.track, args.board)
+    except (TrustKeyError, ReleaseError) as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"sign: cannot read {args.payload}: {exc.strerror or exc}")
     out = args.output or args.payload + ".sig"
     with open(out, "wb") as f:
         f.write(envelope)
-    print(f"signed {args.payload} as {args.appid} {args.version}: {out}")
+    what = f" with its chunks ({args.chunks})" if args.chunks else ""
+    print(f"signed {args.payload} as {args.appid} {args.version}{what}: {out}")
     return 0
 
 
@@ -123,11 +134,54 @@ def cmd_verify(args) -> int:
                 h.update(chunk)
         if release.sha256 != h.hexdigest() or release.size != os.path.getsize(args.payload):
             raise SignatureError(f"the signed digest and size are not those of {args.payload}")
+        found = _check_chunk_files(release, os.path.dirname(os.path.abspath(args.payload)))
     except (SignatureError, TrustKeyError) as exc:
         return _fail(f"{sig_path}: {exc}")
-    print(json.dumps({"name": release.name, "sha256": release.sha256, "appid": release.appid,
-                      "version": release.version, "size": release.size, "track": release.track,
-                      "board": release.board}, indent=1))
+    except OSError as exc:
+        return _fail(f"verify: cannot read {args.payload}: {exc.strerror or exc}")
+    shown = {"name": release.name, "sha256": release.sha256, "appid": release.appid, "version": release.version,
+             "size": release.size, "track": release.track, "board": release.board}
+    if release.image is not None:
+        shown["image"] = {"sha256": release.image.sha256, "size": release.image.size}
+        shown["chunks"] = {k: {"name": a.name, "sha256": a.sha256, "size": a.size, "checked": found[k]}
+                           for k, a in (("index", release.chunks.index), ("data", release.chunks.data))}
+    print(json.dumps(shown, indent=1))
+    return 0
+
+
+def _check_chunk_files(release, directory: str) -> dict:
+    """An adaptive release's chunk files beside the payload must be the signed ones; a missing one is reported
+    as unchecked (``False``), not as an error (a payload may be verified before its chunk files are copied)."""
+    import os
+
+    from .adaptive.release import file_digest
+    from .trust import SignatureError
+    found = {}
+    if release.chunks is None:
+        return found
+    for key, ref in (("index", release.chunks.index), ("data", release.chunks.data)):
+        path = os.path.join(directory, ref.name)
+        if not os.path.exists(path):
+            found[key] = False
+            continue
+        if file_digest(path) != (ref.sha256, ref.size):
+            raise SignatureError(f"the signed chunk {key} {ref.name} is not the file beside the payload "
+                                 "(digest or size)")
+        found[key] = True
+    return found
+
+
+def cmd_chunk(args) -> int:
+    """Cuts an image into its chunk index and chunk data (the adaptive release's files)."""
+    from .adaptive.cut import CutError, cut
+    try:
+        r = cut(args.image, args.output_dir, name=args.name, level=args.level, threads=args.threads)
+    except CutError as exc:
+        return _fail(str(exc))
+    print(f"{r.index_path}: {r.chunks} chunks ({r.zero_chunks} all zero) of a {r.image_size}-byte image, "
+          f"sha256 {r.image_sha256}")
+    print(f"{r.data_path}: {r.data_size} bytes of zstd frames (level {args.level}), "
+          f"{r.image_size / max(r.seconds, 1e-9) / 1e6:.0f} MB/s ({r.seconds:.1f} s)")
     return 0
 
 
@@ -232,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sign-key", default=None, help="PEM private key: serve <payload>.sig, a signed release envelope")
     v.add_argument("--cup-key", default=None, help="P-256 PEM private key: sign answers with CUP-ECDSA proofs")
     v.add_argument("--cup-key-version", type=int, default=1, help="the CUP key version clients name")
+    v.add_argument("--chunks", default=None, metavar="NAME.cidx",
+                   help="an adaptive release: serve NAME.cidx and NAME.czst beside the payload and name them in its "
+                        "signature (the payload is usually NAME.czst)")
     v.add_argument("--payload-base", default=None, metavar="URL",
                    help="point payload URLs here (another file server holding the payload under its file name) "
                         "instead of at this server's /packages/")
@@ -242,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--version", required=True)
     g.add_argument("--track", default=None)
     g.add_argument("--board", default=None)
-    g.add_argument("payload")
+    g.add_argument("--chunks", default=None, metavar="NAME.cidx",
+                   help="an adaptive release: name the image and the chunk files (NAME.cidx and NAME.czst beside "
+                        "it, checked frame by frame) in the statement; the payload defaults to NAME.czst")
+    g.add_argument("payload", nargs="?", default=None)
     g.add_argument("-o", "--output", default=None, help="where to write the envelope (default PAYLOAD.sig)")
     g.set_defaults(func=cmd_sign)
     f = sub.add_parser("verify", help="verify a release's envelope and print its statement")
@@ -250,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("payload")
     f.add_argument("signature", nargs="?", default=None, help="the envelope (default PAYLOAD.sig)")
     f.set_defaults(func=cmd_verify)
+    k = sub.add_parser("chunk", help="cut an image into content-defined chunks: IMAGE.cidx (index) and IMAGE.czst "
+                       "(zstd frames; the adaptive release's payload)")
+    k.add_argument("image", help="the raw image (e.g. the ext4 root file system)")
+    k.add_argument("-o", "--output-dir", default=None, metavar="DIR", help="where to write them (default: beside "
+                   "the image)")
+    k.add_argument("--name", default=None, help="file name stem (default: the image's file name)")
+    k.add_argument("--level", type=int, default=19, help="zstd level of each frame (default 19)")
+    k.add_argument("--threads", type=int, default=None, help="compression threads (default: one per CPU)")
+    k.set_defaults(func=cmd_chunk)
     m = sub.add_parser("demo", help="the whole A/B cycle on a simulated device, no root needed")
     m.add_argument("--dir", default=None, help="keep the simulated device here (default: a temp dir)")
     m.set_defaults(func=cmd_demo)

@@ -25,6 +25,8 @@ payload URLs point at nginx (``devserver --payload-base``), so the server is not
    ratio to the cap (the agent's own download time, from its log) and CPU seconds per GiB capped and uncapped.
 5. A fleet: 100 000 devices over 7 days with ``agent.schedule``'s own functions, a 6-hour server outage in
    the middle.
+5. Adaptive updates (``tests/bench_adaptive.py``): a real Debian pair (a monthly security update; not under
+   ``BENCH_QUICK``) and a synthetic pair, cut into chunks: the bytes a device holding the old image fetches.
 
 ``BENCH_OUT=PATH`` writes the figures as one JSON object; ``BENCH_QUICK=1`` runs a reduced set.
 Run: ``make bench`` or ``python -m tests.bench``.
@@ -630,6 +632,10 @@ def main() -> int:
             nginx.close()
         idle_and_startup(tmp, results)
     fleet(results, devices=20_000 if QUICK else 100_000)
+    if os.environ.get("BENCH_ADAPTIVE", "1") != "0":
+        from . import bench_adaptive
+        with tempfile.TemporaryDirectory(prefix="omaha-bench-adaptive-", dir=os.environ.get("BENCH_DIR")) as tmp:
+            bench_adaptive.run(QUICK, tmp, results)
     results["bench_s"] = round(time.monotonic() - started, 1)
     out = os.environ.get("BENCH_OUT")
     if out:

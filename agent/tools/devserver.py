@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ class Image:
     sha256: bytes = b""
     sha1: bytes = b""
     signature: bytes | None = None  # served as <name>.sig (the DevServer's sign_key fills it in)
+    chunk_index: str | None = None  # an adaptive release: its NAME.cidx; it and NAME.czst are served beside the
+    #                                 payload (which is usually NAME.czst itself) and named in the signature
 
     def __post_init__(self):
         self.name = self.name or os.path.basename(self.path)
@@ -47,6 +50,20 @@ class Image:
                 h1.update(block)
                 size += len(block)
         self.size, self.sha256, self.sha1 = size, h256.digest(), h1.digest()
+        if self.chunk_index:
+            from ..adaptive.release import data_path_for
+            for path in (self.chunk_index, data_path_for(self.chunk_index)):
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"chunk file {path} not found (omaha-agent chunk IMAGE writes "
+                                            "IMAGE.cidx and IMAGE.czst side by side)")
+
+
+def adaptive_image(raw_image: str, version: str, appid: str, out_dir: str | None = None, level: int = 3,
+                   track: str = "") -> Image:
+    """An adaptive release of ``raw_image`` (cut beside it, or in ``out_dir``): its chunk data is the payload."""
+    from ..adaptive.cut import cut
+    result = cut(raw_image, out_dir, level=level)
+    return Image(result.data_path, version, appid, track=track, chunk_index=result.index_path)
 
 
 @dataclass
@@ -77,6 +94,8 @@ class Faults:
     #                              the encoded bytes, as a server of precompressed files does)
     event_stall: bool = False  # record an event report, then never answer it
     redirect_check: str | None = None  # answer update checks and events with 307 to this URL
+    multi_range: str = ""  # a request for several ranges: "whole" answers 200 with the whole file (nginx with
+    #                        max_ranges 1), "first" only its first range as a plain 206
     hold_last: float = 0.0  # seconds to wait before a payload's last 64 KiB piece (the client has all the rest by
     #                         then: the moment the body ends is known to within that piece)
 
@@ -103,6 +122,9 @@ class DevServer:
         # one record per payload response: {"start": offset, "sent_to": offset reached, "done": whole body sent}
         # (a test watching a download from the host, e.g. to pull a guest's plug at a chosen byte)
         self.streams: list[dict] = []
+        # one record per answer through the range server (chunk files; the payload asked for a range with an end or
+        # several): {"name", "range" (the header), "status", "ranges" (served, None = whole), "sent" (body bytes)}
+        self.fetches: list[dict] = []
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -121,6 +143,11 @@ class DevServer:
     def sign(self, image: Image) -> None:
         """Gives ``image`` its envelope, signed with ``sign_key`` (its appid, version and track)."""
         from ..trust import load_private_key, sign_file
+        if image.chunk_index:
+            from ..adaptive.release import sign
+            image.signature = sign(image.path, image.chunk_index, load_private_key(self.sign_key), image.appid,
+                                   image.version, image.track or None)
+            return
         image.signature = sign_file(image.path, load_private_key(self.sign_key), image.appid, image.version,
                                     image.track or None, name=image.name)
 
@@ -291,15 +318,24 @@ class DevServer:
             self._log({"kind": "signature", "name": name})
             return web.Response(body=signed.signature, content_type="application/json")
         image = next((i for i in self.images if i.name == name), None)
-        if image is None:
+        chunk_file = self._chunk_file(name)
+        if image is None and chunk_file is None:
             raise web.HTTPNotFound(text="no such package\n")
         status = self._fault("payload_status", "payload_failures")
         if status:
             return web.Response(status=status, text="injected failure\n")
+        rng = request.headers.get("Range", "")
+        if chunk_file is not None or (rng and not re.fullmatch(r"bytes=\d+-", rng)):
+            from .ranges import serve
+            path = chunk_file or image.path
+            record = {"name": name, "range": rng[:200]}
+            self.fetches.append(record)
+            resp = await serve(request, path, os.path.getsize(path), self.faults, record)
+            self._log({"kind": "fetch", **record})
+            return resp
         if self.faults.gzip_encoding and "gzip" in request.headers.get("Accept-Encoding", ""):
             return await self._gzip_payload(request, image)
         start = 0
-        rng = request.headers.get("Range", "")
         if rng.startswith("bytes=") and not self.faults.ignore_range:
             try:
                 start = int(rng[6:].split("-", 1)[0])
@@ -356,6 +392,17 @@ class DevServer:
         return resp
 
 
+    def _chunk_file(self, name: str) -> str | None:
+        """The path of an adaptive release's chunk file named ``name`` (its index, or a data file that is not
+        the payload), or None."""
+        from ..adaptive.release import data_path_for
+        for image in self.images:
+            if image.chunk_index and name != image.name:
+                for path in (image.chunk_index, data_path_for(image.chunk_index)):
+                    if os.path.basename(path) == name:
+                        return path
+        return None
+
     async def _gzip_payload(self, request: web.Request, image: Image) -> web.StreamResponse:
         """The payload gzip-encoded as a whole (Content-Encoding), a Range counted in encoded bytes; cut once
         after ``reset_after`` encoded bytes while ``resets`` lasts."""
@@ -392,7 +439,8 @@ class DevServer:
 
 async def serve(args) -> int:
     """``omaha-agent devserver``: serve one image until interrupted."""
-    image = Image(args.payload, args.version, args.appid, track=args.track or "")
+    image = Image(args.payload, args.version, args.appid, track=args.track or "",
+                  chunk_index=getattr(args, "chunks", None))
     server = DevServer([image], dialect=args.dialect, host=args.host, port=args.port, log_path=args.log,
                        faults=Faults(always_offer=args.always_offer), protocol=args.protocol,
                        sign_key=args.sign_key, payload_base=getattr(args, "payload_base", None),
@@ -401,6 +449,9 @@ async def serve(args) -> int:
     print(f"devserver: serving {image.name} version {image.version} ({image.size} bytes, sha256 "
           f"{image.sha256.hex()}) for app {image.appid}", flush=True)
     print(f"devserver: update URL {url} (dialect {server.dialect}; XML or JSON as the client asks)", flush=True)
+    if image.chunk_index:
+        print(f"devserver: an adaptive release: {os.path.basename(image.chunk_index)} and its chunk data served "
+              "beside the payload (Range, multipart/byteranges)", flush=True)
     if server.payload_base:
         print(f"devserver: payload URLs point at {server.payload_base}", flush=True)
     try:
