@@ -103,6 +103,8 @@ class HealthConfig:
 class InstallConfig:
     verify: str = "hash"  # hash | readback
     read_timeout: float = 60.0
+    adaptive: bool = True  # a release with a chunk index installs from the chunks the device has (adaptive updates)
+    index: str = ""  # the chunk index of the image shipped in the device (for the booted slot, when none is saved)
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                       "boot": {"backend", "tries", "env", "disk", "labels", "fw_config"},
                       "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
                       "reboot": {"policy", "windows", "fleetlock", "notice", "max_postpone", "max_inhibit_delay"},
-                      "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout"},
+                      "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout",
+                                                                                         "adaptive", "index"},
                       "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"},
                       "metrics": {"textfile", "socket"}}.items():
         r.unknown(sec, keys)
@@ -469,7 +472,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
         reboot=reboot,
         health=HealthConfig(tuple(commands), _duration(r, "health.timeout", 300, int, 1), after,
                             _duration(r, "health.boot_complete_timeout", 900, int, 1)),
-        install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1))),
+        install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1)),
+                              r.get("install.adaptive", True, bool), str(r.get("install.index", "", str))),
         dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust,
         metrics=_metrics(r))
 

@@ -142,7 +142,7 @@ class Applier:
         self.checkpoint_every = checkpoint_every or installer.checkpoint_every
         self.taken = 0  # bytes downloaded (the index included)
         self.reused = 0  # image bytes read from a slot and written
-        self._reported = 0
+        self._reported = self._reused_reported = 0
 
     async def stream(self, slot, path, capacity, pkg, version, resume=None, phases=None) -> InstallResult:
         try:
@@ -371,6 +371,7 @@ class Applier:
     def _progress(self, writer: SlotWriter, fetcher: RangeFetcher) -> None:
         taken = self.taken + fetcher.taken
         fetched, self._reported = taken - self._reported, taken
+        reused, self._reused_reported = self.reused - self._reused_reported, self.reused
         elapsed = max(1e-6, time.monotonic() - self.started)
         self.installer.on_progress(Progress(writer.received, self.release.image.size,
-                                            (writer.received - self.base) / elapsed, fetched))
+                                            (writer.received - self.base) / elapsed, fetched, reused))

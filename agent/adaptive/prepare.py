@@ -79,7 +79,7 @@ async def prepare(session, release: Release, urls, store: ChunkStore, booted: st
     import asyncio
     if store.failed(release.image.sha256):
         return "the adaptive install of this release failed after its first write"
-    sources = await asyncio.to_thread(lambda: (store.load(booted) if booted else None, store.load(target),
+    sources = await asyncio.to_thread(lambda: (store.booted(booted) if booted else None, store.load(target),
                                                store.load(target, old=True)))
     if sources[0] is None and sources[1] is None and sources[2] is None:
         return f"no chunk index is known for slot {booted} (this update saves one for the next)"

@@ -26,9 +26,10 @@ SLOTS = ("a", "b")
 
 
 class ChunkStore:
-    def __init__(self, state_dir: str, max_bytes: int = MAX_INDEX):
+    def __init__(self, state_dir: str, max_bytes: int = MAX_INDEX, shipped: str = ""):
         self.dir = os.path.join(state_dir, "chunks")
         self.max_bytes = max_bytes
+        self.shipped = shipped  # the index of the image the device shipped with (config install.index)
 
     def _path(self, slot: str, old: bool = False) -> str:
         if slot not in SLOTS:
@@ -38,7 +39,16 @@ class ChunkStore:
     # -- reading
     def load(self, slot: str, old: bool = False) -> ChunkIndex | None:
         """The index of slot ``slot`` (of what it held before its current overwrite: ``old``), or None."""
-        path = self._path(slot, old)
+        return self._read(self._path(slot, old))
+
+    def booted(self, slot: str) -> ChunkIndex | None:
+        """The index of the running slot: the saved one, else the one shipped in the image (when configured)."""
+        found = self.load(slot)
+        if found is None and self.shipped:
+            found = self._read(self.shipped)
+        return found
+
+    def _read(self, path: str) -> ChunkIndex | None:
         try:
             with open(path, "rb") as f:
                 raw = f.read(self.max_bytes + 1)

@@ -1,0 +1,132 @@
+"""Adaptive updates through the daemon on the simulated device: the development server answers the check, a real
+nginx serves the payload (the chunk data file), its signature and the chunk index beside it."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+
+import pytest
+
+from agent.tools.devserver import DevServer, Image
+from tests.adaptive import APP, Nginx, Release, cuts
+from tests.simdevice import Device
+from tests.test_adaptive_apply import need_nginx
+from tests.test_trust import keys, openssl_key  # noqa: F401  (the keys fixture)
+
+SLOT = 8 << 20
+
+
+def pair(www, changed_share=0.05, seed=7, size=3 << 20):
+    rng = random.Random(seed)
+    old = bytearray(rng.randbytes(size))
+    new = bytearray(old)
+    lengths = cuts(size)
+    offs = [0]
+    for n in lengths:
+        offs.append(offs[-1] + n)
+    for i in sorted(rng.sample(range(len(lengths)), max(1, int(changed_share * len(lengths))))):
+        new[offs[i]:offs[i + 1]] = rng.randbytes(offs[i + 1] - offs[i])
+    return Release(www, "1.0.0", bytes(old), lengths), Release(www, "2.0.0", bytes(new), lengths)
+
+
+class Setup:
+    def __init__(self, tmp_path, keys, r2_tweak=None, provision_index=True, changed_share=0.05):
+        need_nginx()
+        self.www = tmp_path / "www"
+        self.www.mkdir()
+        self.r1, self.r2 = pair(self.www, changed_share)
+        private, self.public = keys["ed25519"]
+        envelope = self.r2.signed(private)
+        if r2_tweak:
+            r2_tweak(self)
+        self.nginx = Nginx(str(self.www), str(tmp_path))
+        img = Image(self.r2.data_path, "2.0.0", APP)
+        img.signature = envelope
+        self.server = DevServer([img], payload_base=self.nginx.base, log_path=str(tmp_path / "server.jsonl"))
+        self.tmp = tmp_path
+        self.provision_index = provision_index
+
+    async def __aenter__(self):
+        await self.server.start()
+        self.dev = Device(self.tmp, self.server.url, slot_size=SLOT,
+                          trust=f"trust: {{keys: [{self.public}], require_signature: true}}\n")
+        with open(self.dev.slots["a"], "r+b") as f:  # the factory image on slot a
+            f.write(self.r1.image)
+        if self.provision_index:
+            rc, out, err = await self.dev.cli("provision", "--slot", "a", "--version", "1.0.0", "--index",
+                                              self.r1.index_path)
+            assert rc == 0 and "chunk index of slot a kept" in out, err
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.server.stop()
+        self.nginx.close()
+
+    def slot_b(self) -> bytes:
+        with open(self.dev.slots["b"], "rb") as f:
+            return f.read(len(self.r2.image))
+
+    @staticmethod
+    def downloaded(err: str) -> int:
+        """The bytes the daemon says it downloaded (what its 14/1 event reports as ``downloaded``)."""
+        found = re.findall(r"verified 2\.0\.0: (\d+) bytes", err)
+        assert len(found) == 1, err
+        return int(found[0])
+
+    def data_requests(self) -> list[str]:
+        return [line for line in self.nginx.log() if line.startswith("/" + self.r2.data_name + " ")]
+
+
+async def test_an_adaptive_release_installs_from_the_factory_slot_and_ranges_and_keeps_its_index(tmp_path, keys):
+    async with Setup(tmp_path, keys) as s:
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")
+        assert rc == 0 and "installed 2.0.0 on slot b" in out, err
+        assert s.slot_b() == s.r2.image
+        assert s.server.event_codes() == ["13/1", "14/1", "3/1"]
+        downloaded = s.downloaded(err)
+        assert downloaded < len(s.r2.data) // 5, (downloaded, len(s.r2.data))
+        assert all(line.split()[1] == "206" for line in s.data_requests())
+        with open(tmp_path / "state" / "chunks" / "slot-b.idx", "rb") as f:
+            assert f.read() == s.r2.index  # the next update can be adaptive from slot b
+        print(f"\nadaptive through the daemon: {downloaded} bytes downloaded for a {len(s.r2.data)}-byte payload")
+
+
+async def test_without_an_index_for_the_booted_slot_the_full_path_installs_and_keeps_the_index(tmp_path, keys):
+    async with Setup(tmp_path, keys, provision_index=False) as s:
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")
+        assert rc == 0 and "installed 2.0.0 on slot b" in out, err
+        assert s.slot_b() == s.r2.image
+        assert s.downloaded(err) == len(s.r2.data)
+        assert [line.split()[1] for line in s.data_requests()] == ["200"]
+        assert os.path.exists(tmp_path / "state" / "chunks" / "slot-b.idx")
+
+
+async def test_a_plan_fetching_most_of_the_data_takes_the_full_path(tmp_path, keys):
+    async with Setup(tmp_path, keys, changed_share=0.9) as s:
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")
+        assert rc == 0 and "installed 2.0.0 on slot b" in out, err
+        assert s.slot_b() == s.r2.image
+        assert [line.split()[1] for line in s.data_requests()] == ["200"]
+        assert "the full download is taken" in err
+
+
+def _tamper_index(s):
+    raw = bytearray(s.r2.index)
+    raw[-1] ^= 1
+    with open(s.r2.index_path, "wb") as f:
+        f.write(raw)
+
+
+async def test_an_index_that_does_not_match_its_signed_digest_is_refused_and_nothing_is_armed(tmp_path, keys):
+    async with Setup(tmp_path, keys, r2_tweak=_tamper_index) as s:
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")
+        assert rc != 0
+        state = s.dev.state()
+        assert "chunk index os-2.0.0.cidx does not match its signed digest" in state["last_error"]
+        assert s.server.event_codes()[-1] == "3/0" and "3/1" not in s.server.event_codes()
+        assert state["trial"] is None
+        assert s.data_requests() == []  # refused before anything of the image was fetched
+        assert (await s.dev.slots_json())["slots"]["b"]["state"] != "trial"
