@@ -376,8 +376,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                       "boot": {"backend", "tries", "env", "disk", "labels", "fw_config"},
                       "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
                       "reboot": {"policy", "windows", "fleetlock", "notice", "max_postpone", "max_inhibit_delay"},
-                      "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout",
-                                                                                         "adaptive", "index"},
+                      "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout", "adaptive", "index"},
                       "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"},
                       "metrics": {"textfile", "socket"}}.items():
         r.unknown(sec, keys)

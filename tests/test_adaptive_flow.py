@@ -130,3 +130,38 @@ async def test_an_index_that_does_not_match_its_signed_digest_is_refused_and_not
         assert state["trial"] is None
         assert s.data_requests() == []  # refused before anything of the image was fetched
         assert (await s.dev.slots_json())["slots"]["b"]["state"] != "trial"
+
+
+KILLER = r"""
+import asyncio, os, sys
+from agent import install
+from agent.config import load
+from agent.daemon import Agent
+# a test seam: checkpoints every 256 KiB instead of 64 MiB, so a 3 MiB image has some before the kill
+install.Installer.__init__.__kwdefaults__["checkpoint_every"] = 256 << 10
+agent = Agent(load(sys.argv[1]))
+def listener(snap):
+    if snap["operation"] == "downloading" and snap["bytes_downloaded"] >= int(sys.argv[2]):
+        os._exit(137)  # as a SIGKILL: nothing runs on the way out
+agent.listeners.append(listener)
+print(asyncio.run(agent.run_once()))
+"""
+
+
+async def test_killed_mid_apply_then_restarted_resumes_at_the_checkpointed_chunk(tmp_path, keys):
+    import asyncio
+    import sys
+    from tests.simdevice import ROOT
+    async with Setup(tmp_path, keys, changed_share=0.3) as s:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", KILLER, s.dev.config,
+                                                    str(len(s.r2.image) // 2), env=dict(os.environ, PYTHONPATH=ROOT),
+                                                    cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 137
+        cp = s.dev.state()["download"]
+        assert cp["sha256"] == s.r2.image_sha and len(s.r2.image) // 4 <= cp["received"] < len(s.r2.image)
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")
+        assert rc == 0 and "installed 2.0.0 on slot b" in out, err
+        assert "resumes at chunk" in err and f"(byte {cp['received']})" in err
+        assert s.slot_b() == s.r2.image

@@ -13,7 +13,7 @@ from agent.adaptive.index import parse
 from agent.adaptive.prepare import Prepared, prepare
 from agent.adaptive.store import ChunkStore
 from agent.http import make_session
-from agent.install import Installer
+from agent.install import InstallError, Installer
 from agent.omaha.outcome import PackageOffer
 from tests.adaptive import Nginx, Release, cuts
 from tests.test_adaptive_apply import need_nginx, slot_holds
@@ -24,15 +24,16 @@ SLOT = 8 << 20
 class CutRelay:
     """Relays 127.0.0.1 connections to ``port``; the first connection is closed after ``cut`` bytes to the client."""
 
-    def __init__(self, port: int, cut: int):
+    def __init__(self, port: int, cut: int, then: int | None = None):
         self.port, self.cut, self.cuts = port, cut, 0
+        self.then = then or port  # where the later connections go
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
         return self.server.sockets[0].getsockname()[1]
 
     async def handle(self, reader, writer):
-        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.port)
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.port if self.cuts == 0 else self.then)
         budget = self.cut if self.cuts == 0 else None
         if budget is not None:
             self.cuts += 1
@@ -169,3 +170,29 @@ async def test_a_stopped_install_resumes_at_its_checkpointed_chunk_and_the_image
     later = nginx.log()[first_log:]
     assert len(later) == 2  # the index, and one multi-range request for the chunks after the checkpoint
     assert result.received < prep.plan.remote_bytes * 0.7 + len(r2.index)
+
+
+async def test_ranges_refused_after_the_first_write_fail_the_attempt_and_the_next_takes_the_full_path(spread,
+                                                                                                     tmp_path):
+    need_nginx()
+    from tests.test_adaptive_apply import NoRangeServer
+    www, r1, r2, slots, store = spread
+    nginx = Nginx(str(www), str(tmp_path))
+    norange = NoRangeServer(www)
+    norange_base = await norange.start()
+    session = make_session()
+    try:
+        probe = await prepare(session, r2.release(), (nginx.base + r2.data_name,), store, "a", "b", 10)
+        norange_port = int(norange_base.rstrip("/").rsplit(":", 1)[1])
+        relay = CutRelay(nginx.port, int(probe.plan.remote_bytes * 0.6), then=norange_port)
+        port = await relay.start()
+        with pytest.raises(InstallError, match="does not serve byte ranges.*the next attempt downloads the full") as err:
+            await run(r2, slots, store, session, f"http://127.0.0.1:{port}/")
+        assert err.value.kind == "transfer"
+        assert store.failed(r2.image_sha)
+        again = await prepare(session, r2.release(), (nginx.base + r2.data_name,), store, "a", "b", 10)
+    finally:
+        await session.close()
+        await norange.runner.cleanup()
+        nginx.close()
+    assert again == "the adaptive install of this release failed after its first write"
