@@ -10,6 +10,8 @@ import re
 
 import pytest
 
+from agent.adaptive.index import parse
+from agent.adaptive.plan import make
 from agent.tools.devserver import DevServer, Image
 from tests.adaptive import APP, Nginx, Release, cuts
 from tests.simdevice import Device
@@ -51,8 +53,10 @@ class Setup:
 
     async def __aenter__(self):
         await self.server.start()
+        self.textfile = str(self.tmp / "omaha_agent.prom")
         self.dev = Device(self.tmp, self.server.url, slot_size=SLOT,
-                          trust=f"trust: {{keys: [{self.public}], require_signature: true}}\n")
+                          trust=f"trust: {{keys: [{self.public}], require_signature: true}}\n",
+                          extra=f"metrics: {{textfile: {self.textfile}}}\n")
         with open(self.dev.slots["a"], "r+b") as f:  # the factory image on slot a
             f.write(self.r1.image)
         if self.provision_index:
@@ -91,6 +95,11 @@ async def test_an_adaptive_release_installs_from_the_factory_slot_and_ranges_and
         assert all(line.split()[1] == "206" for line in s.data_requests())
         with open(tmp_path / "state" / "chunks" / "slot-b.idx", "rb") as f:
             assert f.read() == s.r2.index  # the next update can be adaptive from slot b
+        metrics = dict(line.rsplit(" ", 1) for line in open(s.textfile).read().splitlines() if line[0] != "#")
+        reused = make(parse(s.r2.index), parse(s.r1.index)).reused_bytes
+        assert int(metrics["omaha_agent_reused_bytes_total"]) == reused > 0
+        assert int(metrics["omaha_agent_download_bytes_total"]) == downloaded
+        assert re.search(r"adaptive install: \d+ chunks local, \d+ zero, \d+ fetched", err)
         print(f"\nadaptive through the daemon: {downloaded} bytes downloaded for a {len(s.r2.data)}-byte payload")
 
 
