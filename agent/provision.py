@@ -91,6 +91,7 @@ def provision(config: Config, slot: str, version: str, image_root: str | None = 
     why = versions.problem(version)
     if why:
         raise ProvisionError(f"--version: {why}")
+    raw_index = _read_index(index) if index else None
     backend = config.boot.backend
     if image_root is None:
         booted = detect_booted(config.slots)
@@ -126,26 +127,34 @@ def provision(config: Config, slot: str, version: str, image_root: str | None = 
     kept = "recorded in the env" if backend == "sim" else \
         f"the agent reads it from {config.app.version_file or 'app.version'}"
     line = f"{where}: slot {slot} good (version {version}, {kept}), slot {other(slot)} bad, nothing armed"
-    if index:
-        line += "; " + _keep_index(config, slot, index, image_root if backend != "gpt" else None)
+    if raw_index is not None:
+        line += "; " + _keep_index(config, slot, raw_index, image_root if backend != "gpt" else None)
     return line
 
 
-def _keep_index(config: Config, slot: str, path: str, root: str | None) -> str:
-    """Saves the factory image's chunk index (checked) as slot ``slot``'s, under the state directory."""
+def _read_index(path: str) -> bytes:
+    """The factory image's chunk index, checked (before anything is written)."""
     from .adaptive.index import BadIndex, parse
-    from .adaptive.store import MAX_INDEX, ChunkStore
+    from .adaptive.store import MAX_INDEX
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_INDEX + 1)
         if len(raw) > MAX_INDEX:
             raise BadIndex(f"larger than {MAX_INDEX} bytes")
-        index = parse(raw)
+        parse(raw)
     except OSError as exc:
         raise ProvisionError(f"--index {path}: cannot read it ({exc.strerror or exc})") from None
     except BadIndex as exc:
         raise ProvisionError(f"--index {path}: not a chunk index ({exc}); give the .cidx file the release was "
                              "cut with") from None
+    return raw
+
+
+def _keep_index(config: Config, slot: str, raw: bytes, root: str | None) -> str:
+    """Saves the factory image's chunk index as slot ``slot``'s, under the state directory."""
+    from .adaptive.index import parse
+    from .adaptive.store import ChunkStore
+    index = parse(raw)
     store = ChunkStore(inside(root, config.state_dir))
     try:
         store.drop("a" if slot == "b" else "b")

@@ -7,6 +7,7 @@ not match its signed digest or size, or that describes another image than the si
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -76,8 +77,7 @@ async def prepare(session, release: Release, urls, store: ChunkStore, booted: st
                   read_timeout: float) -> "Prepared | str":
     """The plan of an adaptive install of ``release`` onto ``target``, or the reason (a line) the full download
     is taken. Raises ``InstallError`` for an index that breaks its signature."""
-    import asyncio
-    if store.failed(release.image.sha256):
+    if await asyncio.to_thread(store.failed, release.image.sha256):
         return "the adaptive install of this release failed after its first write"
     sources = await asyncio.to_thread(lambda: (store.booted(booted) if booted else None, store.load(target),
                                                store.load(target, old=True)))
