@@ -220,21 +220,24 @@ async def test_a_server_ignoring_range_gets_the_full_download_in_the_same_attemp
 
 
 @pytest.mark.asyncio
-async def test_a_data_file_that_does_not_match_its_index_is_refused_and_marked_for_the_full_path(pair, tmp_path):
+@pytest.mark.parametrize("bad", ["first batch", "after the first writes"])
+async def test_a_data_file_that_does_not_match_its_index_is_refused_and_marked_for_the_full_path(pair, tmp_path,
+                                                                                                  bad):
     need_nginx()
     www, r1, r2, slots, store, changed = pair
+    k = 40 if bad == "first batch" else changed[-1]  # chunk 40 lies in the first MiB; the last one at the end
     stored = parse(r2.index).stored_offsets()
-    data = bytearray(r2.data)  # chunk 40's frame swapped for another frame of the same length
+    data = bytearray(r2.data)  # chunk k's frame swapped for another frame of the same length
     import zstandard
-    frame = zstandard.ZstdCompressor(level=3).compress(os.urandom(parse(r2.index).record(40)[0]))
-    assert len(frame) == stored[41] - stored[40]
-    data[stored[40]:stored[41]] = frame
+    frame = zstandard.ZstdCompressor(level=3).compress(os.urandom(parse(r2.index).record(k)[0]))
+    assert len(frame) == stored[k + 1] - stored[k]
+    data[stored[k]:stored[k + 1]] = frame
     with open(r2.data_path, "wb") as f:
         f.write(data)
     nginx = Nginx(str(www), str(tmp_path))
     session = make_session()
     try:
-        with pytest.raises(InstallError, match="chunk 40 does not match its signed digest") as err:
+        with pytest.raises(InstallError, match=f"chunk {k} does not match its signed digest") as err:
             await apply(r2, slots, store, session, nginx.base)
     finally:
         await session.close()

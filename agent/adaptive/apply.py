@@ -267,6 +267,9 @@ class Applier:
             except OSError as exc:
                 await _settle(pipe)
                 raise InstallError(f"writing slot {slot}: {exc.strerror or exc}", "device") from None
+            except BaseException:  # (a chunk refused, ...) no thread may still write once the writer closes
+                await _settle(pipe)
+                raise
 
     def _fetcher(self) -> RangeFetcher:
         headers = {"X-Goog-Update-SessionId": self.installer.sessionid} if self.installer.sessionid else {}
