@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages whose tools the tests use for real (grub-editenv, sfdisk, fw_setenv, dbus-daemon, busctl, ...)
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
-	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl
+	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl nginx:nginx
 
 .PHONY: test fuzz demo bench system-deps venv clean install qemu-deps qemu-image qemu-test \
 	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64

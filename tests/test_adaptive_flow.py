@@ -42,11 +42,11 @@ class Setup:
         self.r1, self.r2 = pair(self.www, changed_share)
         private, self.public = keys["ed25519"]
         envelope = self.r2.signed(private)
-        if r2_tweak:
+        img = Image(self.r2.data_path, "2.0.0", APP)  # the offer names the signed payload ...
+        img.signature = envelope
+        if r2_tweak:  # ... whatever is then served
             r2_tweak(self)
         self.nginx = Nginx(str(self.www), str(tmp_path))
-        img = Image(self.r2.data_path, "2.0.0", APP)
-        img.signature = envelope
         self.server = DevServer([img], payload_base=self.nginx.base, log_path=str(tmp_path / "server.jsonl"))
         self.tmp = tmp_path
         self.provision_index = provision_index
@@ -174,3 +174,32 @@ async def test_killed_mid_apply_then_restarted_resumes_at_the_checkpointed_chunk
         assert rc == 0 and "installed 2.0.0 on slot b" in out, err
         assert "resumes at chunk" in err and f"(byte {cp['received']})" in err
         assert s.slot_b() == s.r2.image
+
+
+def _tamper_data(s):
+    """The last fetched chunk's frame swapped for another of the same length (after the signature was made)."""
+    import zstandard
+    from agent.adaptive.plan import REMOTE
+    idx = parse(s.r2.index)
+    kinds = make(idx, parse(s.r1.index)).kinds
+    k = max(i for i in range(idx.count) if kinds[i] == REMOTE)
+    stored = idx.stored_offsets()
+    frame = zstandard.ZstdCompressor(level=3).compress(os.urandom(idx.record(k)[0]))
+    assert len(frame) == stored[k + 1] - stored[k]
+    data = bytearray(s.r2.data)
+    data[stored[k]:stored[k + 1]] = frame
+    with open(s.r2.data_path, "wb") as f:
+        f.write(data)
+
+
+async def test_a_data_file_that_does_not_match_its_signed_index_is_refused_and_nothing_is_armed(tmp_path, keys):
+    async with Setup(tmp_path, keys, r2_tweak=_tamper_data, changed_share=0.3) as s:
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")
+        assert rc != 0
+        state = s.dev.state()
+        assert "does not match its signed digest" in state["last_error"], state["last_error"]
+        assert "the next attempt downloads the full payload" in state["last_error"]
+        assert s.server.event_codes()[-1] == "3/0" and "3/1" not in s.server.event_codes()
+        assert state["trial"] is None
+        assert (await s.dev.slots_json())["slots"]["b"]["state"] == "bad"
+        assert os.path.exists(tmp_path / "state" / "chunks" / "full")

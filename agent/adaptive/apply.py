@@ -143,6 +143,7 @@ class Applier:
         self.taken = 0  # bytes downloaded (the index included)
         self.reused = 0  # image bytes read from a slot and written
         self._reported = self._reused_reported = 0
+        self.cuts = 0  # transfers cut so far (each moves on to the next URL)
 
     async def stream(self, slot, path, capacity, pkg, version, resume=None, phases=None) -> InstallResult:
         try:
@@ -255,6 +256,7 @@ class Applier:
                 await self._save(pipe, slot, version)
                 at = bisect.bisect_right(offsets, writer.received) - 1
                 cuts = 0 if offsets[at] > before else cuts + 1
+                self.cuts += 1
                 if cuts >= MAX_CUTS:
                     raise InstallError(f"chunk data transfer failed: {exc}", "transfer") from None
                 log.info("adaptive install of %s: %s; going on from chunk %d", version, exc, at)
@@ -273,7 +275,8 @@ class Applier:
 
     def _fetcher(self) -> RangeFetcher:
         headers = {"X-Goog-Update-SessionId": self.installer.sessionid} if self.installer.sessionid else {}
-        return RangeFetcher(self.installer.session, self.prep.data_urls[0], self.release.chunks.data.size,
+        urls = self.prep.data_urls  # a cut moves on to the next of the payload's URLs
+        return RangeFetcher(self.installer.session, urls[self.cuts % len(urls)], self.release.chunks.data.size,
                             read_timeout=self.installer.read_timeout, headers=headers)
 
     async def _run(self, maker: _Maker, fetcher: RangeFetcher, pipe: _Pipeline, slot, version, at: int,
