@@ -118,6 +118,27 @@ async def test_a_single_range_answer_at_another_offset_is_refused():
             await session.close()
 
 
+class FirstRangeOnly(Crafted):
+    """Answers every Range request with its first range only, as a single 206 part."""
+
+    def __init__(self):
+        super().__init__(b"")
+
+    async def handle(self, request):
+        header = request.headers.get("Range", "")
+        self.ranges.append(header)
+        lo, hi = (int(x) for x in header[len("bytes="):].split(",")[0].split("-"))
+        return web.Response(status=206, body=DATA[lo:hi + 1], headers={
+            "Content-Type": "application/octet-stream", "Content-Range": f"bytes {lo}-{hi}/{len(DATA)}"})
+
+
+async def test_a_server_answering_only_the_first_range_gets_the_others_one_by_one():
+    async with FirstRangeOnly() as srv:
+        pieces = await collect(srv.url)
+    assert b"".join(d for _, d in pieces) == b"".join(DATA[lo:hi] for lo, hi in ASKED)
+    assert srv.ranges == ["bytes=1000-1999,5000-5999,9000-11999", "bytes=5000-5999", "bytes=9000-11999"]
+
+
 # ---------------------------------------------------------------------------------------------- the index
 class IndexServer(Crafted):
     def __init__(self, files: dict):

@@ -6,7 +6,8 @@ order, whatever the server sends in between (bytes of a gap it coalesced are dro
 * ``multi``: up to ``max_ranges`` ranges in one request; a 206 ``multipart/byteranges`` answer is parsed as it
   streams (a single-part 206 is one part);
 * ``single``: one range per request, on the session's keep-alive connections: when the server answers a
-  multi-range request with ``200`` (it ignores them, or has ``max_ranges 1``), ``416``, or another 4xx;
+  multi-range request with ``200`` (it ignores them, or has ``max_ranges 1``), ``416``, another 4xx, or a
+  single part that covers only the first ranges (the rest is fetched one by one);
 * none: a server that answers a single range with anything but its 206 does not do ranges (``RangeError`` with
   ``unsupported``): the caller takes the full download.
 
@@ -51,6 +52,10 @@ class _Want:
     @property
     def done(self) -> bool:
         return self.k >= len(self.ranges)
+
+    def rest(self) -> list[tuple[int, int]]:
+        """The ranges (or their ends) not covered yet."""
+        return [(self.pos, self.ranges[self.k][1])] + self.ranges[self.k + 1:] if not self.done else []
 
     def part(self, value: str | None) -> tuple[int, int]:
         """Checks a part's Content-Range; returns its [first, end)."""
@@ -166,9 +171,13 @@ class RangeFetcher:
                 try:
                     async for piece in self._request(batch):
                         yield piece
-                except _Degrade:
+                except _Degrade as exc:
                     self.mode = "single"
-                    continue
+                    if exc.rest is None:
+                        continue
+                    for lo, hi in exc.rest:  # the server answered the first range only: the others one by one
+                        async for piece in self._request([(lo, hi)], single=True):
+                            yield piece
             else:
                 batch = ranges[i:i + 1]
                 async for piece in self._request(batch, single=True):
@@ -203,6 +212,8 @@ class RangeFetcher:
                         a, end = want.part(resp.headers.get("Content-Range"))
                         async for piece in self._part(stream, want, a, end):
                             yield piece
+                        if len(batch) > 1 and not want.done:
+                            raise _Degrade(want.rest())
                     else:
                         async for piece in self._multipart(stream, want, boundary):
                             yield piece
@@ -256,4 +267,9 @@ class RangeFetcher:
 
 
 class _Degrade(Exception):
-    """The server does not take this many ranges in one request: one range per request from now on."""
+    """The server does not take this many ranges in one request: one range per request from now on (``rest``:
+    what is left of the batch, when the server answered part of it)."""
+
+    def __init__(self, rest: "list[tuple[int, int]] | None" = None):
+        super().__init__()
+        self.rest = rest
