@@ -234,3 +234,15 @@ async def test_a_signed_index_lying_about_sizes_refuses_the_install_before_the_s
         finally:
             await session.close()
     assert err.value.kind == "hash"
+
+
+def test_a_frame_that_decompresses_to_more_than_its_chunk_is_refused(rel):
+    import zstandard
+    from agent.adaptive.apply import _Maker, _Refused
+    from agent.adaptive.plan import make
+    idx = cindex.parse(rel.index)
+    plan = make(idx, None)
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(64 << 20))  # 64 MiB of zeros in a few KiB
+    maker = _Maker(idx, plan, {})
+    with pytest.raises(_Refused, match="chunk 0 does not match its signed digest"):
+        maker.chunk(0, bomb)

@@ -84,7 +84,9 @@ class _Maker:
         else:
             try:
                 reader = self.dctx.stream_reader(frame, read_across_frames=False)
-                data = reader.read(length + 1)
+                data = b""  # at most one byte more than the chunk's length is ever made
+                while len(data) <= length and (piece := reader.read(length + 1 - len(data))):
+                    data += piece
             except Exception as exc:  # zstandard.ZstdError: a frame that does not decompress
                 raise _Refused(f"chunk {i}'s frame does not decompress ({str(exc)[:80]}): the chunk data file "
                                "does not match its signed index", "hash") from None
