@@ -151,6 +151,7 @@ install.Installer.__init__.__kwdefaults__["checkpoint_every"] = 256 << 10
 agent = Agent(load(sys.argv[1]))
 def listener(snap):
     if snap["operation"] == "downloading" and snap["bytes_downloaded"] >= int(sys.argv[2]):
+        os.write(1, b"status %d %d\n" % (snap["planned_bytes"], snap["saved_bytes"]))
         os._exit(137)  # as a SIGKILL: nothing runs on the way out
 agent.listeners.append(listener)
 print(asyncio.run(agent.run_once()))
@@ -166,8 +167,11 @@ async def test_killed_mid_apply_then_restarted_resumes_at_the_checkpointed_chunk
                                                     str(len(s.r2.image) // 2), env=dict(os.environ, PYTHONPATH=ROOT),
                                                     cwd=ROOT, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.PIPE)
-        await asyncio.wait_for(proc.communicate(), 60)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 137
+        planned, saved = (int(x) for x in out.decode().split("status ")[1].split())
+        plan = make(parse(s.r2.index), parse(s.r1.index))
+        assert planned == plan.remote_bytes + len(s.r2.index) and saved == len(s.r2.data) - planned > 0
         cp = s.dev.state()["download"]
         assert cp["sha256"] == s.r2.image_sha and len(s.r2.image) // 4 <= cp["received"] < len(s.r2.image)
         rc, out, err = await s.dev.cli("daemon", "--once", "-v")
@@ -203,3 +207,12 @@ async def test_a_data_file_that_does_not_match_its_signed_index_is_refused_and_n
         assert state["trial"] is None
         assert (await s.dev.slots_json())["slots"]["b"]["state"] == "bad"
         assert os.path.exists(tmp_path / "state" / "chunks" / "full")
+
+
+def test_the_status_command_shows_what_an_adaptive_install_downloads_and_saves():
+    from agent.console import render_status
+    status = {"operation": "downloading", "current_version": "1.0.0", "booted_slot": "a", "new_version": "2.0.0",
+              "new_size": 300 << 20, "bytes_downloaded": 10 << 20, "progress": 0.1, "rate": 1 << 20,
+              "planned_bytes": 60 << 20, "saved_bytes": 240 << 20, "slots": {}}
+    assert "adaptive:       downloads 60.0 MiB, saves 240.0 MiB" in render_status(status, 0)
+    assert "adaptive:" not in render_status(dict(status, planned_bytes=300 << 20, saved_bytes=0), 0)
