@@ -195,11 +195,15 @@ class Applier:
             return InstallResult(version, self.prep.data_urls[0], self.taken, writer.written, "chunks",
                                  int((time.monotonic() - self.started) * 1000), self.base)
         finally:
-            for pool in (*pools[:2], maker_pool):
-                pool.shutdown(wait=False)
-            writer.close()
-            for fd in sources.values():
-                os.close(fd)
+            for pool in pools[:2]:
+                pool.shutdown(wait=False)  # idle: the ring waited for every chunk
+            # a batch still being made (its wait was cancelled) finishes before its slots' fds close (at most 1 MiB)
+            try:
+                await asyncio.shield(asyncio.to_thread(maker_pool.shutdown, True))
+            finally:
+                writer.close()
+                for fd in sources.values():
+                    os.close(fd)
 
     def _open_sources(self, target_path: str) -> dict:
         from .plan import BOOTED, TARGET
