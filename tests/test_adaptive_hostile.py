@@ -246,3 +246,20 @@ def test_a_frame_that_decompresses_to_more_than_its_chunk_is_refused(rel):
     maker = _Maker(idx, plan, {})
     with pytest.raises(_Refused, match="chunk 0 does not match its signed digest"):
         maker.chunk(0, bomb)
+
+
+async def test_an_answer_with_a_huge_header_is_refused_in_one_line():
+    class Huge(Crafted):
+        async def handle(self, request):
+            return web.Response(status=206, body=body(ok), headers={
+                "Content-Type": "multipart/byteranges; boundary=XYZ", "X-Pad": "a" * 20000})
+    async with Huge(b"") as srv:
+        with pytest.raises(RangeError) as err:
+            await collect(srv.url)
+    assert "\n" not in str(err.value) and len(str(err.value)) <= 400 and not err.value.unsupported
+
+
+async def test_a_boundary_that_is_not_a_token_is_not_parsed_as_multipart():
+    async with Crafted(body(ok, boundary=b"XY Z"), content_type='multipart/byteranges; boundary="XY Z"') as srv:
+        with pytest.raises(RangeError, match="Content-Range '' is not"):
+            await collect(srv.url)
