@@ -35,7 +35,7 @@ def pair(www, changed_share=0.05, seed=7, size=3 << 20):
 
 
 class Setup:
-    def __init__(self, tmp_path, keys, r2_tweak=None, provision_index=True, changed_share=0.05):
+    def __init__(self, tmp_path, keys, r2_tweak=None, provision_index=True, changed_share=0.05, extra=""):
         need_nginx()
         self.www = tmp_path / "www"
         self.www.mkdir()
@@ -50,13 +50,14 @@ class Setup:
         self.server = DevServer([img], payload_base=self.nginx.base, log_path=str(tmp_path / "server.jsonl"))
         self.tmp = tmp_path
         self.provision_index = provision_index
+        self.extra = extra
 
     async def __aenter__(self):
         await self.server.start()
         self.textfile = str(self.tmp / "omaha_agent.prom")
         self.dev = Device(self.tmp, self.server.url, slot_size=SLOT,
                           trust=f"trust: {{keys: [{self.public}], require_signature: true}}\n",
-                          extra=f"metrics: {{textfile: {self.textfile}}}\n")
+                          extra=f"metrics: {{textfile: {self.textfile}}}\n{self.extra}")
         with open(self.dev.slots["a"], "r+b") as f:  # the factory image on slot a
             f.write(self.r1.image)
         if self.provision_index:
@@ -109,6 +110,16 @@ async def test_without_an_index_for_the_booted_slot_the_full_path_installs_and_k
         assert rc == 0 and "installed 2.0.0 on slot b" in out, err
         assert s.slot_b() == s.r2.image
         assert s.downloaded(err) == len(s.r2.data)
+        assert [line.split()[1] for line in s.data_requests()] == ["200"]
+        assert os.path.exists(tmp_path / "state" / "chunks" / "slot-b.idx")
+
+
+async def test_with_install_adaptive_off_the_full_path_installs_and_keeps_the_index(tmp_path, keys):
+    async with Setup(tmp_path, keys, extra="install: {adaptive: false}\n") as s:
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")
+        assert rc == 0 and "installed 2.0.0 on slot b" in out, err
+        assert "full download: adaptive updates are off (install.adaptive)" in err
+        assert s.slot_b() == s.r2.image
         assert [line.split()[1] for line in s.data_requests()] == ["200"]
         assert os.path.exists(tmp_path / "state" / "chunks" / "slot-b.idx")
 
