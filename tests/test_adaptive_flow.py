@@ -227,3 +227,40 @@ def test_the_status_command_shows_what_an_adaptive_install_downloads_and_saves()
               "planned_bytes": 60 << 20, "saved_bytes": 240 << 20, "slots": {}}
     assert "adaptive:       downloads 60.0 MiB, saves 240.0 MiB" in render_status(status, 0)
     assert "adaptive:" not in render_status(dict(status, planned_bytes=300 << 20, saved_bytes=0), 0)
+
+
+async def test_the_next_update_is_adaptive_from_the_index_the_last_one_saved(tmp_path, keys):
+    """1.0 (factory, slot a) → 2.0 adaptive onto b → reboot, confirmed → 3.0 adaptive onto a, from b's saved index."""
+    async with Setup(tmp_path, keys) as s:
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")
+        assert rc == 0 and "installed 2.0.0 on slot b" in out, err
+        await s.dev.cli("sim-reboot")
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")  # boots 2.0 on trial, health passes: good
+        assert rc == 0, err
+        with open(s.dev.config) as f:
+            config = f.read()
+        with open(s.dev.config, "w") as f:  # the running version, as a new image would say
+            f.write(config.replace('version: "1.0.0"', 'version: "2.0.0"'))
+        rng = random.Random(11)
+        new = bytearray(s.r2.image)
+        offs = parse(s.r2.index).offsets()
+        changed = sorted(rng.sample(range(len(offs) - 1), 6))
+        for i in changed:
+            new[offs[i]:offs[i + 1]] = rng.randbytes(offs[i + 1] - offs[i])
+        lengths = [offs[i + 1] - offs[i] for i in range(len(offs) - 1)]
+        r3 = Release(s.www, "3.0.0", bytes(new), lengths)
+        img = Image(r3.data_path, "3.0.0", APP)
+        img.signature = r3.signed(keys["ed25519"][0])
+        s.server.images[:] = [img]
+        before = len(s.data_requests())
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")
+        assert rc == 0 and "installed 3.0.0 on slot a" in out, err
+        with open(s.dev.slots["a"], "rb") as f:
+            assert f.read(len(r3.image)) == r3.image
+        fetched = int(re.findall(r"verified 3\.0\.0: (\d+) bytes", err)[0])
+        frames = parse(r3.index).stored_offsets()
+        assert fetched < len(r3.index) + sum(frames[i + 1] - frames[i] for i in changed) + 4096 * len(changed)
+        ranged = [line for line in s.nginx.log() if line.startswith(f"/{r3.data_name} ")]
+        assert len(ranged) == 1 and ranged[0].split()[1] == "206" and before > 0
+        with open(tmp_path / "state" / "chunks" / "slot-a.idx", "rb") as f:
+            assert f.read() == r3.index
