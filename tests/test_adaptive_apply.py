@@ -3,8 +3,6 @@ slot's copy, zeros and ranges of the chunk data file served by a real nginx (mul
 or by a small aiohttp server that ignores Range."""
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import os
 import random
 import shutil

@@ -2,13 +2,9 @@
 nginx serves the payload (the chunk data file), its signature and the chunk index beside it."""
 from __future__ import annotations
 
-import glob
-import json
 import os
 import random
 import re
-
-import pytest
 
 from agent.adaptive.index import parse
 from agent.adaptive.plan import make
@@ -16,7 +12,7 @@ from agent.tools.devserver import DevServer, Image
 from tests.adaptive import APP, Nginx, Release, cuts
 from tests.simdevice import Device
 from tests.test_adaptive_apply import need_nginx
-from tests.test_trust import keys, openssl_key  # noqa: F401  (the keys fixture)
+from tests.test_trust import keys  # noqa: F401  (the keys fixture)
 
 SLOT = 8 << 20
 

@@ -25,7 +25,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..install import CHUNK, RING, InstallError, InstallResult, Progress, _maybe_await, _Pipeline, _settle
+from ..install import RING, InstallError, InstallResult, Progress, _maybe_await, _Pipeline, _settle
 from ..payload import PayloadError, SlotWriter
 from ..state import Checkpoint
 from .index import ChunkIndex
