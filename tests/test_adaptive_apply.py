@@ -243,3 +243,35 @@ async def test_a_data_file_that_does_not_match_its_index_is_refused_and_marked_f
     assert err.value.kind == "hash"
     assert store.failed(r2.image_sha)
     assert not slot_holds(slots["b"], r2.image)
+
+
+class HostileMultipart(NoRangeServer):
+    """Answers a multi-range request with a part not asked for, any other request with the whole file."""
+
+    async def handle(self, request):
+        header = request.headers.get("Range", "")
+        self.requests.append(header)
+        path = os.path.join(self.root, os.path.basename(request.match_info["name"]))
+        with open(path, "rb") as f:
+            data = f.read()
+        if "," not in header:
+            return web.Response(body=data)
+        body = (b"\r\n--B\r\nContent-Range: bytes 0-9/%d\r\n\r\n" % len(data)) + data[:10] + b"\r\n--B--\r\n"
+        return web.Response(status=206, body=body, headers={"Content-Type": "multipart/byteranges; boundary=B"})
+
+
+@pytest.mark.asyncio
+async def test_a_hostile_multipart_answer_before_the_first_write_takes_the_full_path_in_the_same_attempt(pair):
+    www, r1, r2, slots, store, changed = pair
+    server = HostileMultipart(www)
+    base = await server.start()
+    session = make_session()
+    try:
+        prep, applier, result = await apply(r2, slots, store, session, base)
+    finally:
+        await session.close()
+        await server.runner.cleanup()
+    assert slot_holds(slots["b"], r2.image)
+    assert result.compression == "zstd" and result.received == len(r2.data)
+    assert "," in server.requests[-2] and server.requests[-1] == ""
+    assert not store.failed(r2.image_sha)
