@@ -110,6 +110,15 @@ async def test_without_an_index_for_the_booted_slot_the_full_path_installs_and_k
         assert os.path.exists(tmp_path / "state" / "chunks" / "slot-b.idx")
 
 
+async def test_a_server_without_the_chunk_index_gets_the_full_download(tmp_path, keys):
+    async with Setup(tmp_path, keys, r2_tweak=lambda s: os.unlink(s.r2.index_path)) as s:
+        rc, out, err = await s.dev.cli("daemon", "--once", "-v")
+        assert rc == 0 and "installed 2.0.0 on slot b" in out, err
+        assert "full download: could not fetch the chunk index" in err
+        assert s.slot_b() == s.r2.image
+        assert [line.split()[1] for line in s.data_requests()] == ["200"]
+
+
 async def test_with_install_adaptive_off_the_full_path_installs_and_keeps_the_index(tmp_path, keys):
     async with Setup(tmp_path, keys, extra="install: {adaptive: false}\n") as s:
         rc, out, err = await s.dev.cli("daemon", "--once", "-v")

@@ -83,7 +83,12 @@ async def prepare(session, release: Release, urls, store: ChunkStore, booted: st
                                                store.load(target, old=True)))
     if sources[0] is None and sources[1] is None and sources[2] is None:
         return f"no chunk index is known for slot {booted} (this update saves one for the next)"
-    raw, where = await fetch_index(session, release, urls, read_timeout)
+    try:
+        raw, where = await fetch_index(session, release, urls, read_timeout)
+    except InstallError as exc:
+        if exc.kind != "transfer":
+            raise
+        return str(exc)  # the server has no index (or cannot send it now): the payload still installs
     index = await asyncio.to_thread(check_index, raw, release)
     plan = await asyncio.to_thread(make, index, sources[0], sources[1] or sources[2],
                                    data_size=release.chunks.data.size)
