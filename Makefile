@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Debian packages whose tools the tests use for real (grub-editenv, sfdisk, fw_setenv, dbus-daemon, busctl, ...)
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
 	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl \
-	tinyproxy:tinyproxy-bin
+	tinyproxy:tinyproxy-bin nginx:nginx
 # bootctl (tests/test_boot_bls.py) is unpacked from Debian's systemd-boot package, never installed: its postinst
 # runs 'bootctl install' into the machine's own ESP. The version matches the installed systemd (bootctl links
 # against its private libsystemd-shared).

@@ -159,9 +159,10 @@ class UpdateAttempt:
         ctx.status.offer(offer.version, offer.size)
         self.advance(Operation.UPDATE_AVAILABLE)
         try:
+            release = None
             if ctx.config.trust.require_signature and not verified:
-                await self._verify_release(offer)
-            return await self._install(offer, sessionid)
+                release = await self._verify_release(offer)
+            return await self._install(offer, sessionid, release)
         except asyncio.CancelledError:
             # what resumes is the durable checkpoint the installer saved on its way out, not the last progress
             cp = ctx.state.download
@@ -221,8 +222,10 @@ class UpdateAttempt:
             await self._failed(offer, InstallError(f"signature refused: {exc}", "signature"), target)
         log.info("release %s: signature verified (sha256 %s, %d bytes)", offer.version, release.sha256[:16],
                  release.size)
+        return release
 
-    async def _install(self, offer: UpdateOffer, sessionid: str) -> str:
+    async def _install(self, offer: UpdateOffer, sessionid: str, release=None) -> str:
+        from .adaptive.job import AdaptiveStep
         ctx, state = self.ctx, self.ctx.state
         pkg, target, previous = offer.packages[0], other(ctx.booted), ctx.version
         try:
@@ -233,25 +236,33 @@ class UpdateAttempt:
         if not self.interactive and ctx.config.install.on_metered == "wait":
             from .network import wait_for_unmetered
             await wait_for_unmetered(ctx, offer.version)
-        resume = state.download
-        if resume is None:  # marks the download as started: a restart resumes it soon (schedule.after_restart)
-            state.download = Checkpoint(offer.version, target, pkg.sha256_hex, pkg.size, 0, False)
-        self.reporter.queue(policy.download_started(previous, offer.version, pkg.size), previous)
-        await ctx.save()
-        await self.reporter.flush()
         installer = Installer(await self.reporter.http(), sessionid=sessionid,
                               read_timeout=ctx.config.install.read_timeout,
                               readback=ctx.config.install.verify == "readback", on_progress=self._progress,
                               on_checkpoint=self._checkpoint, max_rate=ctx.config.install.max_rate_interactive
                               if self.interactive else ctx.config.install.max_rate)
+        adaptive = AdaptiveStep(ctx, installer.session, release, pkg, target)
+        try:  # the chunk index is fetched and held to its signed digest before the slot is touched
+            applier = await adaptive.choose(installer)
+        except InstallError as exc:
+            return await self._failed(offer, exc, target)
+        ctx.status.adaptive(adaptive.planned, adaptive.saved)
+        resume = state.download
+        if resume is None:  # marks the download as started: a restart resumes it soon (schedule.after_restart)
+            state.download = Checkpoint(offer.version, target, pkg.sha256_hex, pkg.size, 0, False)
+        self.reporter.queue(policy.download_started(previous, offer.version, adaptive.planned), previous)
+        await ctx.save()
+        await self.reporter.flush()
         log.info("downloading %s (%d bytes) onto slot %s from %s", offer.version, pkg.size, target, pkg.urls[0])
         # a shutdown asked for while the slot and the bootloader are written waits for the chunk and its checkpoint
         async with ctx.shutdown_delay(f"writing {offer.version} to slot {target}"):
             try:
                 result = await installer.install(ctx.boot, target, path, size, pkg, offer.version,
-                                                 ctx.config.boot.tries, resume, _Hooks(self, offer, target, previous))
+                                                 ctx.config.boot.tries, resume, _Hooks(self, offer, target, previous),
+                                                 stream=applier.stream if applier is not None else None)
             except InstallError as exc:
                 return await self._failed(offer, exc, target)
+            await adaptive.installed()
             log.info("slot %s set for a trial boot of %s (%s, %d tries)", target, offer.version, ctx.boot.name,
                      ctx.config.boot.tries)
             state.trial = replace(state.trial, armed=True)

@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--version", required=True, help="the version in that slot")
     pv.add_argument("--image-root", default=None, metavar="DIR",
                     help="an image being built: config paths are taken inside DIR (gpt: DIR is the disk image)")
+    pv.add_argument("--index", default=None, metavar="FILE",
+                    help="the chunk index of the image in that slot (its first update can then be adaptive)")
     pv.set_defaults(func=lambda args: __import__("agent.provision", fromlist=["main"]).main(args))
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)

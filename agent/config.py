@@ -110,6 +110,8 @@ class InstallConfig:
     max_rate: int | None = None  # bytes/s for a background download (None: unlimited)
     max_rate_interactive: int | None = None  # bytes/s for one asked for (CheckForUpdate, the CLI)
     on_metered: str = "wait"  # wait | allow: a background download on a metered connection
+    adaptive: bool = True  # a release with a chunk index installs from the chunks the device has (adaptive updates)
+    index: str = ""  # the chunk index of the image shipped in the device (for the booted slot, when none is saved)
 
 
 @dataclass(frozen=True)
@@ -382,7 +384,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                       "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
                       "reboot": {"policy", "windows", "fleetlock", "notice", "max_postpone", "max_inhibit_delay"},
                       "health": {"commands", "timeout", "after", "boot_complete_timeout"},
-                      "install": {"verify", "read_timeout", "max_rate", "max_rate_interactive", "on_metered"},
+                      "install": {"verify", "read_timeout", "max_rate", "max_rate_interactive", "on_metered", "adaptive",
+                                  "index"},
                       "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"},
                       "metrics": {"textfile", "socket"}}.items():
         r.unknown(sec, keys)
@@ -480,7 +483,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                             _duration(r, "health.boot_complete_timeout", 900, int, 1)),
         install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1)),
                               _rate(r, "install.max_rate"), _rate(r, "install.max_rate_interactive"),
-                              _choice(r, "install.on_metered", "wait", ("wait", "allow"))),
+                              _choice(r, "install.on_metered", "wait", ("wait", "allow")),
+                              r.get("install.adaptive", True, bool), str(r.get("install.index", "", str))),
         dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust,
         metrics=_metrics(r))
 

@@ -43,6 +43,9 @@ def render_status(s: dict, now: float) -> str:
              f"running:        {s['current_version']} on slot {s['booted_slot'] or '?'}"]
     if s.get("new_version"):
         lines.append(f"new version:    {s['new_version']} ({_size(s.get('new_size', 0))})")
+        if s.get("saved_bytes"):
+            lines.append(f"adaptive:       downloads {_size(s.get('planned_bytes', 0))}, saves "
+                         f"{_size(s['saved_bytes'])}")
     if s["operation"] == "downloading":
         lines.append(f"downloaded:     {_size(s['bytes_downloaded'])} ({s['progress'] * 100:.0f}%, "
                      f"{_size(s.get('rate', 0))}/s)")

@@ -42,6 +42,7 @@ class Progress:
     total: int
     rate: float  # bytes per second over this attempt
     fetched: int = 0  # bytes taken from the source since the previous report (the metrics add them up)
+    reused: int = 0  # image bytes read from a slot instead of fetched, since the previous report (adaptive)
 
     @property
     def fraction(self) -> float:
@@ -251,10 +252,11 @@ class Installer:
 
     async def install(self, boot: BootWorker, slot: str, path: str, capacity: int, pkg: PackageOffer,
                       version: str, tries: int, resume: Checkpoint | None = None,
-                      hooks: "InstallHooks | None" = None) -> InstallResult:
+                      hooks: "InstallHooks | None" = None, stream=None) -> InstallResult:
         """The whole ordered sequence onto ``slot`` (already checked by ``slots.check_target``): the one install
         path, for the daemon and the tests alike. ``hooks`` run between the steps (the daemon records the
-        trial before it is armed, so a crash after arming still finds it)."""
+        trial before it is armed, so a crash after arming still finds it). ``stream``: what writes and verifies
+        the image instead of ``self.stream`` (an adaptive install, ``adaptive.apply``)."""
         hooks = hooks or InstallHooks()
         await hooks.before_write()
         try:
@@ -262,7 +264,7 @@ class Installer:
         except BootError as exc:
             raise InstallError(f"could not mark slot {slot} bad before writing: {exc}", "boot") from None
         await hooks.writing()
-        result = await self.stream(slot, path, capacity, pkg, version, resume, phases=hooks)
+        result = await (stream or self.stream)(slot, path, capacity, pkg, version, resume, phases=hooks)
         await hooks.verified(result)
         try:
             await boot.set_trial(slot, tries, version)

@@ -33,6 +33,7 @@ class Tally:
         self.updates = dict.fromkeys(RESULTS, 0)
         self.failures = dict.fromkeys(STAGES, 0)
         self.download_bytes = 0
+        self.reused_bytes = 0
         self._download_seconds = 0.0
         self._operation = Operation.STARTING.value
         self._downloading_since: float | None = None
@@ -55,6 +56,7 @@ class Tally:
         monotonic time. A failed update check (checking → reporting-error) counts a ``check`` failure."""
         if progress is not None and progress is not self._progress:
             self.download_bytes += progress.fetched
+            self.reused_bytes += getattr(progress, "reused", 0)
             self._progress = progress
         if operation == self._operation:
             return
@@ -113,8 +115,8 @@ def render(snapshot: dict, tally: Tally, backend: str, now: float) -> str:
             "Payload bytes taken from the update server (or an offline install's file).",
             [((), tally.download_bytes)])
     _family(out, "omaha_agent_reused_bytes_total", "counter",
-            "Payload bytes reused from a slot instead of downloaded (adaptive updates; not implemented: 0).",
-            [((), 0)])
+            "Image bytes read from a slot instead of downloaded (adaptive updates).",
+            [((), tally.reused_bytes)])
     _family(out, "omaha_agent_download_seconds_total", "counter", "Seconds spent downloading and writing payloads.",
             [((), round(tally.download_seconds(now), 3))])
     _family(out, "omaha_agent_pending_events", "gauge", "Events queued for the update server, not yet acknowledged.",

@@ -83,13 +83,15 @@ def _uboot(config: Config, slot: str, root: str | None) -> str:
     return f"U-Boot env {' and '.join(path for path, _ in copies)}"
 
 
-def provision(config: Config, slot: str, version: str, image_root: str | None = None) -> str:
+def provision(config: Config, slot: str, version: str, image_root: str | None = None,
+              index: str | None = None) -> str:
     """Writes the factory boot state; returns one line saying what was written where."""
     if slot not in ("a", "b"):
         raise ProvisionError(f"unknown slot {slot!r}: use --slot a or --slot b")
     why = versions.problem(version)
     if why:
         raise ProvisionError(f"--version: {why}")
+    raw_index = _read_index(index) if index else None
     backend = config.boot.backend
     if image_root is None:
         booted = detect_booted(config.slots)
@@ -134,14 +136,49 @@ def provision(config: Config, slot: str, version: str, image_root: str | None = 
         where = _uboot(config, slot, image_root)
     kept = "recorded in the env" if backend == "sim" else \
         f"the agent reads it from {config.app.version_file or 'app.version'}"
-    return f"{where}: slot {slot} good (version {version}, {kept}), slot {other(slot)} bad, nothing armed"
+    line = f"{where}: slot {slot} good (version {version}, {kept}), slot {other(slot)} bad, nothing armed"
+    if raw_index is not None:
+        line += "; " + _keep_index(config, slot, raw_index, image_root if backend != "gpt" else None)
+    return line
+
+
+def _read_index(path: str) -> bytes:
+    """The factory image's chunk index, checked (before anything is written)."""
+    from .adaptive.index import BadIndex, parse
+    from .adaptive.store import MAX_INDEX
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_INDEX + 1)
+        if len(raw) > MAX_INDEX:
+            raise BadIndex(f"larger than {MAX_INDEX} bytes")
+        parse(raw)
+    except OSError as exc:
+        raise ProvisionError(f"--index {path}: cannot read it ({exc.strerror or exc})") from None
+    except BadIndex as exc:
+        raise ProvisionError(f"--index {path}: not a chunk index ({exc}); give the .cidx file the release was "
+                             "cut with") from None
+    return raw
+
+
+def _keep_index(config: Config, slot: str, raw: bytes, root: str | None) -> str:
+    """Saves the factory image's chunk index as slot ``slot``'s, under the state directory."""
+    from .adaptive.index import parse
+    from .adaptive.store import ChunkStore
+    index = parse(raw)
+    store = ChunkStore(inside(root, config.state_dir))
+    try:
+        store.drop("a" if slot == "b" else "b")
+        store.save(slot, raw)
+    except OSError as exc:
+        raise ProvisionError(f"cannot save the chunk index under {store.dir} ({exc.strerror or exc})") from None
+    return f"chunk index of slot {slot} kept ({index.count} chunks, image {index.image_sha256[:16]}…)"
 
 
 
 def main(args) -> int:
     """``omaha-agent provision``: one line on stdout, or one line on stderr and exit 1."""
     try:
-        print(provision(load(args.config), args.slot, args.version, args.image_root))
+        print(provision(load(args.config), args.slot, args.version, args.image_root, getattr(args, "index", None)))
     except ProvisionError as exc:
         print(f"omaha-agent: {exc}", file=sys.stderr)
         return 1

@@ -39,6 +39,7 @@ class StatusBoard:
         self.progress = None  # install.Progress while downloading
         self.new_version = ""
         self.new_size = 0
+        self.planned_bytes = self.saved_bytes = 0  # what the install downloads, and saves (adaptive updates)
         self.slots: dict = {}
         self.booted_good = False  # the bootloader's word on the running slot at the last read (False: unreadable)
         self.listeners: list = []  # callables(snapshot)
@@ -58,8 +59,13 @@ class StatusBoard:
     def offer(self, version: str, size: int) -> None:
         self.new_version, self.new_size = version, size
 
+    def adaptive(self, planned: int, saved: int) -> None:
+        self.planned_bytes, self.saved_bytes = planned, saved
+        self.notify()
+
     def clear_offer(self) -> None:
         self.new_version, self.new_size, self.progress = "", 0, None
+        self.planned_bytes = self.saved_bytes = 0
 
     async def refresh_slots(self) -> None:
         try:
@@ -87,6 +93,7 @@ class StatusBoard:
             "operation": self.flow.operation.value, "progress": p.fraction if p else 0.0,
             "current_version": self.ctx.version, "new_version": self.new_version, "new_size": self.new_size,
             "bytes_downloaded": p.done if p else 0, "rate": p.rate if p else 0.0,
+            "planned_bytes": self.planned_bytes, "saved_bytes": self.saved_bytes,
             "last_check": state.last_check or 0, "next_check": state.next_check or 0,
             "booted_slot": self.ctx.booted or "",
             "last_error": "; ".join(e for e in (state.last_error, self.ctx.save_error) if e), "slots": self.slots,

@@ -20,7 +20,8 @@ from .unprivileged import NobodyPython
 
 BUS_NAME, PATH = "org.omaha_agent.Agent1", "/org/omaha_agent/Agent1"
 PROPERTIES = ["Operation", "Progress", "CurrentVersion", "NewVersion", "NewSize", "BytesDownloaded", "LastCheckTime",
-              "NextCheckTime", "BootedSlot", "LastError", "Slots", "RebootVersion", "RebootTime", "RebootWaitingFor"]
+              "NextCheckTime", "BootedSlot", "LastError", "Slots", "RebootVersion", "RebootTime", "RebootWaitingFor",
+              "PlannedBytes", "SavedBytes"]
 METHODS = ["CheckForUpdate", "Cancel", "GetStatus", "MarkGood", "Reboot", "ConfirmBoot", "PostponeReboot", "Rollback"]
 
 
@@ -140,6 +141,7 @@ async def test_busctl_introspects_reads_every_property_and_calls_every_read_meth
         values[prop] = out.strip()
     assert values["Operation"] == 's "idle"' and values["CurrentVersion"] == 's "1.0.0"'
     assert values["BootedSlot"] == 's "a"' and values["NewSize"] == "t 0" and values["Progress"] == "d 0"
+    assert values["PlannedBytes"] == values["SavedBytes"] == "t 0"  # no install running
     assert values["Slots"].startswith("a{sa{sv}} 2 ") and '"state" s "good"' in values["Slots"]
     assert int(values["NextCheckTime"].split()[1]) > time.time() + 60  # initial_delay 3600, jittered
     rc, out, err = await run("busctl", addr, "--json=short", "call", BUS_NAME, PATH, BUS_NAME, "GetStatus")

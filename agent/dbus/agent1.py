@@ -73,6 +73,14 @@ class Agent1(ServiceInterface):
         return self._get("BytesDownloaded")
 
     @dbus_property(access=PropertyAccess.READ)
+    def PlannedBytes(self) -> "t":
+        return self._get("PlannedBytes")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SavedBytes(self) -> "t":
+        return self._get("SavedBytes")
+
+    @dbus_property(access=PropertyAccess.READ)
     def LastCheckTime(self) -> "x":
         return self._get("LastCheckTime")
 

@@ -11,6 +11,8 @@ PROPERTIES = {
     "NewVersion": ("new_version", "s"),
     "NewSize": ("new_size", "t"),
     "BytesDownloaded": ("bytes_downloaded", "t"),
+    "PlannedBytes": ("planned_bytes", "t"),
+    "SavedBytes": ("saved_bytes", "t"),
     "LastCheckTime": ("last_check", "x"),
     "NextCheckTime": ("next_check", "x"),
     "BootedSlot": ("booted_slot", "s"),
@@ -59,6 +61,8 @@ def status_dict(snapshot: dict) -> dict:
     out["next_check"] = Variant("x", int(snapshot.get("next_check") or 0))
     out["new_size"] = Variant("t", max(0, int(snapshot.get("new_size") or 0)))
     out["bytes_downloaded"] = Variant("t", max(0, int(snapshot.get("bytes_downloaded") or 0)))
+    for key in ("planned_bytes", "saved_bytes"):
+        out[key] = Variant("t", max(0, int(snapshot.get(key) or 0)))
     out["progress"] = Variant("d", float(snapshot.get("progress") or 0.0))
     out["rate"] = Variant("d", float(snapshot.get("rate") or 0.0))
     out["slots"] = Variant("a{sa{sv}}", slots_value(snapshot.get("slots") or {}))
