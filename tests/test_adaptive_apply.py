@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 
 import pytest
 from aiohttp import web
@@ -98,12 +99,12 @@ def test_the_target_slots_earlier_content_is_used_only_ahead_of_the_writes(pair)
     assert plan.kinds[40] == cplan.LOCAL and plan.source[40] == cplan.TARGET
 
 
-async def apply(r2, slots, store, session, base, booted="a", target="b", readback=False):
+async def apply(r2, slots, store, session, base, booted="a", target="b", readback=False, max_rate=None):
     release = r2.release()
     urls = (base + r2.data_name,)
     prep = await prepare(session, release, urls, store, booted, target, 10)
     assert isinstance(prep, Prepared), prep
-    installer = Installer(session, checkpoint_every=256 << 10, readback=readback)
+    installer = Installer(session, checkpoint_every=256 << 10, readback=readback, max_rate=max_rate)
     pkg = PackageOffer(r2.data_name, urls, len(r2.data), bytes.fromhex(release.sha256), None)
     applier = Applier(installer, prep, release, store, slots[booted])
     result = await applier.stream(target, slots[target], SLOT, pkg, r2.version)
@@ -136,6 +137,28 @@ async def test_chunks_come_from_the_booted_slot_and_nginx_multirange_and_the_ima
     assert len(ranged) == 1 and ranged[0].count(",") == len(prep.plan.ranges()) - 1, nginx.log()
     print(f"\nadaptive over nginx: {result.received} bytes fetched of a {len(r2.data)}-byte data file, "
           f"{applier.reused} bytes reused")
+
+
+@pytest.mark.asyncio
+async def test_adaptive_ranges_are_held_to_install_max_rate(pair, tmp_path):
+    need_nginx()
+    www, r1, r2, slots, store, changed = pair
+    nginx = Nginx(str(www), str(tmp_path))
+    session = make_session()
+    rate = 32 << 10
+    try:
+        start = time.monotonic()
+        prep, applier, result = await apply(r2, slots, store, session, nginx.base, max_rate=rate)
+        took = time.monotonic() - start
+    finally:
+        await session.close()
+        nginx.close()
+    assert slot_holds(slots["b"], r2.image)
+    # the bucket lets its capacity (16 KiB) go at once; every byte after it waits for the rate: a lower bound
+    # that load cannot break
+    least = (prep.plan.remote_bytes - (16 << 10)) / rate
+    assert took >= least, (took, least, prep.plan.remote_bytes)
+    print(f"\nadaptive at {rate} B/s: {prep.plan.remote_bytes} bytes of ranges in {took:.2f} s (at least {least:.2f})")
 
 
 @pytest.mark.asyncio

@@ -283,7 +283,7 @@ class Applier:
         headers = {"X-Goog-Update-SessionId": self.installer.sessionid} if self.installer.sessionid else {}
         urls = self.prep.data_urls  # a cut moves on to the next of the payload's URLs
         return RangeFetcher(self.installer.session, urls[self.cuts % len(urls)], self.release.chunks.data.size,
-                            read_timeout=self.installer.read_timeout, headers=headers)
+                            read_timeout=self.installer.read_timeout, headers=headers, limiter=self.installer.limiter)
 
     async def _run(self, maker: _Maker, fetcher: RangeFetcher, pipe: _Pipeline, slot, version, at: int,
                    pool) -> int:
@@ -345,7 +345,7 @@ class Applier:
         log.info("%d chunk(s) on the booted slot do not match their digest (changed since installed?); fetching "
                  "them", len(missed))
         extra = RangeFetcher(fetcher.session, fetcher.url, fetcher.size, read_timeout=fetcher.read_timeout,
-                             headers=fetcher.headers)
+                             headers=fetcher.headers, limiter=fetcher.limiter)
         extra.mode = fetcher.mode
         got = {}
         try:

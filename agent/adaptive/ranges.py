@@ -104,8 +104,9 @@ class _Want:
 class _Stream:
     """Bounded reads from an aiohttp body: lines (with a length limit) and runs of bytes."""
 
-    def __init__(self, content):
+    def __init__(self, content, limiter=None):
         self.content = content
+        self.limiter = limiter
         self.buf = bytearray()
         self.taken = 0
 
@@ -115,6 +116,8 @@ class _Stream:
             raise RangeError("the answer ended in the middle of its parts")
         self.taken += len(data)
         self.buf += data
+        if self.limiter is not None:  # a capped download: the link's bytes wait for their tokens
+            await self.limiter.spend(len(data))
 
     async def line(self) -> bytes:
         while (end := self.buf.find(b"\n")) < 0:
@@ -151,8 +154,9 @@ def _boundary(content_type: str) -> str | None:
 
 class RangeFetcher:
     def __init__(self, session, url: str, size: int, *, read_timeout: float = 60.0, headers: dict | None = None,
-                 max_ranges: int = MAX_RANGES):
+                 max_ranges: int = MAX_RANGES, limiter=None):
         self.session = session
+        self.limiter = limiter  # install.max_rate's token bucket (``ratelimit``), shared with the full path
         self.url = url
         self.size = size  # the data file's signed size
         self.read_timeout = read_timeout
@@ -205,7 +209,7 @@ class RangeFetcher:
                         raise RangeError(f"the server does not serve byte ranges of {clean(self.url, 200)} "
                                          f"(HTTP {resp.status} to a Range request)", unsupported=True)
                     raise RangeError(f"HTTP {resp.status} {clean(resp.reason or '', 60)}".strip())
-                stream = _Stream(resp.content)
+                stream = _Stream(resp.content, self.limiter)
                 try:
                     boundary = _boundary(resp.headers.get("Content-Type", ""))
                     if boundary is None:
