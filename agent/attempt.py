@@ -146,7 +146,9 @@ class UpdateAttempt:
                                blocked_version=blocked.version if blocked else None,
                                blocked_until=blocked.until if blocked else 0.0,
                                rollback_allowed=ctx.config.app.rollback_allowed, booted_good=booted_good,
-                               now=ctx.now(), blocked_rolled_back=bool(blocked and blocked.rolled_back))
+                               now=ctx.now(), blocked_rolled_back=bool(blocked and blocked.rolled_back),
+                               staged_version=state.staged.version if state.staged else None,
+                               waiting_rollback=bool(state.trial and state.trial.rollback))
         if isinstance(decision, OfferDeclined):
             log.info("offer of %s not taken: %s", offer.version, decision.reason)
             await ctx.save()
@@ -245,6 +247,12 @@ class UpdateAttempt:
                                                  ctx.config.boot.tries, resume, _Hooks(self, offer, target, previous))
             except InstallError as exc:
                 return await self._failed(offer, exc, target)
+            if state.staged is not None and state.staged.version == offer.version:  # install.arm: not now
+                state.last_error = ""
+                await ctx.save()
+                await self.reporter.flush()
+                return f"staged {offer.version} on slot {target}; it is armed by omaha-agent apply" + (
+                    " or when the reboot window opens" if ctx.config.install.arm == "in-window" else "")
             log.info("slot %s set for a trial boot of %s (%s, %d tries)", target, offer.version, ctx.boot.name,
                      ctx.config.boot.tries)
             state.trial = replace(state.trial, armed=True)
@@ -324,6 +332,10 @@ class _Hooks(InstallHooks):
         state = self.attempt.ctx.state
         if state.fallback is not None and state.fallback.slot == self.target:
             state.fallback = None  # its older system is being overwritten: no rollback to it any more
+        if state.staged is not None and state.staged.slot == self.target:  # overwritten now: no longer staged
+            log.info("replacing the staged %s on slot %s", state.staged.version, self.target)
+            state.staged = None
+            await self.attempt.ctx.save()
         if state.trial is not None and state.trial.replaced:  # its slot is marked bad now: the record goes
             state.trial = None
             await self.attempt.ctx.save()
@@ -335,11 +347,15 @@ class _Hooks(InstallHooks):
     def verifying(self) -> None:
         self.attempt.advance(Operation.VERIFYING)
 
-    async def verified(self, result: InstallResult) -> None:
+    async def verified(self, result: InstallResult) -> bool | None:
         ctx, state = self.attempt.ctx, self.attempt.ctx.state
         self.attempt.reporter.queue(policy.download_finished(self.previous, self.offer.version, result.received,
                                                              result.download_ms, result.url), self.previous)
         self.attempt.advance(Operation.FINALIZING)
+        if ctx.config.install.arm != "immediately":  # staged: Apply or the reboot window arms it (staged.py)
+            from . import staged
+            await staged.stage(ctx, self.target, self.offer.version, self.previous, self.offer.packages[0], result)
+            return False
         # record the intent first: a crash after set_trial still finds the trial on restart
         state.trial = Trial(self.target, self.offer.version, self.previous, armed=False)
         state.download = None

@@ -103,6 +103,7 @@ class HealthConfig:
 class InstallConfig:
     verify: str = "hash"  # hash | readback
     read_timeout: float = 60.0
+    arm: str = "immediately"  # immediately | on-apply (the Apply command) | in-window (just before the reboot)
 
 
 @dataclass(frozen=True)
@@ -374,7 +375,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                       "boot": {"backend", "tries", "env", "disk", "labels", "fw_config"},
                       "schedule": {"interval", "initial_delay", "backoff_cap", "backoff_base"},
                       "reboot": {"policy", "windows", "fleetlock", "notice", "max_postpone", "max_inhibit_delay"},
-                      "health": {"commands", "timeout", "after", "boot_complete_timeout"}, "install": {"verify", "read_timeout"},
+                      "health": {"commands", "timeout", "after", "boot_complete_timeout"},
+                      "install": {"verify", "read_timeout", "arm"},
                       "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"},
                       "metrics": {"textfile", "socket"}}.items():
         r.unknown(sec, keys)
@@ -459,6 +461,12 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     verify = str(r.get("install.verify", "hash", str))
     if verify not in ("hash", "readback"):
         r.fail("install.verify", f"must be hash or readback, not {verify!r}")
+    arm = str(r.get("install.arm", "immediately", str))
+    if arm not in ("immediately", "on-apply", "in-window"):
+        r.fail("install.arm", f"must be immediately, on-apply or in-window, not {arm!r}")
+    if arm == "in-window" and reboot.policy == "manual":
+        r.fail("install.arm", "in-window arms the update just before the reboot the policy plans: it needs "
+               "reboot.policy immediate or windows (on-apply waits for omaha-agent apply instead)")
     state_dir = str(r.get("state_dir", "/var/lib/omaha-agent", str))
     keys = r.get("trust.keys", list(TrustConfig.keys), list)
     if not keys or not all(isinstance(k, str) and k.strip() for k in keys):
@@ -469,7 +477,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
         reboot=reboot,
         health=HealthConfig(tuple(commands), _duration(r, "health.timeout", 300, int, 1), after,
                             _duration(r, "health.boot_complete_timeout", 900, int, 1)),
-        install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1))),
+        install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1)), arm=arm),
         dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust,
         metrics=_metrics(r))
 
