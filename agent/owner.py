@@ -413,7 +413,8 @@ class Owner:
             message, _ = self._staged_waits()
             log.info("%s", message)
         if end is Operation.NEED_REBOOT:
-            ctx.status.offer(ctx.state.trial.version, 0)
+            if ctx.status.new_version != ctx.state.trial.version:  # (a newer offer declined or failed meanwhile)
+                ctx.status.offer(ctx.state.trial.version, 0)
             if what != "reboot" and ctx.config.reboot.policy != "manual":  # a reboot job that ended asked for it
                 message, _ = self._plan_reboot(forced=False)
                 log.info("%s", message)
