@@ -34,6 +34,7 @@ from agent.daemon import Agent
 from agent.machine import (
     TRANSITIONS, Action, Apply, Cancel, Check, ConfirmBoot, MarkGood, Operation, PostponeReboot, Reboot, Reset, Rollback,
 )
+from agent.owner import Failed
 from agent.tools.devserver import DevServer
 
 from .conftest import record_count
@@ -150,10 +151,12 @@ class Life:
 async def lifetime(dev, boot, clock, rng, problems, drive: bool, rollback: bool = True) -> bool:
     """Starts the daemon (which sends what is queued, as ``run_forever`` does), runs random steps, then settles
     it, unless it was stopped half-way (as by SIGTERM) or rebooted the device. Returns whether the daemon starts
-    again (a stop or a reboot)."""
+    again (a stop or a reboot, or a start-up that could not settle the last update: that waits for the next start,
+    which comes here too)."""
     life = Life(dev, boot, clock, rng, problems, rollback)
     booted = boot.sim.booted_slot()
-    await life.agent.start(wait_for_boot_complete=rng.random() < 0.5)
+    settled = await life.agent.start(wait_for_boot_complete=rng.random() < 0.5)
+    unsettled = isinstance(settled.result, Failed)  # (a bootloader fault left from the life before)
     await life.agent._flush()
     stopped = False
     try:
@@ -168,7 +171,7 @@ async def lifetime(dev, boot, clock, rng, problems, drive: bool, rollback: bool 
             await life.settle(drive)
     finally:
         await life.stop()
-    return stopped or boot.sim.booted_slot() != booted
+    return stopped or unsettled or boot.sim.booted_slot() != booted
 
 
 async def sequence(seed: int, root, server, errors: Errors) -> list[str]:
