@@ -223,12 +223,7 @@ class Owner:
         if action is Action.ROLL_BACK:
             trial = await rollback.arm(ctx)
             status.offer(trial.version, 0)  # named in the operation's change
-            self.flow.to(Operation.NEED_REBOOT)
-            armed = f"rollback to {trial.version} armed on slot {trial.slot}"
-            if ctx.config.reboot.policy == "manual":
-                return f"{armed}; it boots on the next reboot (omaha-agent reboot)", None
-            message, job = self._plan_reboot(forced=False)
-            return f"{armed}; {message}", job
+            return self._armed(f"rollback to {trial.version} armed on slot {trial.slot}")
         if action is Action.APPLY:
             try:
                 trial = await staged.arm(ctx, self.reporter)
@@ -236,12 +231,7 @@ class Owner:
                 self.flow.to(Operation.IDLE)
                 status.clear_offer()
                 raise
-            self.flow.to(Operation.NEED_REBOOT)
-            armed = f"{trial.version} armed on slot {trial.slot}"
-            if ctx.config.reboot.policy == "manual":
-                return f"{armed}; it boots on the next reboot (omaha-agent reboot)", None
-            message, job = self._plan_reboot(forced=False)
-            return f"{armed}; {message}", job
+            return self._armed(f"{trial.version} armed on slot {trial.slot}")
         if action is Action.POSTPONE_REBOOT:
             message = self.rebooter.postpone(command.seconds)
             await ctx.save("the postponement")  # on disk before the caller hears it: a restart keeps it
@@ -295,6 +285,14 @@ class Owner:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _armed(self, armed: str) -> tuple[str, asyncio.Task | None]:
+        """An operator armed a trial (Rollback, Apply): it waits for its reboot, planned by the policy."""
+        self.flow.to(Operation.NEED_REBOOT)
+        if self.ctx.config.reboot.policy == "manual":
+            return f"{armed}; it boots on the next reboot (omaha-agent reboot)", None
+        message, job = self._plan_reboot(forced=False)
+        return f"{armed}; {message}", job
 
     def _staged_waits(self) -> tuple[str, asyncio.Task | None]:
         """The operation is ``staged``: say so, and under ``in-window`` plan the reboot that arms it."""
