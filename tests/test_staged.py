@@ -134,6 +134,22 @@ async def test_in_window_a_power_cut_before_the_window_boots_the_old_slot_and_th
     await until(lambda: codes(server) == ["13/1", "14/1", "3/1", "3/2"], "the 3/2")
 
 
+async def test_in_window_a_staged_slot_that_changed_is_not_armed_at_the_window_and_no_reboot_comes(
+        tmp_path, server, clock, devices):
+    sim = devices(tmp_path, server.url, window("sat", 120), clock, extra=IN_WINDOW)
+    await sim.start()
+    await sim.install()
+    assert await power_cut(sim) == "a"
+    with open(sim.dev.slots["b"], "r+b") as f:
+        f.write(b"X")
+    agent = await sim.start()
+    assert sim.op() is Operation.REBOOT_PENDING
+    await until(lambda: sim.op() is Operation.IDLE, "the reboot job to refuse the changed slot", 60)
+    assert not sim.rebooted_at and slot_b(sim)[0] == "bad"
+    assert "no longer holds the verified image" in agent.snapshot()["last_error"]
+    await until(lambda: codes(server) == ["13/1", "14/1", "3/0:10"], "the 3/0 (hash)")
+
+
 # ---------------------------------------------------------------------------------------------- row 2: newest wins
 async def test_a_newer_release_is_installed_over_the_waiting_one_and_one_reboot_reaches_it(
         tmp_path, server, clock, devices):
