@@ -1,8 +1,9 @@
 """The update attempt (the owner's update job): check → offer → install policy → install → trial armed.
 
 Order: 13/1 queued → an old trial record on the target is dropped → the target is marked bad → stream and verify
-→ 14/1 → the trial recorded (unarmed) → the slot set for its trial → armed, 3/1. A failure reports 3/0 with its
-code; a hash, size, decompression or read-back failure blocks the version for a while. The job reports its
+→ 14/1 → the trial recorded (unarmed) → the slot set for its trial → armed, 3/1 (under ``install.arm`` on-apply
+or in-window the job ends after 14/1 with the update staged instead: ``staged.py`` arms it later). A failure
+reports 3/0 with its code; a hash, size, decompression or read-back failure blocks the version for a while. The job reports its
 progress through ``advance`` (the owner applies it); it never sets the operation it ends in: the owner does, when
 its task ends. Saves go through ``Context.save``; a record that must be durable before a bootloader write (the
 replaced install, the trial before it is armed) fails the install when it cannot be saved.
@@ -149,7 +150,9 @@ class UpdateAttempt:
                                blocked_version=blocked.version if blocked else None,
                                blocked_until=blocked.until if blocked else 0.0,
                                rollback_allowed=ctx.config.app.rollback_allowed, booted_good=booted_good,
-                               now=ctx.now(), blocked_rolled_back=bool(blocked and blocked.rolled_back))
+                               now=ctx.now(), blocked_rolled_back=bool(blocked and blocked.rolled_back),
+                               staged_version=state.staged.version if state.staged else None,
+                               waiting_rollback=bool(state.trial and state.trial.rollback))
         if isinstance(decision, OfferDeclined):
             log.info("offer of %s not taken: %s", offer.version, decision.reason)
             await ctx.save()
@@ -263,6 +266,12 @@ class UpdateAttempt:
             except InstallError as exc:
                 return await self._failed(offer, exc, target)
             await adaptive.installed()
+            if state.staged is not None and state.staged.version == offer.version:  # install.arm: not now
+                state.last_error = ""
+                await ctx.save()
+                await self.reporter.flush()
+                return f"staged {offer.version} on slot {target}; it is armed by omaha-agent apply" + (
+                    " or when the reboot window opens" if ctx.config.install.arm == "in-window" else "")
             log.info("slot %s set for a trial boot of %s (%s, %d tries)", target, offer.version, ctx.boot.name,
                      ctx.config.boot.tries)
             state.trial = replace(state.trial, armed=True)
@@ -342,6 +351,10 @@ class _Hooks(InstallHooks):
         state = self.attempt.ctx.state
         if state.fallback is not None and state.fallback.slot == self.target:
             state.fallback = None  # its older system is being overwritten: no rollback to it any more
+        if state.staged is not None and state.staged.slot == self.target:  # overwritten now: no longer staged
+            log.info("replacing the staged %s on slot %s", state.staged.version, self.target)
+            state.staged = None
+            await self.attempt.ctx.save()
         if state.trial is not None and state.trial.replaced:  # its slot is marked bad now: the record goes
             state.trial = None
             await self.attempt.ctx.save()
@@ -353,11 +366,15 @@ class _Hooks(InstallHooks):
     def verifying(self) -> None:
         self.attempt.advance(Operation.VERIFYING)
 
-    async def verified(self, result: InstallResult) -> None:
+    async def verified(self, result: InstallResult) -> bool | None:
         ctx, state = self.attempt.ctx, self.attempt.ctx.state
         self.attempt.reporter.queue(policy.download_finished(self.previous, self.offer.version, result.received,
                                                              result.download_ms, result.url), self.previous)
         self.attempt.advance(Operation.FINALIZING)
+        if ctx.config.install.arm != "immediately":  # staged: Apply or the reboot window arms it (staged.py)
+            from . import staged
+            await staged.stage(ctx, self.target, self.offer.version, self.previous, self.offer.packages[0], result)
+            return False
         # record the intent first: a crash after set_trial still finds the trial on restart
         state.trial = Trial(self.target, self.offer.version, self.previous, armed=False)
         state.download = None

@@ -112,6 +112,7 @@ class InstallConfig:
     on_metered: str = "wait"  # wait | allow: a background download on a metered connection
     adaptive: bool = True  # a release with a chunk index installs from the chunks the device has (adaptive updates)
     index: str = ""  # the chunk index of the image shipped in the device (for the booted slot, when none is saved)
+    arm: str = "immediately"  # immediately | on-apply (the Apply command) | in-window (just before the reboot)
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                       "reboot": {"policy", "windows", "fleetlock", "notice", "max_postpone", "max_inhibit_delay"},
                       "health": {"commands", "timeout", "after", "boot_complete_timeout"},
                       "install": {"verify", "read_timeout", "max_rate", "max_rate_interactive", "on_metered", "adaptive",
-                                  "index"},
+                                  "index", "arm"},
                       "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"},
                       "metrics": {"textfile", "socket"}}.items():
         r.unknown(sec, keys)
@@ -471,6 +472,12 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     verify = str(r.get("install.verify", "hash", str))
     if verify not in ("hash", "readback"):
         r.fail("install.verify", f"must be hash or readback, not {verify!r}")
+    arm = str(r.get("install.arm", "immediately", str))
+    if arm not in ("immediately", "on-apply", "in-window"):
+        r.fail("install.arm", f"must be immediately, on-apply or in-window, not {arm!r}")
+    if arm == "in-window" and reboot.policy == "manual":
+        r.fail("install.arm", "in-window arms the update just before the reboot the policy plans: it needs "
+               "reboot.policy immediate or windows (on-apply waits for omaha-agent apply instead)")
     state_dir = str(r.get("state_dir", "/var/lib/omaha-agent", str))
     keys = r.get("trust.keys", list(TrustConfig.keys), list)
     if not keys or not all(isinstance(k, str) and k.strip() for k in keys):
@@ -484,7 +491,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
         install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1)),
                               _rate(r, "install.max_rate"), _rate(r, "install.max_rate_interactive"),
                               _choice(r, "install.on_metered", "wait", ("wait", "allow")),
-                              r.get("install.adaptive", True, bool), str(r.get("install.index", "", str))),
+                              r.get("install.adaptive", True, bool), str(r.get("install.index", "", str)), arm=arm),
         dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust,
         metrics=_metrics(r))
 

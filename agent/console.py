@@ -10,7 +10,7 @@ import time
 
 from .text import clean, shown
 
-SETTLED = ("idle", "updated-need-reboot", "reboot-pending")
+SETTLED = ("idle", "updated-need-reboot", "reboot-pending", "staged")
 
 
 def _when(ts: int, now: float) -> str:
@@ -152,11 +152,7 @@ async def check(wait: bool, timeout: float) -> int:
             print("check started" if started else "a check is already running")
             return 0
         await client.subscribe()
-        s = await client.status()
-        if s["operation"] == "updated-need-reboot":
-            print(f"{s['new_version']} is installed and waits for a reboot (omaha-agent reboot)")
-            return 0
-        await client.call("CheckForUpdate", "b", [True])
+        await client.call("CheckForUpdate", "b", [True])  # (also while an update waits: a newer one replaces it)
         return await _follow(client, timeout, "check")
     return await _with_client(run)
 
@@ -201,6 +197,9 @@ async def _follow(client, timeout: float, what: str) -> int:
     printer.end()
     if s["operation"] == "updated-need-reboot":
         print(f"{s['new_version']} is installed; it boots on trial after a reboot (omaha-agent reboot)")
+        return 0
+    if s["operation"] == "staged":
+        print(f"{s['new_version']} is staged; omaha-agent apply arms it")
         return 0
     if s.get("last_error"):
         print(f"{what} failed: {s['last_error']}")

@@ -84,8 +84,8 @@ class InstallHooks:
     def verifying(self) -> None:
         """The payload is on the slot; its size and hashes (and the read-back) are checked now."""
 
-    async def verified(self, result: "InstallResult") -> None:
-        """The payload is on the slot and verified; the slot is armed next."""
+    async def verified(self, result: "InstallResult") -> bool | None:
+        """The payload is on the slot and verified; the slot is armed next, unless this returns False."""
 
 
 class _TransferFailed(Exception):
@@ -265,7 +265,8 @@ class Installer:
             raise InstallError(f"could not mark slot {slot} bad before writing: {exc}", "boot") from None
         await hooks.writing()
         result = await (stream or self.stream)(slot, path, capacity, pkg, version, resume, phases=hooks)
-        await hooks.verified(result)
+        if await hooks.verified(result) is False:  # staged: verified and left unarmed (install.arm)
+            return result
         try:
             await boot.set_trial(slot, tries, version)
         except BootError as exc:

@@ -8,25 +8,27 @@ a side effect the table does not name.
 
 Operations: ``starting`` (before the start-up settle), ``idle``, ``checking``, ``update-available``,
 ``downloading``, ``verifying``, ``finalizing`` (the update job), ``reporting-error`` (a job reporting its
-failure), ``updated-need-reboot`` (an armed trial waits for a reboot nobody planned: the manual policy, or one
+failure), ``staged`` (an update written and verified, its signature checked, but not armed: ``install.arm`` is
+``on-apply`` or ``in-window``; a reboot boots the running slot again), ``updated-need-reboot`` (an armed trial waits for a reboot nobody planned: the manual policy, or one
 already asked of logind), ``reboot-pending`` (the reboot job: a planned reboot waits for its time, a maintenance
 window, a shutdown inhibitor or the fleet's lock, then reboots), ``awaiting-boot-complete`` (the trial
 slot booted; its health step waits for boot-complete.target), ``health-check`` (the health step runs).
 
-================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========
-operation \\ command              check      cancel          mark-good      reset           reboot         confirm   install⁶  postpone   rollback⁹
-================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========
-starting                          refuse     refuse          refuse         refuse          refuse         refuse    refuse    refuse     refuse
-idle                              ACT job    refuse          no-op¹         no-op           refuse         no-op     ACT job   refuse     ACT arm⁹
-checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse
-downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse
-verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse     refuse
-reporting-error                   no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse     refuse
-updated-need-reboot               no-op      refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    refuse⁸    refuse
-reboot-pending                    no-op      refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    ACT⁸       refuse
-awaiting-boot-complete            refuse     refuse          ACT trial⁴     refuse          refuse         ACT job   refuse    refuse     refuse
-health-check                      refuse     refuse          refuse⁵        refuse          refuse         no-op     refuse    refuse     refuse
-================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========
+================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========  ===========
+operation \\ command              check      cancel          mark-good      reset           reboot         confirm   install⁶  postpone   rollback⁹   apply¹⁰
+================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========  ===========
+starting                          refuse     refuse          refuse         refuse          refuse         refuse    refuse    refuse     refuse      refuse
+idle                              ACT job    refuse          no-op¹         no-op           refuse         no-op     ACT job   refuse     ACT arm⁹    refuse
+checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
+downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
+verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
+reporting-error                   no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
+staged                            ACT job¹¹  refuse          no-op          no-op           refuse         no-op     ACT job   refuse     refuse      ACT arm¹⁰
+updated-need-reboot               ACT job¹¹  refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    refuse⁸    refuse      no-op
+reboot-pending                    ACT job¹¹  refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    ACT⁸       refuse      no-op
+awaiting-boot-complete            refuse     refuse          ACT trial⁴     refuse          refuse         ACT job   refuse    refuse     refuse      refuse
+health-check                      refuse     refuse          refuse⁵        refuse          refuse         no-op     refuse    refuse     refuse      refuse
+================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========  ===========
 
 The start-up ``settle`` is acted on in ``starting`` only (a no-op anywhere else); ``health-timeout`` (boot-complete
 never came) is acted on in ``awaiting-boot-complete`` only. A job's end is no command: the owner learns it from
@@ -52,6 +54,14 @@ the job's task and moves the operation through ``TRANSITIONS`` (``owner.py`` say
    first, and ``rollback_target`` can still refuse: the running slot not good, the other slot bad, empty, on
    trial or of unknown version, or a trial record already armed. Refused while a job runs, while an installed
    update waits for its reboot (it holds the other slot now) and during a trial boot (it is confirmed first).
+10. ``Apply`` arms the staged update (its slot is hashed again first when the device booted since it was staged:
+   bytes that no longer match the signed digest are refused and the staged update is dropped) and plans the reboot
+   by ``reboot.policy``, as an installed update's. Where an update already waits for its reboot it is a no-op
+   (armed already, or armed just before the planned reboot under ``install.arm: in-window``).
+11. Checks go on while an update waits (staged, or armed for its reboot): a newer offer is installed over the
+   waiting one on the same slot (it is disarmed first, so one reboot reaches the newest and the one replaced is not
+   reported as failed); the same version again is a no-op. A planned reboot keeps its time across the check. The
+   check is refused (``Busy``) once the reboot is being asked for.
 """
 from __future__ import annotations
 
@@ -72,6 +82,7 @@ class Operation(str, Enum):
     NEED_REBOOT = "updated-need-reboot"
     REBOOT_PENDING = "reboot-pending"
     REPORTING_ERROR = "reporting-error"
+    STAGED = "staged"
     AWAITING_BOOT_COMPLETE = "awaiting-boot-complete"
     HEALTH_CHECK = "health-check"
 
@@ -81,19 +92,21 @@ UPDATE_JOB = frozenset({_O.CHECKING, _O.UPDATE_AVAILABLE, _O.DOWNLOADING, _O.VER
                         _O.REPORTING_ERROR})
 JOB = UPDATE_JOB | {_O.HEALTH_CHECK, _O.REBOOT_PENDING}
 WAITING_FOR_REBOOT = frozenset({_O.NEED_REBOOT, _O.REBOOT_PENDING})
+WAITING = WAITING_FOR_REBOOT | {_O.STAGED}  # an update waits: checks go on, a newer offer replaces it
 TRIAL_BOOT = frozenset({_O.AWAITING_BOOT_COMPLETE, _O.HEALTH_CHECK})
 
 TRANSITIONS: dict[Operation, frozenset[Operation]] = {
-    _O.STARTING: frozenset({_O.IDLE, _O.NEED_REBOOT, _O.AWAITING_BOOT_COMPLETE, _O.HEALTH_CHECK}),
+    _O.STARTING: frozenset({_O.IDLE, _O.NEED_REBOOT, _O.AWAITING_BOOT_COMPLETE, _O.HEALTH_CHECK, _O.STAGED}),
     _O.IDLE: frozenset({_O.CHECKING, _O.NEED_REBOOT}),  # a check, or an operator's rollback armed
-    _O.CHECKING: frozenset({_O.IDLE, _O.UPDATE_AVAILABLE, _O.REPORTING_ERROR, _O.NEED_REBOOT}),
-    _O.UPDATE_AVAILABLE: frozenset({_O.DOWNLOADING, _O.IDLE, _O.REPORTING_ERROR, _O.NEED_REBOOT}),
+    _O.CHECKING: frozenset({_O.IDLE, _O.UPDATE_AVAILABLE, _O.REPORTING_ERROR, _O.NEED_REBOOT, _O.STAGED}),
+    _O.UPDATE_AVAILABLE: frozenset({_O.DOWNLOADING, _O.IDLE, _O.REPORTING_ERROR, _O.NEED_REBOOT, _O.STAGED}),
     _O.DOWNLOADING: frozenset({_O.VERIFYING, _O.REPORTING_ERROR, _O.IDLE}),
     _O.VERIFYING: frozenset({_O.FINALIZING, _O.REPORTING_ERROR, _O.IDLE, _O.DOWNLOADING}),
-    _O.FINALIZING: frozenset({_O.NEED_REBOOT, _O.REPORTING_ERROR}),
-    _O.NEED_REBOOT: frozenset({_O.IDLE, _O.REBOOT_PENDING}),
-    _O.REBOOT_PENDING: frozenset({_O.IDLE, _O.NEED_REBOOT}),
-    _O.REPORTING_ERROR: frozenset({_O.IDLE, _O.NEED_REBOOT}),
+    _O.FINALIZING: frozenset({_O.NEED_REBOOT, _O.REPORTING_ERROR, _O.STAGED}),
+    _O.STAGED: frozenset({_O.CHECKING, _O.NEED_REBOOT, _O.REBOOT_PENDING, _O.IDLE}),  # a check, Apply, the window
+    _O.NEED_REBOOT: frozenset({_O.IDLE, _O.REBOOT_PENDING, _O.CHECKING}),
+    _O.REBOOT_PENDING: frozenset({_O.IDLE, _O.NEED_REBOOT, _O.CHECKING, _O.STAGED}),
+    _O.REPORTING_ERROR: frozenset({_O.IDLE, _O.NEED_REBOOT, _O.STAGED}),
     _O.AWAITING_BOOT_COMPLETE: frozenset({_O.HEALTH_CHECK, _O.IDLE}),
     _O.HEALTH_CHECK: frozenset({_O.IDLE, _O.REPORTING_ERROR, _O.AWAITING_BOOT_COMPLETE}),
 }
@@ -168,6 +181,11 @@ class Rollback:
 
 
 @dataclass(frozen=True)
+class Apply:
+    """Arm the staged update and plan its reboot."""
+
+
+@dataclass(frozen=True)
 class Settle:
     pass
 
@@ -178,7 +196,7 @@ class HealthTimeout:
 
 
 Command = (Check | InstallFile | Cancel | MarkGood | Reset | Reboot | ConfirmBoot | PostponeReboot | Rollback | Settle
-           | HealthTimeout)
+           | HealthTimeout | Apply)
 
 
 # ---------------------------------------------------------------------------------------------- decisions
@@ -194,6 +212,7 @@ class Action(str, Enum):
     POSTPONE_REBOOT = "move the planned reboot later"
     SETTLE = "settle the last update"
     ROLL_BACK = "arm the other slot's older system for a trial boot"
+    APPLY = "arm the staged update and plan its reboot"
 
 
 @dataclass(frozen=True)
@@ -227,13 +246,16 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
         return Act(Action.FAIL_TRIAL) if op is _O.AWAITING_BOOT_COMPLETE else NoOp("no trial boot waits")
     waiting = f"version {new_version} is installed and waits for a reboot"
     trial = "the running slot boots on trial"
+    staged = f"version {new_version} is staged (not armed): apply it to boot it (omaha-agent apply)"
+    if op is _O.STAGED:
+        return _staged(command, staged)
+    if isinstance(command, Apply):
+        return _apply(op, new_version)
     if isinstance(command, Check):
-        if op is _O.IDLE:
+        if op is _O.IDLE or op in WAITING_FOR_REBOOT:
             return Act(Action.START_UPDATE_JOB)
         if op in UPDATE_JOB:
             return NoOp(f"a check is already running ({op.value})")
-        if op in WAITING_FOR_REBOOT:
-            return NoOp(waiting)
         return Refuse(f"{trial}: no update check before it is confirmed ({op.value})", "Busy")
     if isinstance(command, InstallFile):
         if op is _O.IDLE:
@@ -294,6 +316,41 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
     if isinstance(command, Rollback):
         return _rollback(op, waiting, booted_good)
     raise TypeError(f"not a command: {command!r}")
+
+
+def _staged(command: Command, staged: str) -> Decision:
+    """The ``staged`` row: the running slot is good (only a good one installs), the other holds the staged update."""
+    if isinstance(command, (Check, InstallFile, Apply)):
+        return Act({Check: Action.START_UPDATE_JOB, InstallFile: Action.START_INSTALL_JOB,
+                    Apply: Action.APPLY}[type(command)])
+    if isinstance(command, MarkGood):
+        return NoOp(f"the running slot is already good; {staged}")
+    if isinstance(command, Reset):
+        return NoOp(f"{staged}; it stays staged (a newer offer replaces it)")
+    if isinstance(command, ConfirmBoot):
+        return NoOp("no trial boot waits for confirmation")
+    if isinstance(command, Cancel):
+        return Refuse(f"no download is running: {staged}", "NothingToCancel")
+    if isinstance(command, Reboot):
+        return Refuse(f"nothing is armed to reboot into: {staged}", "NothingToReboot")
+    if isinstance(command, PostponeReboot):
+        return Refuse(f"no reboot is planned: {staged}", "NothingToPostpone")
+    if isinstance(command, Rollback):
+        return Refuse(f"{staged.partition(':')[0]} on the other slot: nothing older is left there to roll back to",
+                      "NoRollback")
+    raise TypeError(f"not a command: {command!r}")
+
+
+def _apply(op: Operation, new_version: str) -> Decision:
+    if op in WAITING_FOR_REBOOT:
+        return NoOp(f"version {new_version} waits for its reboot already (armed, or armed just before the planned "
+                    "reboot under install.arm: in-window)")
+    if op is _O.IDLE:
+        return Refuse("no update is staged: nothing to apply (a check stages one under install.arm: on-apply)",
+                      "NothingToApply")
+    if op in UPDATE_JOB:
+        return Refuse(f"an update is running ({op.value}); apply once it is staged", "Busy")
+    return Refuse(f"the running slot boots on trial ({op.value}): nothing is staged", "NothingToApply")
 
 
 def _rollback(op: Operation, waiting: str, booted_good: bool) -> Decision:
@@ -364,14 +421,23 @@ class OfferDeclined:
 
 def may_install(offer: str, current: str, *, trial_version: str | None, blocked_version: str | None,
                 blocked_until: float, rollback_allowed: bool, booted_good: bool,
-                now: float, blocked_rolled_back: bool = False) -> OfferTaken | OfferDeclined:
-    """Whether an offered version is installed. Never relies on the server to compare versions."""
+                now: float, blocked_rolled_back: bool = False, staged_version: str | None = None,
+                waiting_rollback: bool = False) -> OfferTaken | OfferDeclined:
+    """Whether an offered version is installed. Never relies on the server to compare versions. An update that
+    waits (``trial_version`` armed for its reboot, or ``staged_version``) is replaced only by a newer one."""
     if not booted_good:
         return OfferDeclined("the running slot is not confirmed good yet; no update before it is")
     if versions.same(offer, current):
         return OfferDeclined(f"version {offer} is already running")
+    if trial_version is not None and waiting_rollback:
+        return OfferDeclined(f"a rollback to {trial_version} waits for its reboot; no update before it is settled")
     if trial_version is not None and versions.same(offer, trial_version):
         return OfferDeclined(f"version {offer} is already installed and waits for a reboot")
+    if staged_version is not None and versions.same(offer, staged_version):
+        return OfferDeclined(f"version {offer} is already staged")
+    waiting = trial_version if trial_version is not None else staged_version
+    if waiting is not None and not versions.is_newer(offer, waiting):
+        return OfferDeclined(f"version {offer} is not newer than {waiting}, which waits already")
     if blocked_version is not None and versions.same(offer, blocked_version) and now < blocked_until:
         if blocked_rolled_back:
             return OfferDeclined(f"version {offer} was rolled back on this device; not offered again before the "

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from . import rollback
+from . import rollback, staged
 from .boot import BootError
 from .errors import AttemptFailed, CommandFailed, Refused, describe
 from .machine import (
@@ -88,6 +88,7 @@ class Owner:
         self.attempt = attempt
         self.reporter = attempt.reporter
         self.rebooter = rebooter or Rebooter(ctx, self.reporter.http)
+        self.rebooter.before_reboot = self._arm_in_window
         self.wait_for_boot_complete = wait_for_boot_complete
         self.once = False  # a one-shot run: the reboot job does not wait (for a window, a lock, an inhibitor)
         self.job: asyncio.Task | None = None
@@ -172,6 +173,7 @@ class Owner:
         if action is Action.SETTLE:
             return await self._settle()
         if action is Action.START_UPDATE_JOB:
+            await self._pause_reboot_job()
             self.flow.to(Operation.CHECKING)
             return "checking for an update", self._start_job(self.attempt.run(command.interactive, self.advance),
                                                              "check")
@@ -221,12 +223,15 @@ class Owner:
         if action is Action.ROLL_BACK:
             trial = await rollback.arm(ctx)
             status.offer(trial.version, 0)  # named in the operation's change
-            self.flow.to(Operation.NEED_REBOOT)
-            armed = f"rollback to {trial.version} armed on slot {trial.slot}"
-            if ctx.config.reboot.policy == "manual":
-                return f"{armed}; it boots on the next reboot (omaha-agent reboot)", None
-            message, job = self._plan_reboot(forced=False)
-            return f"{armed}; {message}", job
+            return self._armed(f"rollback to {trial.version} armed on slot {trial.slot}")
+        if action is Action.APPLY:
+            try:
+                trial = await staged.arm(ctx, self.reporter)
+            except staged.StagedRefused:
+                self.flow.to(Operation.IDLE)
+                status.clear_offer()
+                raise
+            return self._armed(f"{trial.version} armed on slot {trial.slot}")
         if action is Action.POSTPONE_REBOOT:
             message = self.rebooter.postpone(command.seconds)
             await ctx.save("the postponement")  # on disk before the caller hears it: a restart keeps it
@@ -240,6 +245,13 @@ class Owner:
         except Exception as exc:
             self.flow.to(Operation.IDLE)  # the daemon goes on; the next start settles again
             raise CommandFailed(f"start-up could not settle the last update: {describe(exc)}") from None
+        if ctx.state.staged is not None and (found is not Found.NOTHING or ctx.state.trial is not None
+                                             or ctx.state.staged.slot == ctx.booted):
+            ctx.state.staged = None  # armed since (a stop during Apply), or it is what runs now
+            await ctx.save("the end of the staged record")
+        if found is Found.NOTHING and ctx.state.staged is not None and ctx.booted is not None:
+            self.flow.to(Operation.STAGED)
+            return self._staged_waits()
         if found is not Found.WAITING and ctx.state.postponed is not None:
             ctx.state.postponed = None  # the reboot it postponed came (or the update is gone)
             await ctx.save("the end of the postponement")
@@ -273,6 +285,42 @@ class Owner:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _armed(self, armed: str) -> tuple[str, asyncio.Task | None]:
+        """An operator armed a trial (Rollback, Apply): it waits for its reboot, planned by the policy."""
+        self.flow.to(Operation.NEED_REBOOT)
+        if self.ctx.config.reboot.policy == "manual":
+            return f"{armed}; it boots on the next reboot (omaha-agent reboot)", None
+        message, job = self._plan_reboot(forced=False)
+        return f"{armed}; {message}", job
+
+    def _staged_waits(self) -> tuple[str, asyncio.Task | None]:
+        """The operation is ``staged``: say so, and under ``in-window`` plan the reboot that arms it."""
+        version = self.ctx.state.staged.version
+        self.ctx.status.offer(version, 0)
+        if self.ctx.config.install.arm == "in-window":
+            return self._plan_reboot(forced=False)
+        return f"version {version} is staged; omaha-agent apply arms it", None
+
+    async def _pause_reboot_job(self) -> None:
+        """A check while a reboot waits: the reboot job stops (refused once the reboot is being asked for); its
+        plan stays, and the check's end plans it again with its time kept."""
+        if self.flow.operation is not Operation.REBOOT_PENDING or self.job is None:
+            return
+        self.rebooter.refuse_once_asked()
+        job, self.job = self.job, None  # its end is not applied: the check's end is
+        job.cancel()
+        await asyncio.wait({job})
+
+    async def _arm_in_window(self) -> None:
+        """The reboot job's last step before the reboot: a staged update (``install.arm: in-window``) is armed."""
+        if self.ctx.state.staged is None:
+            return
+        try:
+            trial = await staged.arm(self.ctx, self.reporter)
+        except CommandFailed as exc:
+            raise AttemptFailed(str(exc)) from None
+        self.ctx.status.offer(trial.version, 0)
 
     def _plan_reboot(self, forced: bool) -> tuple[str, asyncio.Task | None]:
         """Plans the reboot into the armed update and runs the reboot job (a running one takes the new plan)."""
@@ -325,10 +373,13 @@ class Owner:
 
     def _after(self, what: str) -> Operation:
         """The operation that follows the end of the job ``what``."""
-        trial = self.ctx.state.trial
+        trial, kept = self.ctx.state.trial, self.ctx.state.staged
+        armed = trial is not None and trial.armed and trial.slot != self.ctx.booted
+        if kept is not None and not armed and kept.slot != self.ctx.booted:
+            return Operation.STAGED  # (a reboot job that failed to arm it, or a Reset: it stays staged)
         if what == "reboot":  # a Reset dropped the plan (and cancelled the job): nothing waits any more
-            return Operation.NEED_REBOOT if self.rebooter.plan is not None else Operation.IDLE
-        if trial is not None and trial.armed and trial.slot != self.ctx.booted:
+            return Operation.NEED_REBOOT if self.rebooter.plan is not None and armed else Operation.IDLE
+        if armed:
             return Operation.NEED_REBOOT
         if what == "health step" and trial is not None and trial.slot == self.ctx.booted:
             # the verdict could not be written (a bootloader error): the trial is still undecided, so it waits
@@ -351,10 +402,16 @@ class Owner:
         self.flow.to(end)
         if end is Operation.AWAITING_BOOT_COMPLETE:
             self._start_timer()
-        if what == "reboot" and self.rebooter.drop():
+        in_window = end is Operation.STAGED and ctx.config.install.arm == "in-window"
+        dropped = what == "reboot" or (self.rebooter.plan is not None and end is not Operation.NEED_REBOOT
+                                       and not in_window)  # (a check that replaced the waiting update by a staged one)
+        if dropped and self.rebooter.drop():
             await ctx.save("the dropped postponement")
+        if end is Operation.STAGED and what != "reboot":  # (a failed arm in the window is not re-planned at once)
+            message, _ = self._staged_waits()
+            log.info("%s", message)
         if end is Operation.NEED_REBOOT:
-            if not ctx.status.new_version:
+            if ctx.status.new_version != ctx.state.trial.version:  # (a newer offer declined or failed meanwhile)
                 ctx.status.offer(ctx.state.trial.version, 0)
             if what != "reboot" and ctx.config.reboot.policy != "manual":  # a reboot job that ended asked for it
                 message, _ = self._plan_reboot(forced=False)

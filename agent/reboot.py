@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import windows
 from .errors import Refused, describe
@@ -84,6 +84,7 @@ class Rebooter:
         self._release: asyncio.Task | None = None
         self.outcome = ""  # how the last reboot job ended, in a line
         self.asked = False  # the reboot is being asked of logind (or the sim): too late to postpone or drop it
+        self.before_reboot = None  # async (): the last step before the reboot (the owner's: arms a staged update)
         # async () -> list[logind.Inhibitor]: logind's, except on the simulated bootloader (no logind there)
         self.inhibitors = inhibitors
         if inhibitors is None and ctx.config.boot.backend != "sim":
@@ -98,6 +99,14 @@ class Rebooter:
     def schedule(self, version: str, forced: bool = False) -> Plan:
         """Plans the reboot into ``version``: after the notice (and in a window), or now when ``forced``."""
         now = self.ctx.now()
+        kept_plan = self.plan
+        if kept_plan is not None and not forced:  # a check ran while it waited: the plan keeps its time
+            self.plan = Plan(version, kept_plan.at, kept_plan.first, kept_plan.forced)
+            if self.ctx.state.postponed is not None:
+                self.ctx.state.postponed = replace(self.ctx.state.postponed, version=version)
+            self._publish(self.plan, kept_plan.waiting_for or "its time")
+            self._wake.set()
+            return self.plan
         at = now if forced else now + self.config.notice
         if not forced and self.config.policy == "windows":
             at = windows.allowed_at(self.config.windows, at)
@@ -220,6 +229,12 @@ class Rebooter:
                     continue
             self._publish(plan, "")
             self.asked = True  # from here the plan can no longer be moved or dropped
+            if self.before_reboot is not None:
+                try:
+                    await self.before_reboot()  # install.arm in-window: the staged update is armed now
+                except BaseException:
+                    self.asked = False
+                    raise
             try:
                 await reboot(ctx, f"update to {plan.version} installed", force=True)
             except Exception as exc:  # logind refused or is unreachable: the update stays armed, retried

@@ -1,6 +1,7 @@
 """The daemon's durable state as typed records, one JSON file replaced atomically, and the one way to save it.
 
-Records: the trial (``Trial``), the download checkpoint (``Checkpoint``), the blocked version (``Blocked``), the
+Records: the trial (``Trial``), the staged update (``Staged``: written and verified, not armed), the download
+checkpoint (``Checkpoint``), the blocked version (``Blocked``), the
 version the other slot keeps (``Fallback``, what a rollback boots) and the event queue (``EventRecord``). Events leave the queue only once the server acknowledged them; a resend keeps
 its original request id and creation time (for ``X-Request-Age``). The queue is bounded: past ``MAX_EVENTS`` the
 oldest progress events (13/1, 14/1) go first, outcomes (3/x) last.
@@ -67,6 +68,19 @@ class Fallback:
     version: str
 
 
+@dataclass(frozen=True)
+class Staged:
+    """An update written to ``slot`` and verified against its signed digest, not armed (``install.arm``):
+    ``boot_id`` is the boot it was verified in; armed in a later boot only after its slot is hashed again."""
+
+    slot: str
+    version: str
+    previous_version: str
+    sha256: str  # hex, the signed digest of the image's first ``size`` bytes on the slot
+    size: int
+    boot_id: str
+
+
 MAX_POSTPONED = 366 * 86400  # seconds: no configuration postpones a reboot further (config: durations up to a year)
 
 
@@ -117,10 +131,11 @@ class State:
     fleet_lock: str = ""  # the FleetLock group whose reboot slot may be held (asked for, not yet given back)
     postponed: Postponed | None = None
     fallback: Fallback | None = None
+    staged: Staged | None = None
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("download", "trial", "blocked", "postponed", "fallback"):
+        for key in ("download", "trial", "blocked", "postponed", "fallback", "staged"):
             out[key] = asdict(out[key]) if out[key] is not None else None
         out["events"] = [dict(asdict(e), event={k: v for k, v in e.event.__dict__.items()}) for e in self.events]
         return out
@@ -195,6 +210,13 @@ def fallback_from(data) -> Fallback | None:
     return _record(Fallback, data, {"slot": str, "version": str}, lambda f: f.slot in SLOTS and bool(f.version))
 
 
+def staged_from(data) -> Staged | None:
+    return _record(Staged, data, {"slot": str, "version": str, "previous_version": str, "sha256": str, "size": int,
+                                  "boot_id": str},
+                   lambda t: (t.slot in SLOTS and bool(t.version) and t.size > 0 and len(t.sha256) == 64
+                              and all(c in "0123456789abcdef" for c in t.sha256) and len(t.boot_id) <= 64))
+
+
 def postponed_from(data) -> Postponed | None:
     return _record(Postponed, data, {"version": str, "at": (int, float), "first": (int, float)},
                    lambda p: 0 < len(p.version) <= 256 and p.first <= p.at <= p.first + MAX_POSTPONED)
@@ -245,7 +267,7 @@ _PLAIN = {"ping": dict, "cohort": dict, "failures": int, "last_check": (int, flo
           "next_check": (int, float, type(None)), "retry_after_until": (int, float, type(None)), "last_error": str,
           "fleet_lock": str}
 _RECORDS = {"trial": trial_from, "blocked": blocked_from, "download": checkpoint_from, "postponed": postponed_from,
-            "fallback": fallback_from}
+            "fallback": fallback_from, "staged": staged_from}
 
 
 def from_json(data: dict) -> tuple[State, list[str]]:

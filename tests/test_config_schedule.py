@@ -26,6 +26,9 @@ def test_defaults_fill_in():
     assert c.slots["a"].kind == "partlabel" and c.slots["b"].value == "/tmp/b.img"
     assert c.schedule.interval == 18000 and c.reboot.policy == "manual" and c.health.commands == ()
     assert c.app.version_file == "/etc/os-release" and c.state_dir == "/var/lib/omaha-agent"
+    assert c.install.arm == "immediately"
+    assert parse(GOOD + "install: {arm: on-apply}\n").install.arm == "on-apply"
+    assert parse(GOOD + "reboot: {policy: immediate}\ninstall: {arm: in-window}\n").install.arm == "in-window"
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -39,6 +42,8 @@ def test_defaults_fill_in():
     (lambda t: t.replace("  env: /boot/grubenv\n", ""), "boot.env: missing"),
     (lambda t: t + "  tries: 12\n", "agent.yaml:11: boot.tries: must be between 1 and 9"),
     (lambda t: "server: [1, 2\n", "agent.yaml:2: not valid YAML"),
+    (lambda t: t + "install: {arm: later}\n", "install.arm: must be immediately, on-apply or in-window"),
+    (lambda t: t + "install: {arm: in-window}\n", "install.arm: in-window arms the update just before the reboot"),
 ])
 def test_errors_name_the_key_and_the_line(edit, message):
     with pytest.raises(ConfigError) as info:

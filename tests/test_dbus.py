@@ -22,7 +22,8 @@ BUS_NAME, PATH = "org.omaha_agent.Agent1", "/org/omaha_agent/Agent1"
 PROPERTIES = ["Operation", "Progress", "CurrentVersion", "NewVersion", "NewSize", "BytesDownloaded", "LastCheckTime",
               "NextCheckTime", "BootedSlot", "LastError", "Slots", "RebootVersion", "RebootTime", "RebootWaitingFor",
               "PlannedBytes", "SavedBytes"]
-METHODS = ["CheckForUpdate", "Cancel", "GetStatus", "MarkGood", "Reboot", "ConfirmBoot", "PostponeReboot", "Rollback"]
+METHODS = ["CheckForUpdate", "Cancel", "GetStatus", "MarkGood", "Reboot", "ConfirmBoot", "PostponeReboot", "Rollback",
+           "Apply"]
 
 
 class Daemon:
@@ -329,6 +330,10 @@ async def test_policy_lets_anyone_read_but_only_root_and_the_group_act(tmp_path,
         assert rc != 0 and "Access denied" in err, (out, err)
         rc, out, err = await run(*member, "busctl", addr, "call", *target, "Rollback")  # allowed, then refused
         assert rc != 0 and "slot b is bad or empty" in err and "Access denied" not in err, (out, err)
+        rc, out, err = await run(*nobody, "busctl", addr, "call", *target, "Apply")
+        assert rc != 0 and "Access denied" in err, (out, err)
+        rc, out, err = await run(*member, "busctl", addr, "call", *target, "Apply")  # allowed, then refused
+        assert rc != 0 and "no update is staged" in err and "Access denied" not in err, (out, err)
         rc, out, err = await run(*nobody, "busctl", addr, "call", *target, "GetStatus")
         assert rc == 0 and "a{sv}" in out, err
         rc, out, err = await run(*nobody, "busctl", addr, "get-property", *target, "Operation")
@@ -346,6 +351,30 @@ async def test_policy_lets_anyone_read_but_only_root_and_the_group_act(tmp_path,
     finally:
         await daemon.stop()
         bus.close()
+
+
+async def test_cli_check_stages_and_apply_arms_the_staged_update(tmp_path, server, system_bus):
+    """issue 27 row 1: under install.arm: on-apply, check --wait ends with the update staged (slot b still bad), and
+    omaha-agent apply arms it (before: no such command or key)."""
+    dev = Device(tmp_path, server.url, extra="schedule: {initial_delay: 3600}\ninstall: {arm: on-apply}\n")
+    daemon = Daemon(dev)
+    try:
+        await daemon.start()
+        rc, out, err = await cli("apply")
+        assert rc == 1 and err.strip() == ("omaha-agent: no update is staged: nothing to apply (a check stages one "
+                                           "under install.arm: on-apply)"), err
+        rc, out, err = await cli("check", "--wait", timeout=120)
+        assert rc == 0 and out.splitlines()[-1] == "2.0.0 is staged; omaha-agent apply arms it", (out, err)
+        assert dev.boot.status()["b"].state.value == "bad"
+        rc, out, err = await cli("status", "--json")
+        assert json.loads(out)["operation"] == "staged"
+        rc, out, err = await cli("apply")
+        assert rc == 0 and out.strip() == "2.0.0 armed on slot b; it boots on the next reboot (omaha-agent reboot)", err
+        assert dev.boot.status()["b"].state.value == "trial"
+        rc, out, err = await cli("apply")
+        assert rc == 0 and "waits for its reboot already" in out, err
+    finally:
+        await daemon.stop()
 
 
 async def test_cli_status_check_and_watch(running, server):
@@ -371,8 +400,8 @@ async def test_cli_status_check_and_watch(running, server):
     status = json.loads(out)
     assert status["operation"] == "updated-need-reboot" and status["new_version"] == "2.0.0"
     assert status["slots"]["b"] == {"state": "trial", "tries_left": 2, "version": "2.0.0"}
-    rc, out, err = await cli("check", "--wait")
-    assert rc == 0 and "waits for a reboot" in out
+    rc, out, err = await cli("check", "--wait")  # a check goes on while it waits: the same version is not taken
+    assert rc == 0 and out.splitlines()[-1] == "2.0.0 is installed; it boots on trial after a reboot (omaha-agent reboot)"
     stopped = time.monotonic()
     daemon.proc.terminate()
     await daemon.proc.wait()

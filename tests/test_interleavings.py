@@ -1,6 +1,7 @@
 """Randomized interleavings: D-Bus commands fired at random moments of an update (during the check and the
-download) and of the trial boot that follows (during the settle, the wait for boot-complete and the health step),
-against the daemon on a private system bus, a simulated device and the development server. After each run:
+download; the update armed at once, or staged and applied: ``install.arm``) and of the trial boot that follows
+(during the settle, the wait for boot-complete and the health step), against the daemon on a private system bus,
+a simulated device and the development server. After each run:
 
 * every armed trial gets exactly one final report (3/2, or 3/0 with code 44 or 45), never both, never twice;
   an unarmed one gets none;
@@ -38,7 +39,7 @@ COMMANDS = [
     (AGENT1, "CheckForUpdate", "b", [True]), (AGENT1, "CheckForUpdate", "b", [False]), (AGENT1, "Cancel", "", []),
     (AGENT1, "MarkGood", "", []), (AGENT1, "Reboot", "", []), (AGENT1, "ConfirmBoot", "", []),
     (FLATCAR, "ResetStatus", "", []), (FLATCAR, "AttemptUpdate", "", []), (AGENT1, "GetStatus", "", []),
-    (AGENT1, "PostponeReboot", "u", [60]),
+    (AGENT1, "PostponeReboot", "u", [60]), (AGENT1, "Apply", "", []),
 ]
 
 
@@ -131,7 +132,10 @@ async def phase(dev, boot, bus, rng, wait, commands, log, settle_until_armed: bo
             op, busy = s["operation"], agent.owner.job is not None
             if op == Operation.AWAITING_BOOT_COMPLETE.value:
                 replies.append(("ConfirmBoot", *await call(bus, AGENT1, "ConfirmBoot", "", [])))
-            elif op in ("idle", "updated-need-reboot") and not busy and not s["pending_events"]:
+            elif op == "staged" and not busy and settle_until_armed and checks < 3:
+                checks += 1
+                replies.append(("Apply", *await call(bus, AGENT1, "Apply", "", [])))
+            elif op in ("idle", "updated-need-reboot", "staged") and not busy and not s["pending_events"]:
                 armed = agent.ctx.state.trial is not None
                 if settle_until_armed and op == "idle" and not armed and checks < 2:
                     checks += 1
@@ -166,8 +170,9 @@ async def one_run(seed: int, root, server, bus, errors: Errors) -> list[str]:
     server.requests.clear()
     healthy = rng.random() < 0.7
     health = "sleep 0.1" if healthy else "sleep 0.1; exit 3"
+    arm = rng.choice(["immediately", "on-apply"])  # on-apply: staged, then Apply (among the commands too)
     dev = Device(work, server.url, health=health, slot_size=1 << 20,
-                 extra="schedule: {initial_delay: 3600}\ndbus: {flatcar_compat: true}\n")
+                 extra=f"schedule: {{initial_delay: 3600}}\ndbus: {{flatcar_compat: true}}\ninstall: {{arm: {arm}}}\n")
     log: list = []
     boot = RecordingBoot(dev.boot, log)
     errors.records.clear()
@@ -210,7 +215,7 @@ async def one_run(seed: int, root, server, bus, errors: Errors) -> list[str]:
     if problems:
         story = [f"phase 1: {first}", f"phase 2: {second}", f"bootloader writes: {log}",
                  f"events: {[(e['eventtype'], e['eventresult'], e['errorcode'], e['nextversion']) for e in server.events]}",
-                 f"health {'passes' if healthy else 'fails'}, image {'panics' if panics else 'boots'}"]
+                 f"arm {arm}, health {'passes' if healthy else 'fails'}, image {'panics' if panics else 'boots'}"]
         return [f"seed {seed}: " + "; ".join(problems) + "\n    " + "\n    ".join(story)]
     return []
 

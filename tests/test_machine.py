@@ -7,7 +7,7 @@ import pytest
 
 from agent import machine
 from agent.machine import (
-    Act, Action, Cancel, Check, ConfirmBoot, Flow, HealthTimeout, InstallFile, MarkGood, NoOp, OfferDeclined, OfferTaken,
+    Act, Action, Apply, Cancel, Check, ConfirmBoot, Flow, HealthTimeout, InstallFile, MarkGood, NoOp, OfferDeclined, OfferTaken,
     Operation, PostponeReboot, Reboot, Refuse, Reset, Rollback, RollbackTarget, Settle, decide, may_install,
     rollback_target,
 )
@@ -16,7 +16,7 @@ from .simdevice import ROOT
 
 COLUMNS = {"check": Check(True), "cancel": Cancel(), "mark-good": MarkGood(), "reset": Reset(), "reboot": Reboot(),
            "confirm": ConfirmBoot(), "install": InstallFile("/media/usb/image.img"), "postpone": PostponeReboot(600),
-           "rollback": Rollback()}
+           "rollback": Rollback(), "apply": Apply()}
 EVERY_COMMAND = list(COLUMNS.values()) + [Settle(), HealthTimeout(900)]
 
 
@@ -39,7 +39,7 @@ def table_rows(lines):
         if not cells:
             continue
         if "check" in cells and "reboot" in cells:
-            header = [c.rstrip("¹²³⁴⁵⁶⁷⁸⁹") for c in cells[1:]]
+            header = [c.rstrip("¹²³⁴⁵⁶⁷⁸⁹⁰") for c in cells[1:]]
             continue
         if header and len(cells) == len(header) + 1:
             ops = [Operation(o.strip().strip("`")) for o in cells[0].split(",")]
@@ -102,7 +102,15 @@ def test_a_second_check_while_one_runs_is_a_no_op_not_a_second_job():
     assert decide(Operation.IDLE, Check()) == Act(Action.START_UPDATE_JOB)
     for op in machine.UPDATE_JOB:
         assert isinstance(decide(op, Check()), NoOp)
-    assert "waits for a reboot" in decide(Operation.NEED_REBOOT, Check(), "2.0.0").reason
+
+
+
+@pytest.mark.parametrize("op", [Operation.STAGED, Operation.NEED_REBOOT, Operation.REBOOT_PENDING])
+def test_checks_go_on_while_an_update_waits(op):
+    """issue 27 row 2: a waiting update (staged, or armed for its reboot) no longer stops checks (before: a no-op,
+    so a device rebooted into the waiting version, then downloaded the newer one and rebooted again)."""
+    assert decide(op, Check(), "2.0.0") == Act(Action.START_UPDATE_JOB)
+    assert machine.Operation.CHECKING in machine.TRANSITIONS[op]
 
 
 def test_a_transition_the_table_does_not_have_raises():
@@ -117,6 +125,11 @@ def test_a_transition_the_table_does_not_have_raises():
     with pytest.raises(RuntimeError, match="cannot go from updated-need-reboot to downloading"):
         flow.to(Operation.DOWNLOADING)
     assert flow.operation is Operation.NEED_REBOOT
+    flow.to(Operation.CHECKING)  # a check while it waits (issue 27 row 2)
+    flow.to(Operation.UPDATE_AVAILABLE)
+    flow.to(Operation.STAGED)  # declined, or staged (install.arm: on-apply)
+    with pytest.raises(RuntimeError, match="cannot go from staged to finalizing"):
+        flow.to(Operation.FINALIZING)
 
 
 def test_install_policy_answers_with_types():
@@ -130,6 +143,14 @@ def test_install_policy_answers_with_types():
     assert "waits for a reboot" in may_install("2.0.0", "1.0.0", **dict(common, trial_version="2.0.0")).reason
     blocked = dict(common, blocked_version="2.0.0", blocked_until=200.0)
     assert isinstance(may_install("2.0.0", "1.0.0", **blocked), OfferDeclined)
+    # issue 27 row 2: a waiting update is replaced only by a newer one; the same again is no re-download
+    assert isinstance(may_install("2.1.0", "1.0.0", **dict(common, trial_version="2.0.0")), OfferTaken)
+    assert isinstance(may_install("2.1.0", "1.0.0", **dict(common, staged_version="2.0.0")), OfferTaken)
+    assert "already staged" in may_install("2.0", "1.0.0", **dict(common, staged_version="2.0.0")).reason
+    assert "not newer than 2.0.0" in may_install("1.5.0", "1.0.0", **dict(common, trial_version="2.0.0")).reason
+    assert "not newer than 2.0.0" in may_install("1.5.0", "1.0.0", **dict(common, staged_version="2.0.0")).reason
+    assert "a rollback to 0.9.0 waits" in may_install("2.1.0", "1.0.0", **dict(common, trial_version="0.9.0",
+                                                                                waiting_rollback=True)).reason
     assert isinstance(may_install("2.0.0", "1.0.0", **dict(blocked, now=201.0)), OfferTaken)
 
 
@@ -220,3 +241,27 @@ def test_the_flatcar_methods_answer_the_table_and_a_refusal_is_a_dbus_error(boot
 def flatcar_failed():
     from agent.owner import Failed
     return Failed("disk gone")
+
+
+def test_apply_arms_only_a_staged_update_and_says_why_elsewhere():
+    """issue 27 row 1: the apply column: staged arms it; an update that waits for its reboot needs nothing; idle
+    has nothing staged; a job running is Busy; a trial boot has nothing staged."""
+    assert decide(Operation.STAGED, Apply(), "2.0.0") == Act(Action.APPLY)
+    for op in machine.WAITING_FOR_REBOOT:
+        assert "waits for its reboot already" in decide(op, Apply(), "2.0.0").reason
+    assert decide(Operation.IDLE, Apply()).kind == "NothingToApply"
+    for op in machine.UPDATE_JOB:
+        assert decide(op, Apply()).kind == "Busy"
+    for op in machine.TRIAL_BOOT:
+        assert decide(op, Apply()).kind == "NothingToApply"
+    assert decide(Operation.STARTING, Apply()).kind == "Starting"
+
+
+def test_a_staged_update_is_neither_rebooted_into_nor_rolled_back_over():
+    assert decide(Operation.STAGED, Reboot(), "2.0.0").kind == "NothingToReboot"
+    assert "apply it" in decide(Operation.STAGED, Reboot(), "2.0.0").reason
+    assert decide(Operation.STAGED, Rollback(), "2.0.0").kind == "NoRollback"
+    assert decide(Operation.STAGED, Cancel(), "2.0.0").kind == "NothingToCancel"
+    assert decide(Operation.STAGED, PostponeReboot(60), "2.0.0").kind == "NothingToPostpone"
+    assert isinstance(decide(Operation.STAGED, Reset(), "2.0.0"), NoOp)
+    assert decide(Operation.STAGED, InstallFile("/media/x.img"), "2.0.0") == Act(Action.START_INSTALL_JOB)

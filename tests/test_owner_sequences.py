@@ -1,6 +1,7 @@
 """Random sequences against the owner, on the virtual clock: commands (fired together or one by one) × job ends ×
 cancels × failed saves × bootloader faults × a stop (SIGTERM) at any step, over an update and the trial boot that
-follows, in-process against a simulated device and the development server on 127.0.0.1. (``test_interleavings``
+follows (armed at once, or staged and then applied, or armed by the reboot job: ``install.arm``),
+in-process against a simulated device and the development server on 127.0.0.1. (``test_interleavings``
 does the same over D-Bus with a real daemon process and a real-time clock, fewer runs.)
 
 After each step and at the end of each sequence:
@@ -31,8 +32,9 @@ import pytest
 from agent.config import load
 from agent.daemon import Agent
 from agent.machine import (
-    TRANSITIONS, Action, Cancel, Check, ConfirmBoot, MarkGood, Operation, PostponeReboot, Reboot, Reset, Rollback,
+    TRANSITIONS, Action, Apply, Cancel, Check, ConfirmBoot, MarkGood, Operation, PostponeReboot, Reboot, Reset, Rollback,
 )
+from agent.owner import Failed
 from agent.tools.devserver import DevServer
 
 from .conftest import record_count
@@ -43,7 +45,7 @@ from .test_interleavings import Errors, trial_reports
 RUNS = int(os.environ.get("OWNER_SEQUENCES", "500"))
 QUIET = "schedule: {initial_delay: 3600}\ndbus: {enabled: false}\n"
 COMMANDS = [Check(True), Check(False), Cancel(), Cancel(), MarkGood(), Reset(), Reboot(), ConfirmBoot(),
-            PostponeReboot(60), Rollback()]
+            PostponeReboot(60), Rollback(), Apply()]
 FAULTS = ["disk full", "disk back", "bootloader fault", "bootloader back"]
 ROLLED_BACK: list[int] = []  # the seeds whose sequence armed a rollback (printed with the count)
 
@@ -121,7 +123,10 @@ class Life:
             elif op is Operation.IDLE and drive and agent.ctx.state.trial is None and checks < 2:
                 checks += 1
                 self.fire(Check(True))
-            elif op in (Operation.IDLE, Operation.NEED_REBOOT):
+            elif op is Operation.STAGED and drive and checks < 3:
+                checks += 1
+                self.fire(Apply())  # (otherwise it stays staged: unarmed, so no report)
+            elif op in (Operation.IDLE, Operation.NEED_REBOOT, Operation.STAGED):
                 if not agent.ctx.state.events:
                     return
                 await agent._flush()  # as the schedule loop does before its next check
@@ -146,10 +151,12 @@ class Life:
 async def lifetime(dev, boot, clock, rng, problems, drive: bool, rollback: bool = True) -> bool:
     """Starts the daemon (which sends what is queued, as ``run_forever`` does), runs random steps, then settles
     it, unless it was stopped half-way (as by SIGTERM) or rebooted the device. Returns whether the daemon starts
-    again (a stop or a reboot)."""
+    again (a stop or a reboot, or a start-up that could not settle the last update: that waits for the next start,
+    which comes here too)."""
     life = Life(dev, boot, clock, rng, problems, rollback)
     booted = boot.sim.booted_slot()
-    await life.agent.start(wait_for_boot_complete=rng.random() < 0.5)
+    settled = await life.agent.start(wait_for_boot_complete=rng.random() < 0.5)
+    unsettled = isinstance(settled.result, Failed)  # (a bootloader fault left from the life before)
     await life.agent._flush()
     stopped = False
     try:
@@ -164,7 +171,7 @@ async def lifetime(dev, boot, clock, rng, problems, drive: bool, rollback: bool 
             await life.settle(drive)
     finally:
         await life.stop()
-    return stopped or boot.sim.booted_slot() != booted
+    return stopped or unsettled or boot.sim.booted_slot() != booted
 
 
 async def sequence(seed: int, root, server, errors: Errors) -> list[str]:
@@ -173,8 +180,9 @@ async def sequence(seed: int, root, server, errors: Errors) -> list[str]:
     work.mkdir()
     policy = rng.choice(["manual", "immediate"])
     healthy = rng.random() < 0.6
+    arm = rng.choice(["immediately", "on-apply", "in-window" if policy != "manual" else "on-apply"])
     dev = Device(work, server.url, policy=policy, health="true" if healthy else "exit 3", slot_size=1 << 20,
-                 extra=QUIET)
+                 extra=QUIET + f"install: {{arm: {arm}}}\n")
     boot, clock, problems = FaultyBoot(dev.boot), FakeClock(), []
     server.events.clear()
     errors.records.clear()
@@ -184,6 +192,8 @@ async def sequence(seed: int, root, server, errors: Errors) -> list[str]:
             break
     armed = any((e["eventtype"], e["eventresult"]) == (3, 1) for e in server.events) or (
         dev.state()["trial"] or {}).get("armed")
+    if not armed and (sim.booted_slot() != "a" or sim.status()["b"].state.value == "trial"):
+        problems.append("an update never armed (staged, or failed before) is bootable or booted")
     if armed and sim.booted_slot() == "a" and sim.status()["b"].state.value == "trial":
         sim.reboot()  # the device reboots into its trial
     rolled_back = False  # at most one rollback per sequence: once armed, the lifetimes that follow send none
@@ -220,7 +230,7 @@ async def sequence(seed: int, root, server, errors: Errors) -> list[str]:
         problems.append(f"internal errors: {errors.records[:2]}")
     if problems:
         events = [(e["eventtype"], e["eventresult"], e["errorcode"]) for e in server.events]
-        return [f"seed {seed}: {'; '.join(problems[:3])} (policy {policy}, health {'passes' if healthy else 'fails'},"
+        return [f"seed {seed}: {'; '.join(problems[:3])} (policy {policy}, arm {arm}, health {'passes' if healthy else 'fails'},"
                 f" events {events})"]
     return []
 

@@ -48,12 +48,13 @@ async def until(predicate, what: str, timeout: float = 30.0):
 class Sim:
     """A simulated device driven through its owner, on a virtual clock; ``rebooted_at`` records each reboot."""
 
-    def __init__(self, tmp_path, url, reboot: str, clock: FakeClock, name: str = "dev", inhibitors=None):
+    def __init__(self, tmp_path, url, reboot: str, clock: FakeClock, name: str = "dev", inhibitors=None,
+                 extra: str = ""):
         (tmp_path / name).mkdir(exist_ok=True)
         self.dir = tmp_path / name
         self.machine_id = self.dir / "machine-id"
         self.machine_id.write_text(random.Random(name).randbytes(16).hex() + "\n")
-        self.dev = Device(self.dir, url, after="start", extra=QUIET, reboot=reboot.replace("MACHINE_ID", str(
+        self.dev = Device(self.dir, url, after="start", extra=QUIET + extra, reboot=reboot.replace("MACHINE_ID", str(
             self.machine_id)))
         self.clock, self.inhibitors = clock, inhibitors
         self.rebooted_at: list[float] = []
@@ -132,7 +133,9 @@ async def test_the_windows_policy_installs_at_once_and_reboots_at_the_next_windo
     snap = sim.agent.snapshot()
     assert snap["reboot_version"] == "2.0.0" and utc(snap["reboot_time"]) == dt.datetime(
         2026, 11, 28, 2, 0, tzinfo=timezone.utc) and snap["reboot_waiting_for"] == "the maintenance window"
-    assert (await sim.agent.submit(Check(True))).result.reason.startswith("version 2.0.0 is installed")
+    reply = await sim.agent.submit(Check(True))  # a check goes on while it waits (issue 27 row 2)
+    assert reply.acted and "already installed and waits" in (await sim.agent.owner.finished(reply.job)).message
+    assert sim.op() is Operation.REBOOT_PENDING and sim.agent.snapshot()["reboot_time"] == snap["reboot_time"]
     await until(lambda: sim.rebooted_at, "the reboot", 60)
     assert utc(sim.rebooted_at[0]).replace(second=0) == dt.datetime(2026, 11, 28, 2, 0, tzinfo=timezone.utc)
     await until(lambda: sim.op() is Operation.NEED_REBOOT, "the reboot job to end")

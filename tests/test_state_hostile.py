@@ -34,6 +34,13 @@ DAMAGED = [
     ({"postponed": {"version": "2.0.0", "at": 1, "first": 2e9}}, "postponed"),  # postponed to before it was due
     ({"postponed": {"version": "x" * 300, "at": 2, "first": 1}}, "postponed"),
     ({"postponed": {"version": "2.0.0", "at": 1e12, "first": 1}}, "postponed"),  # past any configurable bound
+    ({"staged": {"slot": "b", "version": "2.0.0"}}, "staged"),  # no digest: it could never be checked again
+    ({"staged": {"slot": "b", "version": "2.0.0", "previous_version": "1.0.0", "sha256": "zz" * 32, "size": 5,
+                 "boot_id": ""}}, "staged"),
+    ({"staged": {"slot": "c", "version": "2.0.0", "previous_version": "1.0.0", "sha256": "ab" * 32, "size": 5,
+                 "boot_id": ""}}, "staged"),
+    ({"staged": {"slot": "b", "version": "2.0.0", "previous_version": "1.0.0", "sha256": "ab" * 32, "size": 0,
+                 "boot_id": "x\u0007"}}, "staged"),
     ({"failures": -5, "last_check": "noon"}, "failures, last_check"),
     ({"ping": ["not", "a", "dict"], "cohort": 7}, "ping, cohort"),
 ]
@@ -201,6 +208,14 @@ def _load_bytes(raw: bytes):
         warning = store.load()
         assert warning is None or ("\n" not in warning and len(warning) < 1000)
         return store.state, warning
+
+
+def test_a_staged_update_is_kept_across_a_save_and_a_load():
+    from agent.state import Staged
+    state = State()
+    state.staged = Staged("b", "2.0.0", "1.0.0", "ab" * 32, 3 << 20, "sim-4")
+    back, dropped = from_json(json.loads(json.dumps(state.to_json())))
+    assert back.staged == state.staged and not dropped
 
 
 def test_a_byte_that_is_not_utf8_in_last_error_costs_only_that_text_not_the_trial(tmp_path):

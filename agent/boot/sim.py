@@ -48,6 +48,10 @@ class SimBoot:
     def booted_slot(self) -> str:
         return self._read()["booted"]
 
+    def boot_id(self) -> str:
+        """Which simulated boot this is (the count of boots since the env was written)."""
+        return f"sim-{int(self._read().get('boots') or 0)}"
+
     def status(self) -> dict[str, SlotStatus]:
         env = self._read()
         out = {}

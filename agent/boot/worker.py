@@ -73,6 +73,10 @@ class BootWorker:
             return None
         return await self._call("reading the booted slot", self.control.booted_slot)
 
+    async def boot_id(self) -> str:
+        """The backend's own boot identity (the sim backend counts its simulated boots)."""
+        return await self._call("reading the boot id", self.control.boot_id)
+
     async def reboot(self) -> str:
         """The sim backend's emulated reboot; returns the slot that came up."""
         return await self._call("rebooting the simulated device", self.control.reboot)

@@ -6,7 +6,9 @@ from dbus_next import PropertyAccess
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
-from ..machine import Cancel, Check, ConfirmBoot, InstallFile, MarkGood, PostponeReboot, Reboot, Refuse, Rollback
+from ..machine import (
+    Apply, Cancel, Check, ConfirmBoot, InstallFile, MarkGood, PostponeReboot, Reboot, Refuse, Rollback,
+)
 from ..owner import Failed
 from . import convert
 
@@ -155,6 +157,12 @@ class Agent1(ServiceInterface):
         """Arms the older system on the other slot for a trial boot and plans the reboot by reboot.policy; an
         error (``Error.NoRollback``, ``Error.Busy``) says why when there is nothing to roll back to now."""
         return (await answer(self.agent, Rollback())).message
+
+    @method()
+    async def Apply(self) -> "s":
+        """Arms the staged update (install.arm: on-apply or in-window) and plans the reboot by reboot.policy; an
+        error (``Error.NothingToApply``, ``Error.Busy``, ``Error.Failed`` for bytes that changed) says why not."""
+        return (await answer(self.agent, Apply())).message
 
     @method()
     async def ConfirmBoot(self) -> "s":

@@ -25,6 +25,7 @@ STATUS = {
     "updated-need-reboot": "UPDATE_STATUS_UPDATED_NEED_REBOOT",
     "reboot-pending": "UPDATE_STATUS_UPDATED_NEED_REBOOT",
     "reporting-error": "UPDATE_STATUS_REPORTING_ERROR_EVENT",
+    "staged": "UPDATE_STATUS_IDLE",  # Flatcar has no staged state: nothing waits for a reboot yet
 }
 
 
