@@ -301,7 +301,7 @@ class UpdateAttempt:
             await self._unreplace(target)
         if exc.kind != "transfer":
             state.download = None  # nothing worth resuming
-        if exc.kind in ("hash", "size", "decompress", "readback", "signature"):
+        if exc.kind in ("hash", "size", "decompress", "readback", "signature", "postinstall"):
             state.blocked = policy.block_until(ctx.now(), state.blocked, offer.version)
         await ctx.save()
         await self.reporter.flush()
@@ -358,6 +358,9 @@ class _Hooks(InstallHooks):
         self.attempt.reporter.queue(policy.download_finished(self.previous, self.offer.version, result.received,
                                                              result.download_ms, result.url), self.previous)
         self.attempt.advance(Operation.FINALIZING)
+        if ctx.config.install.post_install:  # before anything is recorded or armed: a failure leaves the slot bad
+            from .posthook import run_for
+            await run_for(ctx, self.target, self.offer.version, self.previous)
         # record the intent first: a crash after set_trial still finds the trial on restart
         state.trial = Trial(self.target, self.offer.version, self.previous, armed=False)
         state.download = None
