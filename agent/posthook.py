@@ -5,7 +5,8 @@ cleaned. The first that fails (non-zero exit, timeout, cannot start) stops the u
 line.
 
 The network sandbox, in order: under systemd (PID 1) each command is a transient service (``systemd-run --wait
---pipe --collect -p PrivateNetwork=yes -p RuntimeMaxSec=``): the agent's own unit has no capabilities and may
+--pipe --collect -p PrivateNetwork=yes``, ``RuntimeMaxSec`` a little past the timeout, which ``systemctl kill``
+enforces): the agent's own unit has no capabilities and may
 not create namespaces, PID 1 can. Elsewhere ``unshare --net`` (needs CAP_SYS_ADMIN). When neither is possible
 the command is not run: it fails, it never runs with the network by accident.
 """
@@ -48,7 +49,7 @@ async def _one(command: str, env: dict[str, str], timeout: int, network: bool) -
     elif systemd_booted() and shutil.which("systemd-run"):
         unit = f"omaha-agent-post-install-{os.getpid()}-{next(_names)}"
         argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", f"--unit={unit}",
-                "-p", "PrivateNetwork=yes", "-p", f"RuntimeMaxSec={timeout}",
+                "-p", "PrivateNetwork=yes", "-p", f"RuntimeMaxSec={timeout + 10}",
                 *(f"--setenv={k}={v}" for k, v in env.items()), "--", "/bin/sh", "-c", command]
     elif await _unshare_works():
         argv = ["unshare", "--net", "--", "/bin/sh", "-c", command]
@@ -63,7 +64,7 @@ async def _one(command: str, env: dict[str, str], timeout: int, network: bool) -
         return f"could not start: {clean(exc.strerror or exc, 200)}"
     last: list[str] = []
     try:
-        await asyncio.wait_for(_relay(proc, last), timeout + (10 if unit else 0))
+        await asyncio.wait_for(_relay(proc, last), timeout)
     except asyncio.TimeoutError:
         await _kill(proc, unit)
         return f"did not finish in {timeout} s (killed with everything it started)"
