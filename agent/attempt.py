@@ -1,7 +1,8 @@
 """The update attempt (the owner's update job): check → offer → install policy → install → trial armed.
 
 Order: 13/1 queued → an old trial record on the target is dropped → the target is marked bad → stream and verify
-→ 14/1 → the trial recorded (unarmed) → the slot set for its trial → armed, 3/1. A failure reports 3/0 with its
+→ 14/1 → the post-install commands (``posthook``)
+→ the trial recorded (unarmed) → the slot set for its trial → armed, 3/1. A failure reports 3/0 with its
 code; a hash, size, decompression or read-back failure blocks the version for a while. The job reports its
 progress through ``advance`` (the owner applies it); it never sets the operation it ends in: the owner does, when
 its task ends. Saves go through ``Context.save``; a record that must be durable before a bootloader write (the

@@ -5,10 +5,10 @@ cleaned. The first that fails (non-zero exit, timeout, cannot start) stops the u
 line.
 
 The network sandbox, in order: under systemd (PID 1) each command is a transient service (``systemd-run --wait
---pipe --collect -p PrivateNetwork=yes``, ``RuntimeMaxSec`` a little past the timeout, which ``systemctl kill``
-enforces): the agent's own unit has no capabilities and may
-not create namespaces, PID 1 can. Elsewhere ``unshare --net`` (needs CAP_SYS_ADMIN). When neither is possible
-the command is not run: it fails, it never runs with the network by accident.
+--pipe --collect -p PrivateNetwork=yes``; at the timeout its unit is killed with ``systemctl kill``, and its
+``RuntimeMaxSec``, 10 s later, is PID 1's own backstop): the agent's own unit has no capabilities and may not
+create namespaces, PID 1 can. Elsewhere ``unshare --net`` (needs CAP_SYS_ADMIN). When neither is possible the
+command is not run: it fails, it never runs with the network by accident.
 """
 from __future__ import annotations
 

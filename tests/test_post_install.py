@@ -192,7 +192,8 @@ os.execve(args[cut + 1], args[cut + 1:], env)
     assert {"--wait", "--pipe", "--collect"} <= set(argv[:cut])
     props = [argv[i + 1] for i in range(cut) if argv[i] == "-p"]
     assert "PrivateNetwork=yes" in props and "RuntimeMaxSec=17" in props
-    assert "--setenv=OMAHA_AGENT_SLOT=b" in argv[:cut] and argv[cut + 1:] == ["/bin/sh", "-c", 'echo "slot $OMAHA_AGENT_SLOT"']
+    assert "--setenv=OMAHA_AGENT_SLOT=b" in argv[:cut]
+    assert argv[cut + 1:] == ["/bin/sh", "-c", 'echo "slot $OMAHA_AGENT_SLOT"']
     assert "post-install: slot b" in caplog.text
     (tmp_path / "argv.json").unlink()
     assert await posthook.run(["true"], {}, 7, network=True) is None
