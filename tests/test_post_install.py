@@ -83,11 +83,22 @@ async def test_a_hook_that_hangs_is_killed_at_its_timeout_with_its_children(tmp_
     assert "did not finish in 1 s" in dev.state()["last_error"]
     assert server.event_codes() == ["13/1", "14/1", "3/0"] and server.events[-1]["errorcode"] == 5
     child = int(pidfile.read_text())
-    try:
-        with open(f"/proc/{child}/stat") as f:
-            assert f.read().split(") ")[1][0] == "Z"  # killed, not yet reaped by this container's init
-    except FileNotFoundError:
-        pass  # killed and reaped
+    assert await _dead(child)
+
+
+async def _dead(pid: int) -> bool:
+    """Whether ``pid`` is killed: gone, or a zombie this container's init has not reaped (waits up to 5 s for a
+    SIGKILL sent to land)."""
+    import asyncio
+    for _ in range(500):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(") ")[2][:1] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        await asyncio.sleep(0.01)
+    return False
 
 
 def _listener():
@@ -198,3 +209,18 @@ os.execve(args[cut + 1], args[cut + 1:], env)
     (tmp_path / "argv.json").unlink()
     assert await posthook.run(["true"], {}, 7, network=True) is None
     assert not (tmp_path / "argv.json").exists()  # with the network allowed, no unit is made
+
+
+async def test_a_stop_while_a_hook_runs_kills_it_and_its_children(tmp_path):
+    import asyncio
+    pidfile = tmp_path / "child.pid"
+    task = asyncio.ensure_future(posthook.run([f"sleep 600 & echo $! > {pidfile}; wait"], {}, 600, network=False))
+    for _ in range(500):  # bounded: up to 5 s for the command to start its child
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.01)
+    child = int(pidfile.read_text())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await _dead(child)
