@@ -85,7 +85,7 @@ async def _relay(proc, last: list[str]) -> None:
         chunk = await proc.stdout.read(65536)
         lines = (pending + chunk).split(b"\n")
         pending = lines.pop() if chunk else b""
-        if len(pending) > MAX_LINE * 4:  # a line without an end: logged in pieces
+        if len(pending) > MAX_LINE * 4:  # a line without an end: logged (cut) as far as it came
             lines.append(pending)
             pending = b""
         for raw in lines:

@@ -7,6 +7,7 @@ These run where systemd is not PID 1, so the sandbox under test is ``unshare --n
 (PrivateNetwork=yes in a transient unit) needs a systemd host and is not exercised here."""
 import json
 import os
+import re
 import socket
 import sys
 
@@ -224,3 +225,14 @@ async def test_a_stop_while_a_hook_runs_kills_it_and_its_children(tmp_path):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await _dead(child)
+
+
+async def test_a_hooks_output_is_logged_bounded_in_lines_and_length(tmp_path, caplog):
+    caplog.set_level("INFO", logger="omaha-agent")
+    command = "head -c 5000 /dev/zero | tr '\\0' x; echo; i=0; while [ $i -lt 1500 ]; do echo line $i; i=$((i+1)); done"
+    assert await posthook.run([command], {}, 60, network=False) is None
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("post-install: ")]
+    assert len(logged) == posthook.MAX_LINES + 1 and logged[0].startswith("post-install: xxxx")
+    assert all(len(m) <= len("post-install: ") + posthook.MAX_LINE for m in logged)
+    assert "post-install: line 0" in logged and "post-install: line 1499" not in logged
+    assert re.fullmatch(r"post-install: (50\d) more lines of output not logged", logged[-1])
