@@ -1,9 +1,10 @@
 """The update attempt (the owner's update job): check → offer → install policy → install → trial armed.
 
 Order: 13/1 queued → an old trial record on the target is dropped → the target is marked bad → stream and verify
-→ 14/1 → the trial recorded (unarmed) → the slot set for its trial → armed, 3/1 (under ``install.arm`` on-apply
-or in-window the job ends after 14/1 with the update staged instead: ``staged.py`` arms it later). A failure
-reports 3/0 with its code; a hash, size, decompression or read-back failure blocks the version for a while. The job reports its
+→ 14/1 → the post-install commands (``posthook``) → the trial recorded (unarmed) → the slot set for its trial
+→ armed, 3/1 (under ``install.arm`` on-apply or in-window the job ends after the post-install commands with the
+update staged instead: ``staged.py`` arms it later). A failure reports 3/0 with its code; a hash, size,
+decompression or read-back failure blocks the version for a while. The job reports its
 progress through ``advance`` (the owner applies it); it never sets the operation it ends in: the owner does, when
 its task ends. Saves go through ``Context.save``; a record that must be durable before a bootloader write (the
 replaced install, the trial before it is armed) fails the install when it cannot be saved.
@@ -310,7 +311,7 @@ class UpdateAttempt:
             await self._unreplace(target)
         if exc.kind != "transfer":
             state.download = None  # nothing worth resuming
-        if exc.kind in ("hash", "size", "decompress", "readback", "signature"):
+        if exc.kind in ("hash", "size", "decompress", "readback", "signature", "postinstall"):
             state.blocked = policy.block_until(ctx.now(), state.blocked, offer.version)
         await ctx.save()
         await self.reporter.flush()
@@ -371,6 +372,9 @@ class _Hooks(InstallHooks):
         self.attempt.reporter.queue(policy.download_finished(self.previous, self.offer.version, result.received,
                                                              result.download_ms, result.url), self.previous)
         self.attempt.advance(Operation.FINALIZING)
+        if ctx.config.install.post_install:  # before anything is recorded or armed: a failure leaves the slot bad
+            from .posthook import run_for
+            await run_for(ctx, self.target, self.offer.version, self.previous)
         if ctx.config.install.arm != "immediately":  # staged: Apply or the reboot window arms it (staged.py)
             from . import staged
             await staged.stage(ctx, self.target, self.offer.version, self.previous, self.offer.packages[0], result)

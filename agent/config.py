@@ -113,6 +113,9 @@ class InstallConfig:
     adaptive: bool = True  # a release with a chunk index installs from the chunks the device has (adaptive updates)
     index: str = ""  # the chunk index of the image shipped in the device (for the booted slot, when none is saved)
     arm: str = "immediately"  # immediately | on-apply (the Apply command) | in-window (just before the reboot)
+    post_install: tuple[str, ...] = ()  # shell commands run after the image is verified, before the slot is armed
+    post_install_timeout: int = 300
+    post_install_network: bool = False  # the commands run without network unless this is true
 
 
 @dataclass(frozen=True)
@@ -386,6 +389,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                       "reboot": {"policy", "windows", "fleetlock", "notice", "max_postpone", "max_inhibit_delay"},
                       "health": {"commands", "timeout", "after", "boot_complete_timeout"},
                       "install": {"verify", "read_timeout", "max_rate", "max_rate_interactive", "on_metered", "adaptive",
+                                  "post_install", "post_install_timeout", "post_install_network",
                                   "index", "arm"},
                       "dbus": {"enabled", "flatcar_compat"}, "trust": {"keys", "require_signature"},
                       "metrics": {"textfile", "socket"}}.items():
@@ -469,6 +473,9 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     after = str(r.get("health.after", "boot-complete", str))
     if after not in ("boot-complete", "start"):
         r.fail("health.after", f"must be boot-complete or start, not {after!r}")
+    hooks = r.get("install.post_install", [], list)
+    if not all(isinstance(c, str) and c.strip() for c in hooks):
+        r.fail("install.post_install", "must be a list of shell command strings")
     verify = str(r.get("install.verify", "hash", str))
     if verify not in ("hash", "readback"):
         r.fail("install.verify", f"must be hash or readback, not {verify!r}")
@@ -491,7 +498,9 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
         install=InstallConfig(verify, float(_duration(r, "install.read_timeout", 60, float, 0.1)),
                               _rate(r, "install.max_rate"), _rate(r, "install.max_rate_interactive"),
                               _choice(r, "install.on_metered", "wait", ("wait", "allow")),
-                              r.get("install.adaptive", True, bool), str(r.get("install.index", "", str)), arm=arm),
+                              r.get("install.adaptive", True, bool), str(r.get("install.index", "", str)),
+                              tuple(hooks), _duration(r, "install.post_install_timeout", 300, int, 1),
+                              r.get("install.post_install_network", False, bool), arm=arm),
         dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust,
         metrics=_metrics(r))
 

@@ -91,4 +91,5 @@ INSTALL_ERRORS = {
     "decompress": (ErrorCode.DECOMPRESS, ErrorCategory.UNPACK),
     "device": (ErrorCode.INSTALL_DEVICE_OPEN, ErrorCategory.INSTALL),
     "boot": (ErrorCode.SET_BOOTABLE, ErrorCategory.INSTALL),
+    "postinstall": (ErrorCode.POST_INSTALL_FAILED, ErrorCategory.INSTALL),
 }

@@ -72,6 +72,7 @@ class ErrorCode(IntEnum):
     GENERIC = 1
     OMAHA_REQUEST = 2
     OMAHA_RESPONSE = 3  # offer unusable: no hash, no size, bad URL ...
+    POST_INSTALL_FAILED = 5  # an install.post_install command failed (update_engine's postinstall code)
     SET_BOOTABLE = 6  # the boot backend failed to mark a slot
     INSTALL_DEVICE_OPEN = 7  # target slot missing, mounted, booted or too small
     DOWNLOAD_TRANSFER = 9  # every URL failed
