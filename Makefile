@@ -8,7 +8,7 @@ SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool
 	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl
 
 .PHONY: test fuzz demo bench system-deps venv clean install qemu-deps qemu-image qemu-test \
-	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64
+	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64 deb deb-deps deb-package
 
 venv: $(STAMP)
 
@@ -104,3 +104,34 @@ install:
 	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/omaha-agent/README.md
 	install -d -m 0755 $(DESTDIR)/etc/omaha-agent/keys
 	test -e $(DESTDIR)/etc/omaha-agent/agent.yaml || install -D -m 0644 config/agent.yaml $(DESTDIR)/etc/omaha-agent/agent.yaml
+
+# The Debian package (README "Install on Debian"): build/deb/omaha-agent_<version>_all.deb from debian/ with
+# debhelper and dh-python (pybuild), built from a copy of the source tree so the tree stays clean; lintian must
+# report no errors. Reproducible: SOURCE_DATE_EPOCH (default: debian/changelog's date) sets every timestamp.
+DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel \
+	dpkg-dev lintian
+DEB_DIR ?= build/deb
+DEB_VERSION = $(shell dpkg-parsechangelog -l debian/changelog -S Version)
+DEB_FILE = $(DEB_DIR)/omaha-agent_$(DEB_VERSION)_all.deb
+deb-deps:
+	@missing=""; for pkg in $(DEB_BUILD_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing packages to build the .deb:$$missing (run as root or install them)" >&2; exit 1; fi; \
+	fi
+
+deb-package: deb-deps
+	@rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/omaha-agent
+	@tar -cf - --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist --exclude=__pycache__ \
+	  --exclude='*.egg-info' --exclude=.pytest_cache --exclude=.hypothesis . | tar -C $(DEB_DIR)/omaha-agent -xf -
+	@# Debian's own python3 and tools, whatever else the PATH holds (a pyenv python has no dh-python modules)
+	@cd $(DEB_DIR)/omaha-agent && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b -us -uc --no-sign >../build.log 2>&1 || \
+	  { tail -n 40 ../build.log >&2; echo "make deb: dpkg-buildpackage failed (the whole log: $(DEB_DIR)/build.log)" >&2; exit 1; }
+	@rm -rf $(DEB_DIR)/omaha-agent
+	@echo "built $(DEB_FILE)"
+
+deb: deb-package
+	@lintian --fail-on error $(DEB_FILE) > $(DEB_DIR)/lintian.txt 2>&1; status=$$?; cat $(DEB_DIR)/lintian.txt; \
+	echo "lintian: $$(grep -c '^E:' $(DEB_DIR)/lintian.txt) errors, $$(grep -c '^W:' $(DEB_DIR)/lintian.txt) warnings"; \
+	exit $$status
