@@ -47,8 +47,8 @@ qemu-deps:
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-qemu-image: qemu-deps $(STAMP)
-	PATH="$$PATH:/usr/sbin:/sbin" bash qemu/build-image.sh
+qemu-image: qemu-deps deb $(STAMP)
+	PATH="$$PATH:/usr/sbin:/sbin" DEB=$(abspath $(DEB_FILE)) OMAHA_AGENT=$(abspath $(VENV))/bin/omaha-agent bash qemu/build-image.sh
 
 # Inside a new network namespace with only lo: the dev server and QEMU's user network stay on this machine.
 qemu-test: qemu-image
@@ -64,8 +64,8 @@ qemu-deps-arm64:
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-qemu-image-arm64: qemu-deps-arm64 $(STAMP)
-	PATH="$$PATH:/usr/sbin:/sbin" bash qemu/build-image-arm64.sh
+qemu-image-arm64: qemu-deps-arm64 deb $(STAMP)
+	PATH="$$PATH:/usr/sbin:/sbin" DEB=$(abspath $(DEB_FILE)) OMAHA_AGENT=$(abspath $(VENV))/bin/omaha-agent bash qemu/build-image-arm64.sh
 
 qemu-test-arm64: qemu-image-arm64
 	PATH="$$PATH:/usr/sbin:/sbin" unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s $(QEMU_ARM64_TESTS) $(PYTEST_ARGS)'
