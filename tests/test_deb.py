@@ -136,6 +136,8 @@ def test_the_postinst_creates_the_group_before_the_directories_and_enables_both_
     # enabled, not started at installation (the device's configuration comes first)
     assert "deb-systemd-invoke start" not in postinst and "deb-systemd-invoke restart" not in postinst
     assert "try-restart" in postinst   # an upgrade restarts a running daemon
+    prerm = (control / "prerm").read_text()
+    assert re.search(r'"\$1" = remove .*\n\s*deb-systemd-invoke stop omaha-agent.service', prerm), prerm
     assert "purge" in (control / "postrm").read_text()
 
 
