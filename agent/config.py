@@ -499,8 +499,9 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
                               _rate(r, "install.max_rate"), _rate(r, "install.max_rate_interactive"),
                               _choice(r, "install.on_metered", "wait", ("wait", "allow")),
                               r.get("install.adaptive", True, bool), str(r.get("install.index", "", str)),
-                              tuple(hooks), _duration(r, "install.post_install_timeout", 300, int, 1),
-                              r.get("install.post_install_network", False, bool), arm=arm),
+                              arm=arm, post_install=tuple(hooks),
+                              post_install_timeout=_duration(r, "install.post_install_timeout", 300, int, 1),
+                              post_install_network=r.get("install.post_install_network", False, bool)),
         dbus=DbusConfig(r.get("dbus.enabled", True, bool), r.get("dbus.flatcar_compat", False, bool)), trust=trust,
         metrics=_metrics(r))
 

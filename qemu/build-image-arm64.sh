@@ -5,7 +5,9 @@
 #   build/qemu-arm64/payload-2.0.0.ext4.zst   the same root filesystem with VERSION_ID=2.0.0
 #   build/qemu-arm64/payload-3.0.0.ext4.zst   version 3.0.0 whose init fails at once (the kernel panics, panic=5)
 # The Debian arm64 root filesystem comes from mmdebstrap under qemu-user (binfmt_misc) with this machine's own
-# apt sources and is cached by a key of its inputs (build/qemu-arm64/base-KEY.tar).
+# apt sources and is cached by a key of its inputs (build/qemu-arm64/base-KEY.tar). The agent is installed on top
+# from its Debian package (make deb) with apt inside the tree (under qemu-user), and the factory boot state is
+# written by `omaha-agent provision` (run on the build host from the working tree: OMAHA_AGENT).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -20,6 +22,11 @@ fi
 [ -n "$SOURCES" ] || { echo "build-image-arm64: no apt sources found; set APT_SOURCES=FILE" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "build-image-arm64: needs root (mmdebstrap --mode=root, files owned by root)" >&2; exit 1; }
 
+DEB=${DEB:-$(ls "$REPO"/build/deb/omaha-agent_*_all.deb 2>/dev/null | tail -n 1)}
+[ -n "$DEB" ] && [ -s "$DEB" ] || { echo "build-image-arm64: no omaha-agent .deb: run make deb (make qemu-image-arm64 does)" >&2; exit 1; }
+OMAHA_AGENT=${OMAHA_AGENT:-$REPO/.venv/bin/omaha-agent}
+[ -x "$OMAHA_AGENT" ] || { echo "build-image-arm64: $OMAHA_AGENT is missing: run make venv (make qemu-image-arm64 does)" >&2; exit 1; }
+
 PORT=${OMAHA_TEST_PORT:-18080}      # the dev server inside the test's network namespace (guest: 10.0.2.2)
 APPID="{6f3c1a52-9c1e-4d9b-8a57-6d2f0c1e9a11}"
 FS_SIZE=${FS_SIZE:-640M}
@@ -31,6 +38,11 @@ ENV_SIZE=0x4000   # each copy of the U-Boot env (config/uboot/boot.cmd and fw_en
 PACKAGES=systemd-sysv,udev,kmod,initramfs-tools,linux-image-arm64,python3,python3-aiohttp,python3-yaml
 PACKAGES=$PACKAGES,python3-defusedxml,python3-pyudev,python3-dbus-next,python3-zstandard,dbus,libubootenv-tool
 PACKAGES=$PACKAGES,util-linux,e2fsprogs,python3-cryptography
+# the agent's package installs offline on top of the cached base: every Python package it depends on or
+# recommends must be in the base (a change here changes the cache key, so the base is built again)
+for dep in $(dpkg-deb -f "$DEB" Depends Recommends | grep -o 'python3-[a-z0-9.+-]*' | sort -u); do
+  case ",$PACKAGES," in *",$dep,"*) ;; *) echo "build-image-arm64: $(basename "$DEB") needs $dep: add it to PACKAGES" >&2; exit 1;; esac
+done
 
 # under qemu-user every initramfs build takes ~15 min with initramfs-tools' defaults (all modules, zstd):
 # only what the root needs, gzip, set before the kernel is installed
@@ -80,8 +92,13 @@ TREE=$WORK/root
 mkdir "$TREE"
 tar -C "$TREE" -xf "$BASE"
 
-# ---- the agent, its units and a config for this image
-make -s -C "$REPO" install DESTDIR="$TREE" >/dev/null
+# ---- the agent from its Debian package (apt inside the tree, arm64 binaries under qemu-user: the postinst
+# creates the group, enables the units), and a config for this image
+cp "$DEB" "$TREE/tmp/omaha-agent.deb"
+chroot "$TREE" sh -c 'cd /tmp && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ./omaha-agent.deb' \
+  >"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; echo "build-image-arm64: apt could not install $DEB" >&2; exit 1; }
+rm -rf "$TREE/tmp/omaha-agent.deb" "$TREE"/var/cache/apt/*.bin "$TREE/run/omaha-agent"
+chroot "$TREE" dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\n' omaha-agent
 cat > "$TREE/etc/omaha-agent/agent.yaml" <<EOF
 server: {url: "http://10.0.2.2:$PORT/v1/update/", insecure_http: true, timeout: 20}
 app: {id: "$APPID", track: stable, board: arm64-virt}
@@ -99,7 +116,7 @@ EOF
 [ -s "$OUT/release-key.pem" ] || openssl genpkey -algorithm ed25519 -out "$OUT/release-key.pem" 2>/dev/null
 openssl pkey -in "$OUT/release-key.pem" -pubout -out "$TREE/etc/omaha-agent/keys/release.pem"
 # the U-Boot env: two copies (libubootenv's redundant pair) in files on the FAT boot partition
-install -D -m 0644 "$REPO/config/uboot/fw_env.config" "$TREE/etc/fw_env.config"
+install -D -m 0644 "$TREE/usr/share/omaha-agent/uboot/fw_env.config" "$TREE/etc/fw_env.config"   # the package's
 mkdir -p "$TREE/boot/firmware" "$TREE/etc/systemd/system/omaha-agent.service.d"
 # fw_setenv writes the env files and takes its lock in /var/lock
 printf '[Service]\nReadWritePaths=/boot/firmware -/run/lock\n' \
@@ -115,8 +132,11 @@ printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n' > "$TREE/etc/systemd/n
 install -m 0755 "$HERE/guest/omaha-test-report" "$TREE/usr/local/bin/omaha-test-report"
 install -m 0755 "$HERE/guest/omaha-test-watch" "$TREE/usr/local/bin/omaha-test-watch"
 install -m 0644 "$HERE/guest/omaha-test-report.service" "$TREE/etc/systemd/system/omaha-test-report.service"
-systemctl --root="$TREE" enable systemd-networkd.service omaha-agent.service omaha-agent-confirm.service \
-  omaha-test-report.service >/dev/null 2>&1
+systemctl --root="$TREE" enable systemd-networkd.service omaha-test-report.service >/dev/null 2>&1
+for unit in omaha-agent.service omaha-agent-confirm.service; do  # enabled by the package's postinst
+  [ -L "$TREE/etc/systemd/system/multi-user.target.wants/$unit" ] || {
+    echo "build-image-arm64: the package did not enable $unit" >&2; exit 1; }
+done
 systemctl --root="$TREE" mask apt-daily.timer apt-daily-upgrade.timer e2scrub_reap.service >/dev/null 2>&1 || true
 # the kernel (an uncompressed Image on arm64) and initrd live in the slot: boot.scr loads /vmlinuz and
 # /initrd.img from the chosen partition
@@ -144,20 +164,21 @@ mkfs_root 3.0.0 "$WORK/root-3.0.0.ext4"
 zstd -q -f -T0 -3 "$WORK/root-2.0.0.ext4" -o "$OUT/payload-2.0.0.ext4.zst"
 zstd -q -f -T0 -3 "$WORK/root-3.0.0.ext4" -o "$OUT/payload-3.0.0.ext4.zst"
 
-# ---- the boot partition: boot.scr (U-Boot's distro boot runs it) and the env pair, factory state A good
-mkimage -A arm64 -T script -C none -n "omaha-agent A/B" -d "$REPO/config/uboot/boot.cmd" "$WORK/boot.scr" >/dev/null
-sed "s|/boot/firmware/|$WORK/|" "$REPO/config/uboot/fw_env.config" > "$WORK/fw_env.config"
-for f in uboot.env uboot-redund.env; do head -c $((ENV_SIZE)) /dev/zero > "$WORK/$f"; done
-printf 'bootdelay=0\n' > "$WORK/env-defaults"
-PYTHONPATH="$REPO" python3 - "$WORK/fw_env.config" "$WORK/env-defaults" <<'EOF'
-import sys
-from agent.boot.uboot import UBootBoot
-UBootBoot(sys.argv[1]).initialize("a", defaults=sys.argv[2])   # A good, B bad: the factory state
-EOF
-# one good copy (flags 1); the other stays blank (a bad CRC) until the first write goes there
+# ---- the boot partition: boot.scr (U-Boot's distro boot runs it) from the package's boot.cmd, and the env pair
+# in the factory state (A good with 1.0.0, B bad, nothing armed): provision reads the image's /etc/fw_env.config
+# and writes the files it names inside the tree (/boot/firmware/uboot.env and uboot-redund.env, created blank
+# at ENV_SIZE); one good copy (flags 1), the other stays blank (a bad CRC) until the first write goes there
+BOOTCMD=$TREE/usr/share/omaha-agent/uboot/boot.cmd
+mkimage -A arm64 -T script -C none -n "omaha-agent A/B" -d "$BOOTCMD" "$WORK/boot.scr" >/dev/null
+rm -f "$TREE/boot/firmware/uboot.env" "$TREE/boot/firmware/uboot-redund.env"
+"$OMAHA_AGENT" provision --config "$TREE/etc/omaha-agent/agent.yaml" --slot a --version 1.0.0 --image-root "$TREE"
+for f in uboot.env uboot-redund.env; do
+  [ "$(stat -c %s "$TREE/boot/firmware/$f")" = $((ENV_SIZE)) ] || { echo "build-image-arm64: $f is not $ENV_SIZE bytes" >&2; exit 1; }
+done
+sed "s|/boot/firmware/|$TREE/boot/firmware/|" "$TREE/etc/fw_env.config" > "$WORK/fw_env.config"
 fw_printenv -c "$WORK/fw_env.config" BOOT_ORDER >/dev/null
 mkfs.vfat -n BOOT -C "$WORK/boot.img" $((BOOT_MIB * 1024)) >/dev/null
-mcopy -i "$WORK/boot.img" "$WORK/boot.scr" "$REPO/config/uboot/boot.cmd" "$WORK/uboot.env" "$WORK/uboot-redund.env" ::/
+mcopy -i "$WORK/boot.img" "$WORK/boot.scr" "$BOOTCMD" "$TREE/boot/firmware/uboot.env" "$TREE/boot/firmware/uboot-redund.env" ::/
 
 # ---- the disk
 DISK=$OUT/disk.img

@@ -8,7 +8,9 @@
 # the same Debian base): Debian's systemd-boot on the ESP, one Boot Loader Specification entry per slot
 # (loader/entries, the kernel and initrd on the ESP) and the agent's bls backend.
 # The Debian root filesystem comes from mmdebstrap with this machine's own apt sources and is cached by a key
-# of its inputs (build/qemu/base-KEY.tar); the agent and its files are laid on top on every build.
+# of its inputs (build/qemu/base-KEY.tar); the agent is installed on top on every build from its Debian package
+# (make deb: build/deb/omaha-agent_VERSION_all.deb) with apt inside the tree, and the factory boot state is
+# written by `omaha-agent provision` (run on the build host from the working tree: OMAHA_AGENT).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -31,6 +33,11 @@ case "$BOOTLOADER" in
     [ -s "$SDBOOT_EFI" ] || { echo "build-image: $SDBOOT_EFI missing: apt-get install systemd-boot-efi" >&2; exit 1; };;
   *) echo "build-image: BOOTLOADER must be grub or systemd-boot, not $BOOTLOADER" >&2; exit 1;;
 esac
+DEB=${DEB:-$(ls "$REPO"/build/deb/omaha-agent_*_all.deb 2>/dev/null | tail -n 1)}
+[ -n "$DEB" ] && [ -s "$DEB" ] || { echo "build-image: no omaha-agent .deb: run make deb (make qemu-image does)" >&2; exit 1; }
+OMAHA_AGENT=${OMAHA_AGENT:-$REPO/.venv/bin/omaha-agent}
+[ -x "$OMAHA_AGENT" ] || { echo "build-image: $OMAHA_AGENT is missing: run make venv (make qemu-image does)" >&2; exit 1; }
+
 PORT=${OMAHA_TEST_PORT:-18080}      # the dev server inside the test's network namespace (guest: 10.0.2.2)
 APPID="{6f3c1a52-9c1e-4d9b-8a57-6d2f0c1e9a11}"
 FS_SIZE=${FS_SIZE:-640M}           # each root filesystem; the partitions are larger (room to grow)
@@ -41,6 +48,11 @@ STATE_MIB=32   # the agent's state lives outside the A/B pair: both slots must s
 PACKAGES=systemd-sysv,udev,kmod,initramfs-tools,linux-image-amd64,python3,python3-aiohttp,python3-yaml
 PACKAGES=$PACKAGES,python3-defusedxml,python3-pyudev,python3-dbus-next,python3-zstandard,dbus,grub-common
 PACKAGES=$PACKAGES,util-linux,e2fsprogs,python3-cryptography
+# the agent's package installs offline on top of the cached base: every Python package it depends on or
+# recommends must be in the base (a change here changes the cache key, so the base is built again)
+for dep in $(dpkg-deb -f "$DEB" Depends Recommends | grep -o 'python3-[a-z0-9.+-]*' | sort -u); do
+  case ",$PACKAGES," in *",$dep,"*) ;; *) echo "build-image: $(basename "$DEB") needs $dep: add it to PACKAGES" >&2; exit 1;; esac
+done
 
 # kernel modules a QEMU guest never loads; dropping them takes the root filesystem from ~750 to ~500 MB
 PRUNE="sound drivers/gpu drivers/media drivers/net/wireless drivers/net/ethernet drivers/infiniband
@@ -75,8 +87,13 @@ TREE=$WORK/root
 mkdir "$TREE"
 tar -C "$TREE" -xf "$BASE"
 
-# ---- the agent, its units and a config for this image
-make -s -C "$REPO" install DESTDIR="$TREE" >/dev/null
+# ---- the agent from its Debian package (apt inside the tree: the postinst creates the group, enables the
+# units), and a config for this image
+cp "$DEB" "$TREE/tmp/omaha-agent.deb"
+chroot "$TREE" sh -c 'cd /tmp && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ./omaha-agent.deb' \
+  >"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; echo "build-image: apt could not install $DEB" >&2; exit 1; }
+rm -rf "$TREE/tmp/omaha-agent.deb" "$TREE"/var/cache/apt/*.bin "$TREE/run/omaha-agent"
+chroot "$TREE" dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\n' omaha-agent
 cat > "$TREE/etc/omaha-agent/agent.yaml" <<EOF
 server: {url: "http://10.0.2.2:$PORT/v1/update/", insecure_http: true, timeout: 20}
 app: {id: "$APPID", track: stable, board: amd64-generic}
@@ -110,8 +127,11 @@ install -m 0755 "$HERE/guest/omaha-test-watch" "$TREE/usr/local/bin/omaha-test-w
 install -m 0644 "$HERE/guest/omaha-test-report.service" "$TREE/etc/systemd/system/omaha-test-report.service"
 install -m 0755 "$HERE/guest/omaha-test-scenario" "$TREE/usr/local/bin/omaha-test-scenario"
 install -m 0644 "$HERE/guest/omaha-test-scenario.service" "$TREE/etc/systemd/system/omaha-test-scenario.service"
-systemctl --root="$TREE" enable systemd-networkd.service omaha-agent.service omaha-agent-confirm.service \
-  omaha-test-report.service omaha-test-scenario.service >/dev/null 2>&1
+systemctl --root="$TREE" enable systemd-networkd.service omaha-test-report.service omaha-test-scenario.service >/dev/null 2>&1
+for unit in omaha-agent.service omaha-agent-confirm.service; do  # enabled by the package's postinst
+  [ -L "$TREE/etc/systemd/system/multi-user.target.wants/$unit" ] || {
+    echo "build-image: the package did not enable $unit" >&2; exit 1; }
+done
 systemctl --root="$TREE" mask apt-daily.timer apt-daily-upgrade.timer e2scrub_reap.service >/dev/null 2>&1 || true
 # the kernel and initrd live in the slot: GRUB loads /vmlinuz and /initrd.img from the chosen partition
 [ -e "$TREE/vmlinuz" ] && [ -e "$TREE/initrd.img" ] || { echo "build-image: no /vmlinuz in the tree" >&2; exit 1; }
@@ -149,8 +169,9 @@ for slot in A B; do
   printf 'title Omaha slot %s\nlinux /omaha/vmlinuz\ninitrd /omaha/initrd.img\noptions root=PARTLABEL=ROOT-%s ro console=ttyS0 panic=5 omaha_agent.slot=%s\n' \
     "$slot" "$slot" "$slot" > "$WORK/esp/loader/entries/omaha-$(echo $slot | tr AB ab).conf"
 done
-PYTHONPATH="$REPO" python3 -c 'import sys; from agent.boot.bls import BlsBoot; BlsBoot(sys.argv[1]).initialize("a")' \
-  "$WORK/esp"   # omaha-1-a.conf good, omaha-0-b+0.conf bad: the factory state
+mkdir -p "$WORK/sdroot/boot" && ln -s "$WORK/esp" "$WORK/sdroot/boot/efi"   # the tree as the config sees it (boot.esp)
+"$OMAHA_AGENT" provision --config "$TREE/etc/omaha-agent/agent.yaml" --slot a --version 1.0.0 --image-root "$WORK/sdroot"
+# (omaha-1-a.conf good, omaha-0-b+0.conf bad: the factory state)
 mmd -i "$WORK/esp.img" ::/loader ::/loader/entries ::/omaha
 mcopy -i "$WORK/esp.img" "$SDBOOT_EFI" ::/EFI/BOOT/BOOTX64.EFI
 mcopy -i "$WORK/esp.img" "$WORK/esp/loader/loader.conf" ::/loader/loader.conf
@@ -168,14 +189,13 @@ EOF
 grub-mkstandalone -O x86_64-efi -o "$WORK/BOOTX64.EFI" \
   --modules="part_gpt fat ext2 search search_fs_file loadenv test echo linux configfile normal" \
   --locales= --themes= --fonts= "boot/grub/grub.cfg=$WORK/stub.cfg"
-PYTHONPATH="$REPO" python3 - "$WORK/grubenv" <<'EOF'
-import sys
-from agent.boot.grubenv import GrubEnvBoot
-GrubEnvBoot(sys.argv[1]).initialize("a")   # A good, B bad: the factory state
-EOF
+# the factory state (A good with 1.0.0, B bad, nothing armed) in the grubenv the image's config names
+# (boot.env: /boot/efi/grubenv), inside a directory standing for the ESP's mount
+mkdir -p "$WORK/esp/boot/efi"
+"$OMAHA_AGENT" provision --config "$TREE/etc/omaha-agent/agent.yaml" --slot a --version 1.0.0 --image-root "$WORK/esp"
 mcopy -i "$WORK/esp.img" "$WORK/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
-mcopy -i "$WORK/esp.img" "$REPO/config/grub/grub.cfg" ::/grub.cfg
-mcopy -i "$WORK/esp.img" "$WORK/grubenv" ::/grubenv
+mcopy -i "$WORK/esp.img" "$TREE/usr/share/omaha-agent/grub.cfg" ::/grub.cfg   # the package's fragment
+mcopy -i "$WORK/esp.img" "$WORK/esp/boot/efi/grubenv" ::/grubenv
 : > "$WORK/marker" && mcopy -i "$WORK/esp.img" "$WORK/marker" ::/omaha-agent-esp
 fi
 

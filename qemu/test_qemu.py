@@ -18,7 +18,7 @@ from agent.boot import BootError
 from agent.boot.grubenv import GrubEnvBoot
 from agent.tools.devserver import DevServer, Faults, Image
 
-from .vm import BUILD, LOGS, Machine, accel
+from .vm import BUILD, LOGS, Machine, accel, assert_agent_from_the_deb
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(3600)]
 BOOT_TIMEOUT = 600  # seconds from QEMU start to the guest's first report (TCG on a busy 2-core host)
@@ -92,6 +92,7 @@ async def test_success_update_reboot_confirm_and_report(image, tmp_path):
     machine = Machine("success", image["disk"])
     try:
         first = await boot_and_report(machine, "1.0.0", "A")
+        await assert_agent_from_the_deb(first)
         await assert_slot_read_from_the_cmdline(first, "a")
         took = await first.wait_exit(INSTALL_TIMEOUT, "the agent to install 2.0.0 and reboot")
         print(f"boot 1: checked, streamed {srv.images[0].size >> 20} MiB onto ROOT-B and rebooted after {took:.0f} s")

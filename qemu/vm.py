@@ -92,6 +92,13 @@ class Boot:
                 return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv).get("version")
         return None
 
+    def package(self) -> str | None:
+        """What dpkg inside the guest says of the agent's package and of the launcher the unit runs."""
+        for line in self.lines():
+            if line.startswith("PACKAGE "):
+                return line[len("PACKAGE "):]
+        return None
+
     def slot_source(self) -> str | None:
         """The agent's log line naming where it read the booted slot from (the guest reports it once)."""
         for line in self.lines():
@@ -230,3 +237,18 @@ class Machine:
                 digest.update(piece)
                 left -= len(piece)
         return digest.hexdigest()
+
+
+def deb_version() -> str:
+    """The package version the image was built from (debian/changelog's first line)."""
+    with open(os.path.join(REPO, "debian", "changelog")) as f:
+        return f.readline().split("(", 1)[1].split(")", 1)[0]
+
+
+async def assert_agent_from_the_deb(boot: Boot) -> None:
+    """The running agent is the one the image's apt installed: dpkg has omaha-agent at the version of
+    debian/changelog installed ("ii"), owning /usr/bin/omaha-agent."""
+    line = await boot.wait_for(boot.package, 120, "the guest's package report")
+    print(f"dpkg inside the guest: {line}")
+    assert line.split()[:3] == ["omaha-agent", deb_version(), "ii"], line
+    assert line.endswith("omaha-agent: /usr/bin/omaha-agent"), line

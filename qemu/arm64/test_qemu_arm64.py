@@ -16,6 +16,7 @@ import pytest
 from agent.boot.uboot import UBootBoot
 from agent.tools.devserver import DevServer, Faults, Image
 
+from ..vm import assert_agent_from_the_deb
 from .vm import BUILD, ENV_FILES, LOGS, ArmMachine, env_copy
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(5400)]
@@ -89,6 +90,7 @@ async def test_arm64_success_uboot_counts_the_trial_agent_confirms_b_and_reports
     machine = ArmMachine("success", image["disk"])
     try:
         first = await boot_and_report(machine, "1.0.0", "A")
+        await assert_agent_from_the_deb(first)
         took = await first.wait_exit(INSTALL_TIMEOUT, "the agent to install 2.0.0 and reboot")
         print(f"boot 1: checked, streamed {srv.images[0].size >> 20} MiB onto ROOT-B and rebooted after {took:.0f} s")
         assert srv.event_codes() == ["13/1", "14/1", "3/1"]
