@@ -26,7 +26,8 @@ payload URLs point at nginx (``devserver --payload-base``), so the server is not
 5. A fleet: 100 000 devices over 7 days with ``agent.schedule``'s own functions, a 6-hour server outage in
    the middle.
 5. Adaptive updates (``tests/bench_adaptive.py``): a real Debian pair (a monthly security update; not under
-   ``BENCH_QUICK``) and a synthetic pair, cut into chunks: the bytes a device holding the old image fetches.
+   ``BENCH_QUICK``) and a synthetic pair, cut into chunks: the bytes a device holding the old image fetches, then
+   the device side itself against nginx (``tests/bench_adaptive_device.py``: wire, requests, time, peak RSS).
 
 ``BENCH_OUT=PATH`` writes the figures as one JSON object; ``BENCH_QUICK=1`` runs a reduced set.
 Run: ``make bench`` or ``python -m tests.bench``.

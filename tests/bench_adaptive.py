@@ -11,17 +11,17 @@ Two pairs of ext4 root file systems, each made deterministically (``mke2fs -d`` 
 * **synthetic**: a generated tree of text, binaries and zero-filled files, and the same tree with 3 % of the
   files edited, a few added early in directory order (so the files after them move) and a few removed.
 
-Index-level figures per pair (``PAIR`` is ``real`` or ``synthetic``; the real pair's are also given without a
-prefix, as the issue names them): ``adaptive_full_zstd_mb`` (the new chunk data file: what the full path
-downloads), ``adaptive_wire_mb`` (the stored bytes of every chunk of the new index whose digest the old index does
-not hold and that is not all zero: what a device fetches, before range overhead), ``adaptive_wire_ratio``.
-The device-side figures (requests, wall and CPU time, peak RSS, byte-for-byte result) come from
-``device_figures``, which measures them when the device side of adaptive updates is installed.
+Index-level figures per pair (``PAIR`` is ``real`` or ``synthetic``): ``adaptive_PAIR_full_zstd_mb`` (the new
+chunk data file: what the full path downloads), ``adaptive_PAIR_chunk_wire_mb`` (the stored bytes of every chunk of
+the new index whose digest the old index does not hold and that is not all zero: what a device fetches, before
+range overhead), ``adaptive_PAIR_chunk_wire_ratio``. Then the device side, measured (``device_figures``):
+``adaptive_PAIR_wire_mb`` (what the link really carried), ``_wire_ratio``, ``_requests``, ``_wall_s``, ``_cpu_s``,
+``_peak_rss_mib``, ``_correct``; the real pair's (or under ``BENCH_QUICK`` the synthetic pair's, as
+``adaptive_pair`` says) are also given without a prefix, as the issue names them.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import random
 import re
@@ -231,7 +231,8 @@ def pair_figures(label: str, old: str, new: str, level: int, results: dict) -> d
     wire, chunks = wire_bytes(a, b)
     full = os.path.getsize(new_data)
     fig = {"image_mb": b.image_size / MB, "chunks": len(b), "zero_chunks": sum(r[2] & 1 for r in b),
-           "full_zstd_mb": full / MB, "wire_mb": wire / MB, "wire_chunks": chunks, "wire_ratio": wire / full,
+           "full_zstd_mb": full / MB, "chunk_wire_mb": wire / MB, "wire_chunks": chunks,
+           "chunk_wire_ratio": wire / full,
            "index_mb": len(b.raw) / MB, "level": level}
     if new_s:
         fig["cut_mb_s"] = b.image_size / MB / new_s
@@ -240,22 +241,19 @@ def pair_figures(label: str, old: str, new: str, level: int, results: dict) -> d
     cut_note = f", cut at {fig['cut_mb_s']:.0f} MB/s" if "cut_mb_s" in fig else " (cuts cached)"
     print(f"adaptive ({label} pair, zstd {level}): {fig['image_mb']:.0f} MB image in {len(b)} chunks "
           f"({fig['zero_chunks']} zero){cut_note}; full path {fig['full_zstd_mb']:.1f} MB, adaptive "
-          f"{fig['wire_mb']:.1f} MB in {chunks} chunks = {fig['wire_ratio']:.3f} of it; index "
+          f"{fig['chunk_wire_mb']:.1f} MB in {chunks} chunks = {fig['chunk_wire_ratio']:.3f} of it; index "
           f"{fig['index_mb']:.2f} MB", flush=True)
     return {"old": old, "new": new, "old_index": old_idx, "new_index": new_idx, "new_data": new_data}
 
 
-def device_figures(label: str, pair: dict, results: dict) -> None:
-    """The device side on a pair: the new image applied onto a slot holding the old one, from the chunk files
-    served with ranges. Measures ``adaptive_requests``, ``adaptive_wall_s``, ``adaptive_cpu_s`` (the local scan
-    of the index included), ``adaptive_peak_rss_mib`` and ``adaptive_correct`` (the slot equals the new image
-    byte for byte) once the device side (``agent.adaptive.apply``) is installed; until then it says so."""
-    if importlib.util.find_spec("agent.adaptive.apply") is None:
-        why = "this tree has no device side of adaptive updates (agent.adaptive.apply)"
-    else:
-        why = "the device side is present but its measurement is not wired into tests/bench_adaptive.py yet"
-    print(f"adaptive ({label} pair): device-side figures not measured: {why}", flush=True)
-    results[f"adaptive_{label}_device"] = f"not measured: {why}"
+def device_figures(label: str, pair: dict, workdir: str, results: dict) -> None:
+    """The device side on a pair (``tests/bench_adaptive_device.py``): the new image applied in a child process onto
+    a slot holding the old one, from the chunk files nginx serves: ``adaptive_<label>_wire_mb`` (what the link
+    carried: the index and every range answer, multipart overhead included), ``_wire_ratio`` (of the chunk data
+    file), ``_requests``, ``_wall_s`` and ``_cpu_s`` (the index fetch and plan included), ``_peak_rss_mib`` and
+    ``_correct`` (the slot equals the new image byte for byte)."""
+    from . import bench_adaptive_device
+    bench_adaptive_device.measure(label, pair, workdir, results)
 
 
 def file_ranges(image: str, path: str) -> list[tuple[int, int]]:
@@ -310,6 +308,14 @@ def image_advice(old: str, new: str, workdir: str, results: dict) -> None:
           f"{rebuild / MB:.1f} MB (0 when both are deterministic)", flush=True)
 
 
+def headline(results: dict, label: str) -> None:
+    """The figures the issue names, unprefixed, from ``label``'s pair (the real one when it was built)."""
+    results["adaptive_pair"] = label
+    for k in ("full_zstd_mb", "wire_mb", "wire_ratio", "requests", "wall_s", "cpu_s", "peak_rss_mib", "correct"):
+        if f"adaptive_{label}_{k}" in results:
+            results[f"adaptive_{k}"] = results[f"adaptive_{label}_{k}"]
+
+
 def run(quick: bool, workdir: str, results: dict) -> None:
     level = int(os.environ.get("BENCH_ADAPTIVE_LEVEL") or (3 if quick else 19))
     synthetic_mib = 256 if quick else 1024
@@ -317,7 +323,8 @@ def run(quick: bool, workdir: str, results: dict) -> None:
     old, new = synthetic_pair(workdir, synthetic_mib)
     print(f"adaptive: synthetic pair of {synthetic_mib} MiB ext4 images built in {time.monotonic() - started:.0f} s",
           flush=True)
-    device_figures("synthetic", pair_figures("synthetic", old, new, level, results), results)
+    device_figures("synthetic", pair_figures("synthetic", old, new, level, results), workdir, results)
+    headline(results, "synthetic")
     if quick:
         return
     try:
@@ -331,7 +338,6 @@ def run(quick: bool, workdir: str, results: dict) -> None:
         results["adaptive_real"] = f"not built: {why[0][:200]}"
         return
     pair = pair_figures("real", old, new, level, results)
-    for k in ("full_zstd_mb", "wire_mb", "wire_ratio"):
-        results[f"adaptive_{k}"] = results[f"adaptive_real_{k}"]
-    device_figures("real", pair, results)
+    device_figures("real", pair, workdir, results)
+    headline(results, "real")
     image_advice(old, new, workdir, results)

@@ -58,7 +58,24 @@ def test_the_synthetic_pair_needs_a_small_share_of_the_full_download(tmp_path, e
     assert sha(old) != sha(new)
     results = {}
     ba.pair_figures("synthetic", old, new, 1, results)
-    print(f"\nsynthetic 48 MiB pair: wire {results['adaptive_synthetic_wire_mb']:.2f} MB of "
+    print(f"\nsynthetic 48 MiB pair: wire {results['adaptive_synthetic_chunk_wire_mb']:.2f} MB of "
           f"{results['adaptive_synthetic_full_zstd_mb']:.2f} MB")
     assert 0 < results["adaptive_synthetic_wire_chunks"] < results["adaptive_synthetic_chunks"] / 4
-    assert 0 < results["adaptive_synthetic_wire_ratio"] < 0.3
+    assert 0 < results["adaptive_synthetic_chunk_wire_ratio"] < 0.3
+
+
+def test_device_figures_apply_the_synthetic_pair_from_nginx_and_count_what_the_link_carried(tmp_path, ext4_tools):
+    from .test_adaptive_apply import need_nginx
+    need_nginx()
+    old, new = ba.synthetic_pair(str(tmp_path), 48)
+    results = {}
+    pair = ba.pair_figures("synthetic", old, new, 1, results)
+    ba.device_figures("synthetic", pair, str(tmp_path), results)
+    r = {k[len("adaptive_synthetic_"):]: v for k, v in results.items() if k.startswith("adaptive_synthetic_")}
+    assert r["correct"] is True
+    index_mb = os.path.getsize(pair["new_index"]) / 1e6
+    # the link carried the index and at least every chunk the old image lacks (ranges add only their headers)
+    assert r["chunk_wire_mb"] + index_mb <= r["wire_mb"] + 1e-4
+    assert r["wire_mb"] < r["chunk_wire_mb"] + index_mb + 1, r
+    assert 0 < r["wire_ratio"] < 0.3 and r["requests"] >= 2
+    assert r["reused_mb"] > 0 and r["peak_rss_mib"] > 0 and r["cpu_s"] > 0
