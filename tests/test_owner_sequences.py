@@ -198,7 +198,10 @@ async def sequence(seed: int, root, server, errors: Errors) -> list[str]:
         sim.reboot()  # the device reboots into its trial
     rolled_back = False  # at most one rollback per sequence: once armed, the lifetimes that follow send none
     if armed:
-        for _ in range(4):  # the trial boot, and after a reboot back the start that sends its report
+        # the trial boot, and after a reboot back the start that sends its report; a start stopped while its
+        # verdict is on the way (a failed save, the boot-complete timer firing as the stop comes) leaves it to the
+        # next start, so a few more starts are given before "no report" is a finding
+        for _ in range(8):
             going_on = await lifetime(dev, boot, clock, rng, problems, drive=False, rollback=not rolled_back)
             rolled_back = rolled_back or rollback_armed(sim)
             if not going_on:
