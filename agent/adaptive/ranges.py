@@ -104,14 +104,15 @@ class _Want:
 class _Stream:
     """Bounded reads from an aiohttp body: lines (with a length limit) and runs of bytes."""
 
-    def __init__(self, content, limiter=None):
+    def __init__(self, content, limiter=None, timeout: float | None = None):
         self.content = content
         self.limiter = limiter
+        self.timeout = timeout
         self.buf = bytearray()
         self.taken = 0
 
     async def _more(self) -> None:
-        data = await self.content.readany()
+        data = await _within(self.content.readany(), self.timeout)
         if not data:
             raise RangeError("the answer ended in the middle of its parts")
         self.taken += len(data)
@@ -138,6 +139,20 @@ class _Stream:
             del self.buf[:len(piece)]
             n -= len(piece)
             yield piece
+
+
+async def _within(awaitable, seconds: float | None):
+    """``awaitable``'s result, or ``asyncio.TimeoutError`` after ``seconds`` (``asyncio.wait``: a cancel of the
+    caller is never swallowed, as Python 3.11's ``wait_for`` can)."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    finally:
+        if not task.done():
+            task.cancel()
+    if not done:
+        raise asyncio.TimeoutError()
+    return task.result()
 
 
 def _boundary(content_type: str) -> str | None:
@@ -194,10 +209,15 @@ class RangeFetcher:
         want = _Want(batch, self.size)
         headers = dict(self.headers, **{"Accept-Encoding": "identity",
                                         "Range": "bytes=" + ",".join(f"{lo}-{hi - 1}" for lo, hi in batch)})
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.read_timeout)
+        # no socket read timer: it would also run while this side is behind (the answer waits in the socket while
+        # the writer copies local chunks, slower than read_timeout on a slow device), and cut a healthy transfer;
+        # read_timeout counts only the time spent waiting for the headers and for each piece of the body
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
         self.requests += 1
         try:
-            async with await open_get(self.session, self.url, headers=headers, timeout=timeout) as resp:
+            opened = await _within(open_get(self.session, self.url, headers=headers, timeout=timeout),
+                                   self.read_timeout)
+            async with opened as resp:
                 encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
                 if resp.status == 206 and encoding not in ("", "identity"):
                     raise RangeError(f"the server encoded its ranges ({clean(encoding, 30)})", unsupported=True)
@@ -209,7 +229,7 @@ class RangeFetcher:
                         raise RangeError(f"the server does not serve byte ranges of {clean(self.url, 200)} "
                                          f"(HTTP {resp.status} to a Range request)", unsupported=True)
                     raise RangeError(f"HTTP {resp.status} {clean(resp.reason or '', 60)}".strip())
-                stream = _Stream(resp.content, self.limiter)
+                stream = _Stream(resp.content, self.limiter, self.read_timeout)
                 try:
                     boundary = _boundary(resp.headers.get("Content-Type", ""))
                     if boundary is None:
