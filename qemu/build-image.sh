@@ -4,6 +4,10 @@
 #                                    STATE (the agent's state dir, shared by both slots)
 #   build/qemu/payload-2.0.0.ext4.zst   the same root filesystem with VERSION_ID=2.0.0
 #   build/qemu/payload-3.0.0.ext4.zst   version 3.0.0 whose init fails at once (the kernel panics, panic=5)
+#   build/qemu/payload-2.0.0.ext4.cidx/.czst, payload-2.1.0.ext4.cidx/.czst   2.0.0 and 2.1.0 (2.0.0's tree with a
+#                                    few files changed and added) cut for adaptive updates (omaha-agent chunk, zstd 3)
+# Every root filesystem is made deterministically (fixed UUID and hash seed, E2FSPROGS_FAKE_TIME): an unchanged
+# file makes the same blocks in 2.0.0 and 2.1.0, so the adaptive update fetches only what changed.
 # BOOTLOADER=systemd-boot builds the systemd-boot twin instead (disk-sdboot.img, payload-sdboot-V.ext4.zst, from
 # the same Debian base): Debian's systemd-boot on the ESP, one Boot Loader Specification entry per slot
 # (loader/entries, the kernel and initrd on the ESP) and the agent's bls backend.
@@ -141,15 +145,35 @@ os_release() {  # VERSION_ID is what the agent reports as its version
   sed "/^VERSION_ID=/d" "$TREE/usr/lib/os-release" > "$TREE/etc/os-release"
   echo "VERSION_ID=$1" >> "$TREE/etc/os-release"
 }
+FS_UUID=5d1c0a7e-2b4f-4e8a-9c61-0e3b7f2a4d90
+HASH_SEED=0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0
+FAKE_TIME=1700000000
 mkfs_root() {
   rm -f "$2"
-  mkfs.ext4 -q -F -L rootfs -E root_owner=0:0 -d "$TREE" "$2" "$FS_SIZE"
+  E2FSPROGS_FAKE_TIME=$FAKE_TIME SOURCE_DATE_EPOCH=$FAKE_TIME mkfs.ext4 -q -F -L rootfs -U "$FS_UUID" \
+    -E root_owner=0:0,hash_seed=$HASH_SEED,nodiscard -d "$TREE" "$2" "$FS_SIZE"
+}
+chunk_root() {  # the adaptive release's files: NAME.cidx (the index) and NAME.czst (the payload)
+  "$OMAHA_AGENT" chunk "$WORK/root-$1.ext4" -o "$OUT" --name "payload$SUFFIX-$1.ext4" --level 3
 }
 
 os_release 1.0.0
 mkfs_root 1.0.0 "$WORK/root-1.0.0.ext4"
 os_release 2.0.0
 mkfs_root 2.0.0 "$WORK/root-2.0.0.ext4"
+if [ "$BOOTLOADER" = grub ]; then   # (the systemd-boot twin's tests have no adaptive update)
+  chunk_root 2.0.0
+  # 2.1.0: a small release on top of 2.0.0 (a changed file, a new text file, a new binary asset)
+  os_release 2.1.0
+  printf 'omaha-qemu test image, release 2.1.0\n' > "$TREE/etc/motd"
+  mkdir -p "$TREE/usr/share/omaha-test"
+  seq -f 'release 2.1.0 note %g: the adaptive update fetches only the chunks 2.0.0 lacks' 1 1500 \
+    > "$TREE/usr/share/omaha-test/notes-2.1.0.txt"
+  head -c 393216 /dev/urandom > "$TREE/usr/share/omaha-test/asset-2.1.0.bin"
+  mkfs_root 2.1.0 "$WORK/root-2.1.0.ext4"
+  chunk_root 2.1.0
+  rm -rf "$TREE/usr/share/omaha-test" "$TREE/etc/motd"
+fi
 os_release 3.0.0
 rm -f "$TREE/sbin/init" "$TREE/usr/sbin/init"
 printf '#!/bin/sh\necho "omaha-test: version 3.0.0 has a broken init" >&2\nexit 1\n' > "$TREE/usr/sbin/init"
@@ -217,4 +241,5 @@ dd if="$WORK/state.ext4" of="$DISK" bs=1M seek=$((1 + ESP_MIB + 2 * PART_MIB)) c
 echo "$APPID" > "$OUT/appid"
 echo "$PORT" > "$OUT/port"
 ls -l "$DISK" "$OUT"/payload$SUFFIX-*.zst
+[ "$BOOTLOADER" != grub ] || ls -l "$OUT"/payload-2.[01].0.ext4.c*
 echo "build-image: done"

@@ -18,7 +18,8 @@ from agent.boot import BootError
 from agent.boot.grubenv import GrubEnvBoot
 from agent.tools.devserver import DevServer, Faults, Image
 
-from .vm import BUILD, LOGS, Machine, accel, assert_agent_from_the_deb
+from . import adaptive
+from .vm import BUILD, LOGS, Machine, accel, assert_agent_from_the_deb, esp, esp_clear
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(3600)]
 BOOT_TIMEOUT = 600  # seconds from QEMU start to the guest's first report (TCG on a busy 2-core host)
@@ -40,12 +41,14 @@ def image():
     return {"disk": os.path.join(BUILD, "disk.img"), "appid": _read("appid"), "port": int(_read("port"))}
 
 
-async def start_server(image, scenario: str, version: str, payload: str, faults: Faults | None = None):
+async def start_server(image, scenario: str, version: str, payload: str | Image, faults: Faults | None = None):
+    """The dev server offering ``payload`` (a file in build/qemu, or an ``Image``: e.g. an adaptive release)."""
     os.makedirs(LOGS, exist_ok=True)
     log = os.path.join(LOGS, f"{scenario}-server.jsonl")
     if os.path.exists(log):
         os.unlink(log)
-    srv = DevServer([Image(os.path.join(BUILD, payload), version, image["appid"])], host="127.0.0.1",
+    offered = payload if isinstance(payload, Image) else Image(os.path.join(BUILD, payload), version, image["appid"])
+    srv = DevServer([offered], host="127.0.0.1",
                     port=image["port"], log_path=log, faults=faults or Faults(),
                     sign_key=os.path.join(BUILD, "release-key.pem"))  # the image trusts only this key
     await srv.start()
@@ -88,7 +91,11 @@ def check_grubenv(machine: Machine, tmp_path, expect: dict[str, str]) -> None:
 
 
 async def test_success_update_reboot_confirm_and_report(image, tmp_path):
-    srv = await start_server(image, "success", "2.0.0", "payload-2.0.0.ext4.zst")
+    """1.0.0 → 2.0.0 (an adaptive release, installed in full: no index is known for the factory slot; its index is
+    saved) → 2.1.0 installed adaptively from the chunks 2.0.0's slot holds. (The adaptive version is 2.1.0, not
+    3.0.0: this image's 3.0.0 is the release with a broken init, the rollback scenario's.) The bytes the server
+    sends for 2.1.0 stay under a bound derived from the two releases' indexes (qemu/adaptive.py)."""
+    srv = await start_server(image, "success", "2.0.0", adaptive.release(image["appid"], "2.0.0"))
     machine = Machine("success", image["disk"])
     try:
         first = await boot_and_report(machine, "1.0.0", "A")
@@ -97,7 +104,11 @@ async def test_success_update_reboot_confirm_and_report(image, tmp_path):
         took = await first.wait_exit(INSTALL_TIMEOUT, "the agent to install 2.0.0 and reboot")
         print(f"boot 1: checked, streamed {srv.images[0].size >> 20} MiB onto ROOT-B and rebooted after {took:.0f} s")
         assert srv.event_codes() == ["13/1", "14/1", "3/1"]
+        assert [d["name"] for d in downloads(srv)] == ["payload-2.0.0.ext4.czst"]  # the full path
+        assert {f["name"] for f in srv.fetches} == {"payload-2.0.0.ext4.cidx"}, srv.fetches  # its index, to save
 
+        esp(machine, {"setup.sh": adaptive.CHECK_UNTIL_FOUND, "config.sed": adaptive.READ_TIMEOUT_SED},
+            tmp_path)  # for the boot on 2.0.0 only
         second = await boot_and_report(machine, "2.0.0", "B")
         await assert_slot_read_from_the_cmdline(second, "b")
         await second.wait_for(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report")
@@ -107,13 +118,41 @@ async def test_success_update_reboot_confirm_and_report(image, tmp_path):
         print("busctl GetStatus inside the guest:", json.dumps({k: status[k] for k in (
             "operation", "current_version", "booted_slot", "last_error", "pending_events")}))
         assert status["current_version"] == "2.0.0" and status["booted_slot"] == "b"
-        await second.power_off()
+
+        marks = len(srv.fetches), len(srv.streams)
+        srv.images = [adaptive.release(image["appid"], "2.1.0")]
+        took = await second.wait_exit(INSTALL_TIMEOUT, "the agent to install 2.1.0 adaptively and reboot")
+        assert srv.event_codes() == ["13/1", "14/1", "3/1", "3/2", "13/1", "14/1", "3/1"]
+        sent = adaptive.sent_for(srv, "2.1.0", *marks)
+        start_b, _ = machine.partition("ROOT-B")
+        limit = adaptive.bound("2.0.0", "2.1.0", machine.disk, start_b)
+        print(f"boot 2: confirmed 2.0.0, then installed 2.1.0 adaptively and rebooted after {took:.0f} s: the server "
+              f"sent {sent['bytes']} bytes in {sent['answers']} answers (index included); bound {limit['bound']} = "
+              f"index {limit['index']} + {limit['new_chunks']} chunks 2.0.0 lacks ({limit['new_stored']} stored) "
+              f"+ {limit['drift_chunks']} chunks the running 2.0.0 changed ({limit['drift_stored']} stored) + "
+              f"gaps and part headers; the full payload is {limit['full']} bytes")
+        assert not [line for line in second.lines() if "going on from chunk" in line]  # no answer cut, none resent
+        assert sent["full_path_bytes"] == 0 and sent["index_answers"] == 1, sent
+        assert 0 < sent["bytes"] <= limit["bound"], (sent, limit)
+        assert sent["bytes"] * 20 < limit["full"], (sent, limit)
+        # what the agent wrote, read straight from the disk image before the slot first mounts: 2.1.0's image
+        assert machine.partition_sha256("ROOT-A", limit["image_size"]) == limit["image_sha256"]
+
+        esp_clear(machine)
+        third = await boot_and_report(machine, "2.1.0", "A")
+        await third.wait_for(lambda: srv.event_codes().count("3/2") == 2, BOOT_TIMEOUT, "the 3/2 report of 2.1.0")
+        status = await third.wait_for(
+            lambda: (s := third.status()) and s["slots"]["a"]["state"]["data"] == "good" and s, 120,
+            "busctl to show slot a good")
+        assert status["current_version"] == "2.1.0" and status["booted_slot"] == "a", status
+        await third.power_off()
     finally:
+        await machine.close()
         await srv.stop()
-    assert srv.event_codes() == ["13/1", "14/1", "3/1", "3/2"]
+    assert srv.event_codes() == ["13/1", "14/1", "3/1", "3/2", "13/1", "14/1", "3/1", "3/2"]
     done = srv.events[-1]
-    assert done["version"] == "2.0.0" and done["previousversion"] == "1.0.0"
-    # the plug was pulled within seconds of the agent marking B good in the grubenv on the FAT ESP
+    assert done["version"] == "2.1.0" and done["previousversion"] == "2.0.0"
+    # the plug was pulled within seconds of the agent marking A good in the grubenv on the FAT ESP
     check_grubenv(machine, tmp_path, {"a": "good", "b": "good"})
 
 

@@ -4,36 +4,18 @@ logind and the agent as a service (see test_qemu.py for the image and the rules)
 Each scenario leaves its files on the ESP before the first boot (omaha-test-scenario.service applies them:
 ``config.sed`` edits the agent's configuration before the agent starts, ``setup.sh`` runs in the background)."""
 import datetime as dt
-import os
-import subprocess
 import time
 
 import pytest
 
 from .test_qemu import BOOT_TIMEOUT, INSTALL_TIMEOUT, boot_and_report, check_grubenv, image, start_server  # noqa: F401
-from .vm import Machine
+from .vm import OPERATION, Machine, esp, esp_clear  # noqa: F401 (test_qemu_operator imports them here)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(3600)]
-OPERATION = "busctl get-property org.omaha_agent.Agent1 /org/omaha_agent/Agent1 org.omaha_agent.Agent1 Operation"
 WAIT_PENDING = f"""i=0
 until {OPERATION} 2>/dev/null | grep -q reboot-pending; do
   i=$((i + 1)); [ $i -gt 1800 ] && exit 1; sleep 1
 done"""
-MTOOLS = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-
-
-def esp(machine: Machine, files: dict[str, str], tmp_path) -> None:
-    """Writes ``files`` into ::/omaha-test on the machine's ESP (no mount: the ESP starts at 1 MiB)."""
-    target = f"{machine.disk}@@1048576"
-    subprocess.run(["mmd", "-i", target, "::/omaha-test"], check=True, env=MTOOLS)
-    for name, text in files.items():
-        local = tmp_path / name
-        local.write_text(text)
-        subprocess.run(["mcopy", "-o", "-i", target, str(local), f"::/omaha-test/{name}"], check=True, env=MTOOLS)
-
-
-def esp_clear(machine: Machine) -> None:
-    subprocess.run(["mdeltree", "-i", f"{machine.disk}@@1048576", "::/omaha-test"], check=True, env=MTOOLS)
 
 
 async def confirm_on_b(machine: Machine, srv) -> None:

@@ -15,6 +15,8 @@ BUILD = os.path.join(REPO, "build", "qemu")
 LOGS = os.path.join(BUILD, "logs")
 QEMU = "qemu-system-x86_64"
 ESP_MIB = 64  # build-image.sh: the ESP is the first partition, at 1 MiB
+OPERATION = "busctl get-property org.omaha_agent.Agent1 /org/omaha_agent/Agent1 org.omaha_agent.Agent1 Operation"
+MTOOLS = dict(os.environ, MTOOLS_SKIP_CHECK="1")
 FSCK_EXPECTED = ("Dirty bit is set", "Automatically removing dirty bit", "Leaving filesystem unchanged")
 
 
@@ -237,6 +239,20 @@ class Machine:
                 digest.update(piece)
                 left -= len(piece)
         return digest.hexdigest()
+
+
+def esp(machine: "Machine", files: dict[str, str], tmp_path) -> None:
+    """Writes ``files`` into ::/omaha-test on the machine's ESP (no mount: the ESP starts at 1 MiB)."""
+    target = f"{machine.disk}@@1048576"
+    subprocess.run(["mmd", "-i", target, "::/omaha-test"], check=True, env=MTOOLS)
+    for name, text in files.items():
+        local = tmp_path / name
+        local.write_text(text)
+        subprocess.run(["mcopy", "-o", "-i", target, str(local), f"::/omaha-test/{name}"], check=True, env=MTOOLS)
+
+
+def esp_clear(machine: "Machine") -> None:
+    subprocess.run(["mdeltree", "-i", f"{machine.disk}@@1048576", "::/omaha-test"], check=True, env=MTOOLS)
 
 
 def deb_version() -> str:
