@@ -30,11 +30,6 @@ while [ $n -lt 60 ]; do
 done
 """
 
-# for the same boot: a longer install.read_timeout. The agent reads a multi-range answer only as fast as it writes
-# the image, and between two remote ranges it copies local chunks; under TCG that copy can outlast 30 s, the
-# socket's read timer runs out while the answer waits in the agent's own queue, and the agent asks for the rest
-# again (correct, but the bytes of that answer are sent twice)
-READ_TIMEOUT_SED = "s/install: {read_timeout: 30}/install: {read_timeout: 600}/\n"
 
 
 def index_path(version: str) -> str:

@@ -107,8 +107,7 @@ async def test_success_update_reboot_confirm_and_report(image, tmp_path):
         assert [d["name"] for d in downloads(srv)] == ["payload-2.0.0.ext4.czst"]  # the full path
         assert {f["name"] for f in srv.fetches} == {"payload-2.0.0.ext4.cidx"}, srv.fetches  # its index, to save
 
-        esp(machine, {"setup.sh": adaptive.CHECK_UNTIL_FOUND, "config.sed": adaptive.READ_TIMEOUT_SED},
-            tmp_path)  # for the boot on 2.0.0 only
+        esp(machine, {"setup.sh": adaptive.CHECK_UNTIL_FOUND}, tmp_path)  # for the boot on 2.0.0 only
         second = await boot_and_report(machine, "2.0.0", "B")
         await assert_slot_read_from_the_cmdline(second, "b")
         await second.wait_for(lambda: "3/2" in srv.event_codes(), BOOT_TIMEOUT, "the 3/2 report")
