@@ -100,7 +100,7 @@ async def test_staged_update_survives_a_reboot_unarmed_then_apply_boots_it_and_r
         took = await second.wait_exit(INSTALL_TIMEOUT, "omaha-agent apply and the reboot it plans")
         said = serial_lines(second, "omaha-test-setup: apply")
         print(f"boot 2: still staged on A, then the operator's apply, rebooted after {took:.0f} s: {said}")
-        # one call: the answer waits for the slot's hash (20 s here under TCG), past the 10 s other commands wait
+        # one call: the answer waits for the slot's hash (20-32 s here under TCG), past the 10 s other commands wait
         assert len(said) == 1 and said[0].startswith("omaha-test-setup: apply: 2.0.0 armed on slot b; "), said
         hashed = agent_log(second, "the device booted since 2.0.0 was staged: hashing slot b again")
         armed = agent_log(second, "staged 2.0.0 armed on slot b")
