@@ -202,8 +202,10 @@ def cmd_client(args) -> int:
         return console.run(console.install(args.payload, args.sig or "", args.version or "", args.wait, args.timeout))
     if args.command == "postpone":
         return console.run(console.simple("PostponeReboot", "u", [args.seconds]))
-    member = {"mark-good": "MarkGood", "reboot": "Reboot", "confirm-boot": "ConfirmBoot", "rollback": "Rollback",
-              "apply": "Apply"}[args.command]
+    if args.command == "apply":  # after a reboot the agent hashes the staged slot again before it answers
+        return console.run(console.simple("Apply", timeout=args.timeout))
+    member = {"mark-good": "MarkGood", "reboot": "Reboot", "confirm-boot": "ConfirmBoot", "rollback": "Rollback"}[
+        args.command]
     return console.run(console.simple(member))
 
 
@@ -269,8 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.set_defaults(func=cmd_client)
     sub.add_parser("rollback", help="go back to the older system on the other slot (a trial boot, then the reboot "
                    "by reboot.policy)").set_defaults(func=cmd_client)
-    sub.add_parser("apply", help="arm the staged update (install.arm: on-apply) and plan the reboot by "
-                   "reboot.policy").set_defaults(func=cmd_client)
+    ap = sub.add_parser("apply", help="arm the staged update (install.arm: on-apply) and plan the reboot by "
+                        "reboot.policy")
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="wait this many seconds for the answer (after a reboot the slot is hashed again first)")
+    ap.set_defaults(func=cmd_client)
     fl = sub.add_parser("fleetlock-server", help="run a development FleetLock server (reboot slots per group)")
     fl.add_argument("--host", default="127.0.0.1")
     fl.add_argument("--port", type=int, default=8090)

@@ -225,8 +225,8 @@ async def watch(limit: float | None = None) -> int:
     return await _with_client(run)
 
 
-async def simple(member: str, *args) -> int:
-    print(await _with_client(lambda c: c.call(member, *args)))
+async def simple(member: str, *args, timeout: float = 10) -> int:
+    print(await _with_client(lambda c: c.call(member, *args, timeout=timeout)))
     return 0
 
 
