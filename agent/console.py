@@ -42,7 +42,8 @@ def render_status(s: dict, now: float) -> str:
                                                      if s.get("waiting_for_boot_complete") else ""),
              f"running:        {s['current_version']} on slot {s['booted_slot'] or '?'}"]
     if s.get("new_version"):
-        lines.append(f"new version:    {s['new_version']} ({_size(s.get('new_size', 0))})")
+        size = s.get("new_size", 0)  # unknown (0) once the daemon restarted while an update waits
+        lines.append(f"new version:    {s['new_version']}" + (f" ({_size(size)})" if size else ""))
         if s.get("saved_bytes"):
             lines.append(f"adaptive:       downloads {_size(s.get('planned_bytes', 0))}, saves "
                          f"{_size(s['saved_bytes'])}")

@@ -204,3 +204,12 @@ async def test_a_newer_release_replaces_a_staged_one(tmp_path, server, clock, de
     assert json.loads((sim.dir / "state" / "state.json").read_text())["staged"]["version"] == "2.1.0"
     assert (await sim.agent.submit(Apply())).acted and slot_b(sim) == ("trial", "2.1.0")
     assert codes(server, "2.0.0") == ["13/1", "14/1"]  # never armed, superseded: no 3/1, no 3/0
+
+
+def test_status_names_a_waiting_version_without_a_size_it_no_longer_knows():
+    """After a restart the daemon knows a staged or armed update's version, not its payload's size: `omaha-agent
+    status` printed "2.0.0 (0 B)"."""
+    from agent.console import render_status
+    base = {"operation": "staged", "current_version": "1.0.0", "booted_slot": "a", "new_version": "2.0.0"}
+    assert "new version:    2.0.0\n" in render_status(dict(base, new_size=0), 0) + "\n"
+    assert "2.0.0 (1.0 MiB)" in render_status(dict(base, new_size=1 << 20), 0)
