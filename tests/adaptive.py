@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import subprocess
 
 import zstandard
 
 from agent import trust
 from agent.adaptive import index as cindex
-from tests.bench import PATH, free_port, stop, wait_port
+from tests import bench
 
 APP = "{0a0b0c0d-1111-4222-8333-444455556666}"
 
@@ -90,51 +88,14 @@ class Release:
         return envelope
 
 
-class Nginx:
-    """nginx on 127.0.0.1 serving ``root`` (``directives`` go into its server block, e.g. ``max_ranges 1;``)."""
+class Nginx(bench.Nginx):
+    """The benchmark's nginx with an access log of each answer's status, bytes and the Range asked for."""
 
     def __init__(self, root: str, workdir: str, directives: str = ""):
-        binary = shutil.which("nginx", path=PATH)
-        if binary is None:
-            raise RuntimeError("nginx is not installed (make test installs Debian's package when run as root)")
-        self.dir = os.path.join(workdir, "nginx")
-        os.makedirs(self.dir)
-        self.port = free_port()
-        temps = "\n".join(f"  {n}_temp_path {self.dir}/{n};" for n in ("client_body", "proxy", "fastcgi", "uwsgi",
-                                                                          "scgi"))
-        conf = os.path.join(self.dir, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(f"""{'user root;' if os.geteuid() == 0 else ''}
-worker_processes 1;
-daemon off;
-pid {self.dir}/nginx.pid;
-error_log {self.dir}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-  log_format ranges '$request_uri $status $body_bytes_sent "$http_range"';
-  access_log {self.dir}/access.log ranges;
-  default_type application/octet-stream;
-{temps}
-  server {{
-    listen 127.0.0.1:{self.port};
-    root {root};
-    {directives}
-    location / {{ }}
-  }}
-}}
-""")
-        self.proc = subprocess.Popen([binary, "-p", self.dir, "-c", conf, "-e", f"{self.dir}/error.log"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_port(self.port, self.proc, "nginx", 30)
-        except RuntimeError:
-            self.close()
-            raise
-        self.base = f"http://127.0.0.1:{self.port}/"
+        super().__init__(root, workdir, directives, installer="make test", http=(
+            "log_format ranges '$request_uri $status $body_bytes_sent \"$http_range\"';\n"
+            f"  access_log {os.path.join(workdir, 'nginx')}/access.log ranges;"))
 
     def log(self) -> list[str]:
         with open(os.path.join(self.dir, "access.log")) as f:
             return f.read().splitlines()
-
-    def close(self) -> None:
-        stop(self.proc)

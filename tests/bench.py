@@ -154,12 +154,16 @@ def median(values: list[float]) -> float:
 
 # ---------------------------------------------------------------------------------------------- servers
 class Nginx:
-    """nginx on 127.0.0.1 serving ``root``, with its configuration, pid, logs and temp files under ``workdir``."""
+    """nginx on 127.0.0.1 serving ``root``, with its configuration, pid, logs and temp files under ``workdir``;
+    ``http`` goes into its http block (the benchmark's: no access log, sendfile), ``directives`` into its server
+    block (e.g. ``max_ranges 1;``)."""
 
-    def __init__(self, root: str, workdir: str):
-        binary = shutil.which("nginx", path=PATH)
-        if binary is None:
-            raise RuntimeError("nginx is not installed (make bench installs Debian's package when run as root)")
+    HTTP = "access_log off;\n  sendfile on;\n  tcp_nopush on;"
+
+    def __init__(self, root: str, workdir: str, directives: str = "", http: str = HTTP, installer: str = "make bench"):
+        self.binary = shutil.which("nginx", path=PATH)
+        if self.binary is None:
+            raise RuntimeError(f"nginx is not installed ({installer} installs Debian's package when run as root)")
         self.dir = os.path.join(workdir, "nginx")
         os.makedirs(self.dir)
         self.port = free_port()
@@ -174,20 +178,19 @@ pid {self.dir}/nginx.pid;
 error_log {self.dir}/error.log warn;
 events {{ worker_connections 64; }}
 http {{
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
+  {http}
   default_type application/octet-stream;
 {temps}
   server {{
     listen 127.0.0.1:{self.port};
     root {root};
+    {directives}
     location / {{ }}
   }}
 }}
 """)
         # -e: the error log before the configuration is read (else nginx opens its global one)
-        self.proc = subprocess.Popen([binary, "-p", self.dir, "-c", conf, "-e", f"{self.dir}/error.log"],
+        self.proc = subprocess.Popen([self.binary, "-p", self.dir, "-c", conf, "-e", f"{self.dir}/error.log"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_port(self.port, self.proc, "nginx", 30)
@@ -195,7 +198,10 @@ http {{
             self.close()
             raise
         self.base = f"http://127.0.0.1:{self.port}/"
-        self.version = subprocess.run([binary, "-v"], capture_output=True, text=True).stderr.strip()
+
+    @property
+    def version(self) -> str:
+        return subprocess.run([self.binary, "-v"], capture_output=True, text=True).stderr.strip()
 
     def close(self) -> None:
         stop(self.proc)
