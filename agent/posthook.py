@@ -17,8 +17,8 @@ import itertools
 import logging
 import os
 import shutil
-import signal
 
+from .procgroup import kill_group
 from .text import clean
 
 log = logging.getLogger("omaha-agent")
@@ -107,11 +107,7 @@ async def _relay(proc, last: list[str]) -> None:
 
 async def _kill(proc, unit: str | None) -> None:
     """Kills the command's process group (the shell and whatever it started), and its unit under systemd."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    await proc.wait()
+    await kill_group(proc)
     if unit:
         stop = await asyncio.create_subprocess_exec("systemctl", "kill", "--signal=SIGKILL", unit,
                                                     stdout=asyncio.subprocess.DEVNULL,

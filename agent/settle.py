@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from dataclasses import replace
 from enum import Enum
 
 from . import policy, schedule
+from .procgroup import kill_group
 from .omaha import versions
 from .boot import BootEnvMissing, BootError, SlotState, other
 from .errors import describe
@@ -238,21 +238,12 @@ class Settler:
             try:
                 _, err = await asyncio.wait_for(proc.communicate(), timeout)
             except asyncio.TimeoutError:
-                await _kill_group(proc)
+                await kill_group(proc)
                 return False, f"{command!r} did not finish in {timeout} s"
             except asyncio.CancelledError:
-                await _kill_group(proc)
+                await kill_group(proc)
                 raise
             if proc.returncode != 0:
                 detail = err.decode(errors="replace").strip().splitlines()
                 return False, f"{command!r} exited {proc.returncode}" + (f": {detail[-1][:200]}" if detail else "")
         return True, "healthy"
-
-
-async def _kill_group(proc) -> None:
-    """Kills a health command's process group (the shell and whatever it started) and reaps the shell."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    await proc.wait()
