@@ -47,6 +47,7 @@ import re
 from dataclasses import dataclass
 
 from ..atomic import fsync_dir
+from ..text import clean
 from . import BootEnvMissing, BootError, SlotState, SlotStatus, check_slot, check_tries, other
 
 log = logging.getLogger("omaha-agent")
@@ -125,7 +126,7 @@ def read_efivar(efivars: str, name: str) -> str | None:
     if len(raw) < 6:
         return None
     text = raw[4:len(raw) - (len(raw) - 4) % 2].decode("utf-16-le", "replace")
-    return text.split("\0", 1)[0] or None
+    return clean(text.split("\0", 1)[0], 255) or None  # firmware-written text: printable before it is logged
 
 
 class BlsBoot:
@@ -302,7 +303,7 @@ class BlsBoot:
                     slot = slot_option(self._text(name))
                     if slot in ("a", "b"):
                         log.info("booted slot %s, read from the entry systemd-boot selected (LoaderEntrySelected=%s, "
-                                 "file %s)", slot, selected[:80], name)
+                                 "file %s)", slot, selected[:80], clean(name, 255))
                         return slot
         except BootError as exc:
             log.warning("cannot read the entry systemd-boot selected: %s", exc)
