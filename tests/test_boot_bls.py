@@ -255,4 +255,3 @@ def test_provision_bls_in_an_image_tree_and_its_one_line_errors(tmp_path, capsys
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
     assert "2 entries carry omaha_agent.slot=a" in err and "\n" not in err
-
