@@ -10,6 +10,7 @@ from agent.adaptive.index import FLAG_ZERO
 from agent.adaptive.plan import GAP
 from agent.adaptive.release import data_path_for, load_index
 from agent.tools.devserver import Image
+from agent.tools.ranges import multipart_head
 
 from .vm import BUILD, OPERATION
 
@@ -51,11 +52,39 @@ def names(version: str) -> set[str]:
 
 def sent_for(srv, version: str, fetches_from: int, streams_from: int) -> dict:
     """What the server sent for ``version`` since the marks: range answers (index and chunk data) and any
-    whole-payload stream (the full path)."""
+    whole-payload stream (the full path). ``resent``: bytes of the files an earlier answer had already sent (an
+    answer the agent cut and went on from: what was in flight between the server and the agent is sent again)."""
     ranged = [r for r in srv.fetches[fetches_from:] if r["name"] in names(version)]
     streamed = sum(s["sent_to"] - s["start"] for s in srv.streams[streams_from:])
+    seen: dict[str, list[tuple[int, int]]] = {}
+    resent = 0
+    for r in ranged:
+        spans = seen.setdefault(r["name"], [])
+        for a, b in served_spans(r):
+            resent += sum(max(0, min(b, d) - max(a, c)) for c, d in spans)
+            spans.append((a, b))
     return {"bytes": sum(r.get("sent", 0) for r in ranged) + streamed, "answers": len(ranged),
-            "full_path_bytes": streamed, "index_answers": sum(r["name"].endswith(".cidx") for r in ranged)}
+            "full_path_bytes": streamed, "index_answers": sum(r["name"].endswith(".cidx") for r in ranged),
+            "resent": resent}
+
+
+def served_spans(record: dict) -> list[tuple[int, int]]:
+    """The [first, end) spans of the file an answer's body carried, from the ranges it served and the bytes it
+    sent (a multipart answer's part heads as agent/tools/ranges.py writes them)."""
+    ranges, budget = record.get("ranges"), record.get("sent", 0)
+    if ranges is None or not record.get("status") == 206:
+        return [(0, budget)] if record.get("status") == 200 else []
+    out = []
+    for first, last in ranges:
+        if len(ranges) > 1:
+            budget -= len(multipart_head(first, last, record["size"], "application/octet-stream"))
+        take = max(0, min(budget, last - first + 1))
+        if take:
+            out.append((first, first + take))
+        budget -= take
+        if budget <= 0:
+            break
+    return out
 
 
 def bound(old_version: str, new_version: str, disk: str, source_offset: int) -> dict:

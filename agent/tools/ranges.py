@@ -98,7 +98,7 @@ async def serve(request: web.Request, path: str, size: int, faults, record: dict
     if resp.status == 200:
         resp.headers["Accept-Ranges"] = "bytes"  # nginx says so only when it sends the whole file
     resp.content_length = length
-    record.update(status=resp.status, ranges=[list(r) for r in ranges] if ranges else None, sent=0)
+    record.update(status=resp.status, ranges=[list(r) for r in ranges] if ranges else None, sent=0, size=size)
     await resp.prepare(request)
     cut = faults.reset_after if faults.resets and faults.reset_after else 0
     sent = 0
