@@ -53,7 +53,8 @@ def names(version: str) -> set[str]:
 def sent_for(srv, version: str, fetches_from: int, streams_from: int) -> dict:
     """What the server sent for ``version`` since the marks: range answers (index and chunk data) and any
     whole-payload stream (the full path). ``resent``: bytes of the files an earlier answer had already sent (an
-    answer the agent cut and went on from: what was in flight between the server and the agent is sent again)."""
+    answer the agent cut and went on from: what was in flight is sent again; a local chunk that failed its
+    digest, fetched apart, whose frame a coalesced range had carried in a gap)."""
     ranged = [r for r in srv.fetches[fetches_from:] if r["name"] in names(version)]
     streamed = sum(s["sent_to"] - s["start"] for s in srv.streams[streams_from:])
     seen: dict[str, list[tuple[int, int]]] = {}

@@ -133,7 +133,7 @@ async def test_success_update_reboot_confirm_and_report(image, tmp_path):
         # an answer may be cut and gone on from (a loaded host under TCG: the agent's writer, copying local chunks,
         # left it unread past read_timeout); what was in flight is then sent again, and only that is forgiven
         cuts = [line for line in second.lines() if "going on from chunk" in line]
-        print(f"answers cut and gone on from: {len(cuts)}; bytes sent again: {sent['resent']}")
+        print(f"answers cut and gone on from: {len(cuts)}; bytes of the files sent more than once: {sent['resent']}")
         assert len(cuts) <= 2, cuts
         assert sent["full_path_bytes"] == 0 and sent["index_answers"] == 1, sent
         assert 0 < sent["bytes"] - sent["resent"] <= limit["bound"], (sent, limit)
