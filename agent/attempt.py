@@ -279,7 +279,8 @@ class UpdateAttempt:
             self.reporter.queue(policy.applied(previous, offer.version), previous)
             state.last_error = ""
             await ctx.save()
-        log.info("verified %s: %d bytes in %.1f s%s", offer.version, result.received, result.download_ms / 1000,
+        log.info("verified %s: %d bytes in %.1f s (%.2f CPU s)%s", offer.version, result.received,
+                 result.download_ms / 1000, result.cpu_ms / 1000,
                  f" ({result.compression}, {result.written} bytes on the slot)" if result.compression else "")
         await self.reporter.flush()
         return f"installed {offer.version} on slot {target}; it boots on trial after a reboot"

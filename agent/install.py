@@ -58,6 +58,7 @@ class InstallResult:
     compression: str | None
     download_ms: int
     resumed_from: int
+    cpu_ms: int = 0  # the process's CPU time over the download (all its threads: hashing and writes included)
 
 
 class InstallError(Exception):
@@ -320,7 +321,7 @@ class Installer:
                          resumed_from: int, phases: "InstallHooks") -> InstallResult:
         errors: list[str] = []
         kinds: list[str] = []
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         # Cycle through the URLs. An attempt that moved the download forward does not count against the
         # budget (a flaky link resumes as long as it makes progress); two rounds without progress end it.
         budget, attempt = 2 * len(pkg.urls), 0
@@ -338,7 +339,8 @@ class Installer:
                 if self.readback:
                     await asyncio.to_thread(writer.verify_readback)
                 return InstallResult(version, url, writer.received, writer.written, writer.compression,
-                                     int((time.monotonic() - started) * 1000), resumed_from)
+                                     int((time.monotonic() - started) * 1000), resumed_from,
+                                     int((time.process_time() - cpu) * 1000))
             except PayloadError as exc:
                 errors.append(f"{url}: {exc}")
                 kinds.append(exc.kind)

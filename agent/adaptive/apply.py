@@ -175,7 +175,7 @@ class Applier:
         buffers = [mmap.mmap(-1, self.installer.chunk) for _ in range(RING)]
         pools = (ThreadPoolExecutor(1, "omaha-hash"), ThreadPoolExecutor(1, "omaha-write"), None)
         maker_pool = ThreadPoolExecutor(1, "omaha-chunks")
-        self.started = time.monotonic()
+        self.started, self.cpu = time.monotonic(), time.process_time()
         self.taken = self.prep.raw_size
         try:
             first = await self._resume(writer, slot, version, resume)
@@ -193,7 +193,8 @@ class Applier:
             except PayloadError as exc:
                 raise _Refused(f"the written image does not match its signed digest: {exc}", "hash") from None
             return InstallResult(version, self.prep.data_urls[0], self.taken, writer.written, "chunks",
-                                 int((time.monotonic() - self.started) * 1000), self.base)
+                                 int((time.monotonic() - self.started) * 1000), self.base,
+                                 int((time.process_time() - self.cpu) * 1000))
         finally:
             for pool in pools[:2]:
                 pool.shutdown(wait=False)  # idle: the ring waited for every chunk
