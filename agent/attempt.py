@@ -38,12 +38,14 @@ class UpdateAttempt:
         self.reporter = reporter
         self.advance = _nowhere  # the owner's: applies the job's progress through the machine's transitions
         self.interactive = False  # the running check was asked for (not the schedule's)
+        self.hurried = asyncio.Event()  # set when an interactive check reaches the running job (``hurry``)
 
     async def run(self, interactive: bool, advance=None) -> str:
         """One update check, and the install if one is offered and allowed. Returns what happened, in a line."""
         from .http import OmahaHttpError
         self.advance = advance or _nowhere
         self.interactive = interactive
+        self.hurried = asyncio.Event()
         ctx, state = self.ctx, self.ctx.state
         try:
             req, answer = await self.reporter.check(interactive)
@@ -67,6 +69,15 @@ class UpdateAttempt:
             raise AttemptFailed(outcome.reason)
         state.failures = 0
         return await self._offered(outcome, req.sessionid)
+
+    def hurry(self) -> str:
+        """An interactive check reached this running job: it goes on as an interactive one (machine.py note 12)."""
+        from .network import WAITING
+        self.interactive = True
+        waiting = self.ctx.state.last_error.startswith(WAITING)
+        self.hurried.set()
+        return ("the download that waited for an unmetered connection starts now" if waiting else
+                "an update job is running; it goes on as an interactive one (install.max_rate_interactive)")
 
     async def run_file(self, path: str, signature: str, version: str, advance=None) -> str:
         """An offline install: the same gate and path as an online offer, from a payload file and its envelope.
@@ -239,7 +250,7 @@ class UpdateAttempt:
             return await self._failed(offer, InstallError(str(exc), "device"), target)
         if not self.interactive and ctx.config.install.on_metered == "wait":
             from .network import wait_for_unmetered
-            await wait_for_unmetered(ctx, offer.version)
+            await wait_for_unmetered(ctx, offer.version, self.hurried)
         installer = Installer(await self.reporter.http(), sessionid=sessionid,
                               read_timeout=ctx.config.install.read_timeout,
                               readback=ctx.config.install.verify == "readback", on_progress=self._progress,

@@ -14,21 +14,22 @@ already asked of logind), ``reboot-pending`` (the reboot job: a planned reboot w
 window, a shutdown inhibitor or the fleet's lock, then reboots), ``awaiting-boot-complete`` (the trial
 slot booted; its health step waits for boot-complete.target), ``health-check`` (the health step runs).
 
-================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========  ===========
-operation \\ command              check      cancel          mark-good      reset           reboot         confirm   install⁶  postpone   rollback⁹   apply¹⁰
-================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========  ===========
-starting                          refuse     refuse          refuse         refuse          refuse         refuse    refuse    refuse     refuse      refuse
-idle                              ACT job    refuse          no-op¹         no-op           refuse         no-op     ACT job   refuse     ACT arm⁹    refuse
-checking, update-available        no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
-downloading                       no-op      ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
-verifying, finalizing             no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
-reporting-error                   no-op      refuse          no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
-staged                            ACT job¹¹  refuse          no-op          no-op           refuse         no-op     ACT job   refuse     refuse      ACT arm¹⁰
-updated-need-reboot               ACT job¹¹  refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    refuse⁸    refuse      no-op
-reboot-pending                    ACT job¹¹  refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    ACT⁸       refuse      no-op
-awaiting-boot-complete            refuse     refuse          ACT trial⁴     refuse          refuse         ACT job   refuse    refuse     refuse      refuse
-health-check                      refuse     refuse          refuse⁵        refuse          refuse         no-op     refuse    refuse     refuse      refuse
-================================  =========  ==============  =============  ==============  =============  ========  ========  =========  ==========  ===========
+================================  ============  ==============  =============  ==============  =============  ========  ========  =========  ==========  ===========
+operation \\ command              check         cancel          mark-good      reset           reboot         confirm   install⁶  postpone   rollback⁹   apply¹⁰
+================================  ============  ==============  =============  ==============  =============  ========  ========  =========  ==========  ===========
+starting                          refuse        refuse          refuse         refuse          refuse         refuse    refuse    refuse     refuse      refuse
+idle                              ACT job       refuse          no-op¹         no-op           refuse         no-op     ACT job   refuse     ACT arm⁹    refuse
+checking                          no-op         ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
+update-available                  ACT hurry¹²   ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
+downloading                       no-op         ACT cancel      no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
+verifying, finalizing             no-op         refuse          no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
+reporting-error                   no-op         refuse          no-op²         refuse          refuse         no-op     refuse    refuse     refuse      refuse
+staged                            ACT job¹¹     refuse          no-op          no-op           refuse         no-op     ACT job   refuse     refuse      ACT arm¹⁰
+updated-need-reboot               ACT job¹¹     refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    refuse⁸    refuse      no-op
+reboot-pending                    ACT job¹¹     refuse          no-op          ACT → idle³     ACT reboot⁷    no-op     refuse    ACT⁸       refuse      no-op
+awaiting-boot-complete            refuse        refuse          ACT trial⁴     refuse          refuse         ACT job   refuse    refuse     refuse      refuse
+health-check                      refuse        refuse          refuse⁵        refuse          refuse         no-op     refuse    refuse     refuse      refuse
+================================  ============  ==============  =============  ==============  =============  ========  ========  =========  ==========  ===========
 
 The start-up ``settle`` is acted on in ``starting`` only (a no-op anywhere else); ``health-timeout`` (boot-complete
 never came) is acted on in ``awaiting-boot-complete`` only. A job's end is no command: the owner learns it from
@@ -62,6 +63,9 @@ the job's task and moves the operation through ``TRANSITIONS`` (``owner.py`` say
    waiting one on the same slot (it is disarmed first, so one reboot reaches the newest and the one replaced is not
    reported as failed); the same version again is a no-op. A planned reboot keeps its time across the check. The
    check is refused (``Busy``) once the reboot is being asked for.
+12. An interactive check (D-Bus, the CLI) while the update job has an offer in hand: the job goes on as an
+   interactive one (its download is capped by ``install.max_rate_interactive``; a wait for an unmetered connection
+   ends and the download starts now). A check from the schedule is a no-op there, as in ``checking``.
 """
 from __future__ import annotations
 
@@ -213,6 +217,7 @@ class Action(str, Enum):
     SETTLE = "settle the last update"
     ROLL_BACK = "arm the other slot's older system for a trial boot"
     APPLY = "arm the staged update and plan its reboot"
+    HURRY_JOB = "the running update job goes on as an interactive one"
 
 
 @dataclass(frozen=True)
@@ -254,6 +259,8 @@ def decide(operation: Operation, command: Command, new_version: str = "", booted
     if isinstance(command, Check):
         if op is _O.IDLE or op in WAITING_FOR_REBOOT:
             return Act(Action.START_UPDATE_JOB)
+        if op is _O.UPDATE_AVAILABLE and command.interactive:
+            return Act(Action.HURRY_JOB)
         if op in UPDATE_JOB:
             return NoOp(f"a check is already running ({op.value})")
         return Refuse(f"{trial}: no update check before it is confirmed ({op.value})", "Busy")

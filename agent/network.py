@@ -52,16 +52,19 @@ async def metered() -> bool:
         bus.disconnect()
 
 
-async def wait_unmetered(on_wait, limit: float, clock) -> bool | None:
+async def wait_unmetered(on_wait, limit: float, clock, hurried: asyncio.Event | None = None) -> bool | None:
     """Returns at once (``False``) when the connection is not metered; else calls ``on_wait()`` (a coroutine
-    function) and waits until NetworkManager says it is not (``True``), at most ``limit`` seconds of ``clock``
-    (the daemon's time seam) (``None``). Cancellable; the bus connection is closed on every way out."""
+    function) and waits until NetworkManager says it is not (``True``), or ``hurried`` is set (``False``: an
+    interactive check asked for the download), at most ``limit`` seconds of ``clock`` (the daemon's time seam)
+    (``None``). Cancellable; the bus connection is closed on every way out."""
     try:
         bus = await _connect()
     except Exception as exc:  # noqa: BLE001
         log.debug("no system bus for NetworkManager's Metered: %s", exc)
         return False
     changed = asyncio.Event()
+    hurried = hurried or asyncio.Event()
+    relay = asyncio.ensure_future(_relay(hurried, changed))
 
     def handler(message) -> None:
         if message.path == PATH and message.member == "PropertiesChanged":
@@ -81,6 +84,8 @@ async def wait_unmetered(on_wait, limit: float, clock) -> bool | None:
         while (left := deadline - clock.now()) > 0:  # (bounded: each round sleeps, at most limit / POLL rounds)
             await clock.sleep(min(POLL, left), changed)
             changed.clear()  # (a change during the read below cuts the next sleep short)
+            if hurried.is_set():
+                return False
             if not await _metered(bus):
                 return True
         return None
@@ -88,13 +93,19 @@ async def wait_unmetered(on_wait, limit: float, clock) -> bool | None:
         log.warning("NetworkManager's Metered could not be read (%s); the download goes ahead", exc)
         return False
     finally:
+        relay.cancel()
         bus.disconnect()
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 WAITING = "waiting for an unmetered connection"
 
 
-async def wait_for_unmetered(ctx, version: str) -> None:
+async def wait_for_unmetered(ctx, version: str, hurried: asyncio.Event | None = None) -> None:
     """The update job's gate before a background download (``install.on_metered: wait``): while NetworkManager
     says the connection is metered, ``LastError`` says the job waits, and the job waits (cancellable: Cancel
     ends it); at most ``schedule.interval``, then the job ends and the next check tries again."""
@@ -110,7 +121,7 @@ async def wait_for_unmetered(ctx, version: str) -> None:
         ctx.status.notify()
 
     try:
-        waited = await wait_unmetered(waiting, ctx.config.schedule.interval, ctx.clock)
+        waited = await wait_unmetered(waiting, ctx.config.schedule.interval, ctx.clock, hurried)
     except BaseException:  # cancelled (Cancel, a stop): nothing waits any more
         if state.last_error.startswith(WAITING):
             state.last_error = before
@@ -121,8 +132,9 @@ async def wait_for_unmetered(ctx, version: str) -> None:
                             "tries again")
         await ctx.save()
         raise AttemptFailed(state.last_error)
-    if waited:
-        log.info("the connection is not metered any more: the download of %s starts", version)
+    if waited or state.last_error.startswith(WAITING):
+        log.info("the download of %s starts: %s", version, "the connection is not metered any more" if waited
+                 else "an interactive check asked for it")
         state.last_error = before
         await ctx.save()
         ctx.status.notify()

@@ -181,6 +181,8 @@ class Owner:
             self.flow.to(Operation.CHECKING)
             job = self.attempt.run_file(command.path, command.signature, command.version, self.advance)
             return f"installing {command.path}", self._start_job(job, "install")
+        if action is Action.HURRY_JOB:
+            return self.attempt.hurry(), None
         if action is Action.CANCEL_JOB:  # the job runs: a done one was ended before deciding
             if self.job is None:
                 raise AssertionError(f"{self.flow.operation.value} without a job")

@@ -123,6 +123,20 @@ async def test_an_interactive_check_downloads_on_a_metered_connection(tmp_path, 
         assert outcome.ok and "installed 2.0.0" in outcome.message and nm.metered == YES
 
 
+async def test_an_interactive_check_while_a_background_download_waits_starts_it_on_the_metered_link(tmp_path, server,
+                                                                                                    nm):
+    async with Job(tmp_path, server.url) as job:
+        background = await job.agent.submit(Check(interactive=False))
+        await until(lambda: network.WAITING in job.last_error(), "the job to say it waits")
+        again = await job.agent.submit(Check(interactive=False))  # the schedule's: nothing changes
+        assert not again.acted and server.streams == []
+        asked = await job.agent.submit(Check(interactive=True))
+        assert asked.acted and asked.message == "the download that waited for an unmetered connection starts now"
+        outcome = await asyncio.wait_for(background.job, 60)
+        assert outcome.ok and "installed 2.0.0 on slot b" in outcome.message and nm.metered == YES
+        assert job.last_error() == "" and server.streams[-1]["done"]
+
+
 async def test_on_metered_allow_lets_a_background_download_go_ahead(tmp_path, server, nm):
     async with Job(tmp_path, server.url, extra="install: {on_metered: allow}\n") as job:
         outcome = await asyncio.wait_for((await job.agent.submit(Check(interactive=False))).job, 60)
