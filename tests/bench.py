@@ -372,7 +372,8 @@ def capped(tmp: str, www: str, nginx: Nginx, results: dict) -> None:
     import re
     size = CAP_MIB * MiB
     payload = Payload(tmp, www, nginx, size)
-    runs: dict[int, list[tuple[float, float, float]]] = {cap: [] for cap in (*CAPS, 0)}  # (download s, run CPU s, download CPU s)
+    runs: dict[int, list[tuple[float, float, float]]] = {cap: [] for cap in (*CAPS, 0)}  # download s, CPU s: run, download
+    curls: dict[int, list[float]] = {cap: [] for cap in runs}
     try:
         for _ in range(max(1, ROUNDS // 2)):
             for cap in runs:
@@ -388,10 +389,18 @@ def capped(tmp: str, www: str, nginx: Nginx, results: dict) -> None:
                     raise RuntimeError(f"the capped install did not finish: {open(out).read()[-2000:]}")
                 runs[cap].append((float(found[1]), m["cpu"], float(found[2])))
                 shutil.rmtree(workdir)
+                # the machine's own price of a cap: curl, capped the same way, into /dev/null
+                curl = measure(["curl", "-sS", "-o", "/dev/null", payload.url] +
+                               (["--limit-rate", f"{cap}M"] if cap else []))
+                curls[cap].append(curl["cpu"])
     finally:
         payload.close()
+
     def per_gib(cap: int, k: int) -> float:
         return median([r[k] for r in runs[cap]]) / (size / GiB)
+
+    def curl_per_gib(cap: int) -> float:
+        return median(curls[cap]) / (size / GiB)
 
     plain_cpu, plain_dl = per_gib(0, 1), per_gib(0, 2)
     print(f"capped downloads, {CAP_MIB} MiB payload (achieved/cap from the agent's download time; CPU s per GiB of "
@@ -401,9 +410,11 @@ def capped(tmp: str, www: str, nginx: Nginx, results: dict) -> None:
         cpu, dl = per_gib(cap, 1), per_gib(cap, 2)
         results[f"cap_{cap}_ratio"], results[f"cap_{cap}_cpu_s_per_gib"] = ratio, cpu
         results[f"cap_{cap}_download_cpu_s_per_gib"] = dl
-        print(f"  cap {cap} MiB/s: achieved/cap {ratio:.3f}; download {dl:.2f} CPU s/GiB (uncapped {plain_dl:.2f}: "
-              f"{dl - plain_dl:+.2f}); whole run {cpu:.2f} (uncapped {plain_cpu:.2f}: {cpu - plain_cpu:+.2f})",
-              flush=True)
+        curl = curl_per_gib(cap) / curl_per_gib(0)
+        results[f"cap_{cap}_download_cpu_ratio"], results[f"cap_{cap}_curl_cpu_ratio"] = dl / plain_dl, curl
+        print(f"  cap {cap} MiB/s: achieved/cap {ratio:.3f}; download {dl:.2f} CPU s/GiB, uncapped {plain_dl:.2f}: "
+              f"x{dl / plain_dl:.2f} (curl --limit-rate against plain curl, the machine's own price of a cap: "
+              f"x{curl:.2f}); whole run {cpu:.2f}, uncapped {plain_cpu:.2f}", flush=True)
     results["uncapped_download_cpu_s_per_gib"] = plain_dl
     results["uncapped_cpu_s_per_gib"] = plain_cpu
 
