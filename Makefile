@@ -13,7 +13,7 @@ SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool
 BOOTCTL := build/sdboot/usr/bin/bootctl
 
 .PHONY: test fuzz demo bench system-deps venv clean install qemu-deps qemu-image qemu-test \
-	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64 qemu-image-sdboot qemu-test-sdboot deb deb-deps deb-package
+	qemu-deps-arm64 qemu-image-arm64 qemu-test-arm64 qemu-image-sdboot qemu-test-sdboot qemu-image-groups deb deb-deps deb-package
 
 venv: $(STAMP)
 
@@ -67,10 +67,15 @@ qemu-image: qemu-deps deb $(STAMP)
 qemu-image-sdboot: qemu-deps deb $(STAMP)
 	PATH="$$PATH:/usr/sbin:/sbin" DEB=$(abspath $(DEB_FILE)) OMAHA_AGENT=$(abspath $(VENV))/bin/omaha-agent BOOTLOADER=systemd-boot bash qemu/build-image.sh
 
+# the slot-groups twin (a root filesystem and a kernel partition per slot; README "QEMU test (amd64-generic
+# image)"): its scenario runs in qemu-test
+qemu-image-groups: qemu-deps deb $(STAMP)
+	PATH="$$PATH:/usr/sbin:/sbin" DEB=$(abspath $(DEB_FILE)) OMAHA_AGENT=$(abspath $(VENV))/bin/omaha-agent LAYOUT=groups bash qemu/build-image.sh
+
 qemu-test-sdboot: qemu-image-sdboot
 	PATH="$$PATH:/usr/sbin:/sbin" QEMU_SDBOOT_ALL=1 unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s qemu/test_qemu_sdboot.py $(PYTEST_ARGS)'
 
-qemu-test: qemu-image qemu-image-sdboot
+qemu-test: qemu-image qemu-image-sdboot qemu-image-groups
 	PATH="$$PATH:/usr/sbin:/sbin" QEMU_PULLS=$(QEMU_PULLS) unshare -n -- sh -c 'ip link set lo up && exec $(PY) -m pytest -s $(QEMU_TESTS) $(PYTEST_ARGS)'
 
 # The QEMU aarch64 (virt, U-Boot) image and its boot test (root; see README "QEMU test (arm64, U-Boot)"): the

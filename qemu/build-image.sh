@@ -8,6 +8,10 @@
 #                                    few files changed and added) cut for adaptive updates (omaha-agent chunk, zstd 3)
 # Every root filesystem is made deterministically (fixed UUID and hash seed, E2FSPROGS_FAKE_TIME): an unchanged
 # file makes the same blocks in 2.0.0 and 2.1.0, so the adaptive update fetches only what changed.
+# LAYOUT=groups builds the slot-groups twin (disk-groups.img, GRUB): each slot is a pair, a root filesystem
+# (ROOT-X) and a kernel partition (KERN-X: an ext2 filesystem holding vmlinuz, initrd.img and kern.cfg, which
+# names its release); GRUB loads the kernel from the chosen slot's KERN partition and passes omaha_test.kern=V;
+# a release is two packages, rootfs-V.ext4.zst and kernel-V.img.zst (build/qemu/groups/).
 # BOOTLOADER=systemd-boot builds the systemd-boot twin instead (disk-sdboot.img, payload-sdboot-V.ext4.zst, from
 # the same Debian base): Debian's systemd-boot on the ESP, one Boot Loader Specification entry per slot
 # (loader/entries, the kernel and initrd on the ESP) and the agent's bls backend.
@@ -37,6 +41,18 @@ case "$BOOTLOADER" in
     [ -s "$SDBOOT_EFI" ] || { echo "build-image: $SDBOOT_EFI missing: apt-get install systemd-boot-efi" >&2; exit 1; };;
   *) echo "build-image: BOOTLOADER must be grub or systemd-boot, not $BOOTLOADER" >&2; exit 1;;
 esac
+LAYOUT=${LAYOUT:-single}
+case "$LAYOUT" in
+  single) SLOTS_CONFIG="slots:
+  a: {partlabel: ROOT-A}
+  b: {partlabel: ROOT-B}";;
+  groups) [ "$BOOTLOADER" = grub ] || { echo "build-image: LAYOUT=groups is a GRUB image" >&2; exit 1; }
+    SUFFIX=-groups; SLOTS_CONFIG="slots:
+  rootfs: {a: {partlabel: ROOT-A}, b: {partlabel: ROOT-B}, package: \"rootfs-*\"}
+  kernel: {a: {partlabel: KERN-A}, b: {partlabel: KERN-B}, package: \"kernel-*\"}";;
+  *) echo "build-image: LAYOUT must be single or groups, not $LAYOUT" >&2; exit 1;;
+esac
+KERN_MIB=96
 DEB=${DEB:-$(ls "$REPO"/build/deb/omaha-agent_*_all.deb 2>/dev/null | tail -n 1)}
 [ -n "$DEB" ] && [ -s "$DEB" ] || { echo "build-image: no omaha-agent .deb: run make deb (make qemu-image does)" >&2; exit 1; }
 OMAHA_AGENT=${OMAHA_AGENT:-$REPO/.venv/bin/omaha-agent}
@@ -101,9 +117,7 @@ chroot "$TREE" dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\n' om
 cat > "$TREE/etc/omaha-agent/agent.yaml" <<EOF
 server: {url: "http://10.0.2.2:$PORT/v1/update/", insecure_http: true, timeout: 20}
 app: {id: "$APPID", track: stable, board: amd64-generic}
-slots:
-  a: {partlabel: ROOT-A}
-  b: {partlabel: ROOT-B}
+$SLOTS_CONFIG
 boot: $BOOT_CONFIG
 state_dir: /var/lib/omaha-agent
 schedule: {initial_delay: 0, interval: 3600, backoff_base: 10, backoff_cap: 60}
@@ -148,6 +162,7 @@ os_release() {  # VERSION_ID is what the agent reports as its version
 FS_UUID=5d1c0a7e-2b4f-4e8a-9c61-0e3b7f2a4d90
 HASH_SEED=0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0
 FAKE_TIME=1700000000
+KERN_UUID=8a4e2c1d-6b3f-4d2a-9e5c-7f1b0a3d6c82
 mkfs_root() {
   rm -f "$2"
   E2FSPROGS_FAKE_TIME=$FAKE_TIME SOURCE_DATE_EPOCH=$FAKE_TIME mkfs.ext4 -q -F -L rootfs -U "$FS_UUID" \
@@ -161,7 +176,7 @@ os_release 1.0.0
 mkfs_root 1.0.0 "$WORK/root-1.0.0.ext4"
 os_release 2.0.0
 mkfs_root 2.0.0 "$WORK/root-2.0.0.ext4"
-if [ "$BOOTLOADER" = grub ]; then   # (the systemd-boot twin's tests have no adaptive update)
+if [ "$BOOTLOADER" = grub ] && [ "$LAYOUT" = single ]; then   # (only the GRUB image's tests update adaptively)
   chunk_root 2.0.0
   # 2.1.0: a small release on top of 2.0.0 (a changed file, a new text file, a new binary asset)
   os_release 2.1.0
@@ -179,8 +194,26 @@ rm -f "$TREE/sbin/init" "$TREE/usr/sbin/init"
 printf '#!/bin/sh\necho "omaha-test: version 3.0.0 has a broken init" >&2\nexit 1\n' > "$TREE/usr/sbin/init"
 chmod 0755 "$TREE/usr/sbin/init"
 mkfs_root 3.0.0 "$WORK/root-3.0.0.ext4"
-zstd -q -f -T0 -3 "$WORK/root-2.0.0.ext4" -o "$OUT/payload$SUFFIX-2.0.0.ext4.zst"
-zstd -q -f -T0 -3 "$WORK/root-3.0.0.ext4" -o "$OUT/payload$SUFFIX-3.0.0.ext4.zst"
+if [ "$LAYOUT" = groups ]; then
+  # each release's kernel partition: the kernel and initrd, and kern.cfg naming the release (GRUB sources it)
+  mkfs_kern() {
+    rm -rf "$WORK/kern" && mkdir "$WORK/kern"
+    cp "$(readlink -f "$TREE/vmlinuz")" "$WORK/kern/vmlinuz"
+    cp "$(readlink -f "$TREE/initrd.img")" "$WORK/kern/initrd.img"
+    printf 'set kern_version=%s\n' "$1" > "$WORK/kern/kern.cfg"
+    rm -f "$2"
+    E2FSPROGS_FAKE_TIME=$FAKE_TIME mkfs.ext2 -q -F -L kernel -U "$KERN_UUID" -E root_owner=0:0,hash_seed=$HASH_SEED \
+      -d "$WORK/kern" "$2" 80M
+  }
+  mkdir -p "$OUT/groups"
+  mkfs_kern 1.0.0 "$WORK/kern-1.0.0.ext2"
+  mkfs_kern 2.0.0 "$WORK/kern-2.0.0.ext2"
+  zstd -q -f -T0 -3 "$WORK/root-2.0.0.ext4" -o "$OUT/groups/rootfs-2.0.0.ext4.zst"
+  zstd -q -f -T0 -3 "$WORK/kern-2.0.0.ext2" -o "$OUT/groups/kernel-2.0.0.img.zst"
+else
+  zstd -q -f -T0 -3 "$WORK/root-2.0.0.ext4" -o "$OUT/payload$SUFFIX-2.0.0.ext4.zst"
+  zstd -q -f -T0 -3 "$WORK/root-3.0.0.ext4" -o "$OUT/payload$SUFFIX-3.0.0.ext4.zst"
+fi
 
 mkfs.vfat -n ESP -C "$WORK/esp.img" $((ESP_MIB * 1024)) >/dev/null
 mmd -i "$WORK/esp.img" ::/EFI ::/EFI/BOOT
@@ -218,7 +251,18 @@ grub-mkstandalone -O x86_64-efi -o "$WORK/BOOTX64.EFI" \
 mkdir -p "$WORK/esp/boot/efi"
 "$OMAHA_AGENT" provision --config "$TREE/etc/omaha-agent/agent.yaml" --slot a --version 1.0.0 --image-root "$WORK/esp"
 mcopy -i "$WORK/esp.img" "$WORK/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
-mcopy -i "$WORK/esp.img" "$TREE/usr/share/omaha-agent/grub.cfg" ::/grub.cfg   # the package's fragment
+if [ "$LAYOUT" = groups ]; then  # the package's fragment, the kernel taken from the slot's KERN partition
+  sed -e 's|^set B_PART=gpt3$|&\nset A_KERN=gpt5\nset B_KERN=gpt6|' \
+      -e 's|^menuentry |if [ "${boot_slot}" = "A" ]; then set kern="(${ROOT_DISK},${A_KERN})"; fi\nif [ "${boot_slot}" = "B" ]; then set kern="(${ROOT_DISK},${B_KERN})"; fi\nset kern_version=none\nsource ${kern}/kern.cfg\n\n&|' \
+      -e 's|^  linux /vmlinuz \(.*\)$|  linux ${kern}/vmlinuz \1 omaha_test.kern=${kern_version}|' \
+      -e 's|^  initrd /initrd.img$|  initrd ${kern}/initrd.img|' \
+      "$TREE/usr/share/omaha-agent/grub.cfg" > "$WORK/grub.cfg"
+  grep -q 'omaha_test.kern' "$WORK/grub.cfg" && grep -q 'B_KERN=gpt6' "$WORK/grub.cfg" || {
+    echo "build-image: the GRUB fragment changed: LAYOUT=groups cannot point it at the KERN partitions" >&2; exit 1; }
+  mcopy -i "$WORK/esp.img" "$WORK/grub.cfg" ::/grub.cfg
+else
+  mcopy -i "$WORK/esp.img" "$TREE/usr/share/omaha-agent/grub.cfg" ::/grub.cfg   # the package's fragment
+fi
 mcopy -i "$WORK/esp.img" "$WORK/esp/boot/efi/grubenv" ::/grubenv
 : > "$WORK/marker" && mcopy -i "$WORK/esp.img" "$WORK/marker" ::/omaha-agent-esp
 fi
@@ -226,20 +270,23 @@ fi
 # ---- the disk
 DISK=$OUT/disk$SUFFIX.img
 rm -f "$DISK"
-truncate -s $(( (1 + ESP_MIB + 2 * PART_MIB + STATE_MIB + 1) * 1024 * 1024 )) "$DISK"
-sfdisk -q "$DISK" <<EOF
-label: gpt
-start=1MiB, size=${ESP_MIB}MiB, type=uefi, name=ESP
-size=${PART_MIB}MiB, type=linux, name=ROOT-A
-size=${PART_MIB}MiB, type=linux, name=ROOT-B
-size=${STATE_MIB}MiB, type=linux, name=STATE
-EOF
+KERNS=0; [ "$LAYOUT" = single ] || KERNS=2
+truncate -s $(( (1 + ESP_MIB + 2 * PART_MIB + STATE_MIB + KERNS * KERN_MIB + 1) * 1024 * 1024 )) "$DISK"
+{
+  printf 'label: gpt\nstart=1MiB, size=%sMiB, type=uefi, name=ESP\n' "$ESP_MIB"
+  printf 'size=%sMiB, type=linux, name=ROOT-A\nsize=%sMiB, type=linux, name=ROOT-B\n' "$PART_MIB" "$PART_MIB"
+  printf 'size=%sMiB, type=linux, name=STATE\n' "$STATE_MIB"
+  [ "$KERNS" = 0 ] || printf 'size=%sMiB, type=linux, name=KERN-A\nsize=%sMiB, type=linux, name=KERN-B\n' \
+    "$KERN_MIB" "$KERN_MIB"
+} | sfdisk -q "$DISK"
 dd if="$WORK/esp.img" of="$DISK" bs=1M seek=1 conv=notrunc,sparse status=none
 dd if="$WORK/root-1.0.0.ext4" of="$DISK" bs=1M seek=$((1 + ESP_MIB)) conv=notrunc,sparse status=none
 mkfs.ext4 -q -F -L state "$WORK/state.ext4" ${STATE_MIB}M
 dd if="$WORK/state.ext4" of="$DISK" bs=1M seek=$((1 + ESP_MIB + 2 * PART_MIB)) conv=notrunc,sparse status=none
+[ "$KERNS" = 0 ] || dd if="$WORK/kern-1.0.0.ext2" of="$DISK" bs=1M seek=$((1 + ESP_MIB + 2 * PART_MIB + STATE_MIB)) \
+  conv=notrunc,sparse status=none
 echo "$APPID" > "$OUT/appid"
 echo "$PORT" > "$OUT/port"
-ls -l "$DISK" "$OUT"/payload$SUFFIX-*.zst
-[ "$BOOTLOADER" != grub ] || ls -l "$OUT"/payload-2.[01].0.ext4.c*
+if [ "$LAYOUT" = groups ]; then ls -l "$DISK" "$OUT"/groups/*.zst; else ls -l "$DISK" "$OUT"/payload$SUFFIX-*.zst; fi
+[ "$BOOTLOADER" != grub ] || [ "$LAYOUT" != single ] || ls -l "$OUT"/payload-2.[01].0.ext4.c*
 echo "build-image: done"
