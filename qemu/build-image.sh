@@ -52,6 +52,11 @@ case "$LAYOUT" in
   kernel: {a: {partlabel: KERN-A}, b: {partlabel: KERN-B}, package: \"kernel-*\"}";;
   *) echo "build-image: LAYOUT must be single or groups, not $LAYOUT" >&2; exit 1;;
 esac
+INSTALL_CONFIG='install: {read_timeout: 30}'
+# the groups twin also runs a post-install hook: it prints what it is given and which network it sees (the agent
+# runs it as a transient unit of PID 1 with PrivateNetwork=yes: only lo; read from /proc/net/dev, the namespace
+# the reader runs in, not /sys/class/net, which shows the one sysfs was mounted in)
+[ "$LAYOUT" = single ] || INSTALL_CONFIG='install: {read_timeout: 30, post_install: ["echo hook version=$OMAHA_AGENT_VERSION rootfs=$OMAHA_AGENT_TARGET_ROOTFS kernel=$OMAHA_AGENT_TARGET_KERNEL net=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d \" \" | paste -sd, -)"]}'
 KERN_MIB=96
 DEB=${DEB:-$(ls "$REPO"/build/deb/omaha-agent_*_all.deb 2>/dev/null | tail -n 1)}
 [ -n "$DEB" ] && [ -s "$DEB" ] || { echo "build-image: no omaha-agent .deb: run make deb (make qemu-image does)" >&2; exit 1; }
@@ -123,7 +128,7 @@ state_dir: /var/lib/omaha-agent
 schedule: {initial_delay: 0, interval: 3600, backoff_base: 10, backoff_cap: 60}
 reboot: {policy: immediate}
 health: {commands: ["test -r /etc/os-release"], after: boot-complete, boot_complete_timeout: 300}
-install: {read_timeout: 30}
+$INSTALL_CONFIG
 trust: {require_signature: true, keys: [/etc/omaha-agent/keys/*.pem]}
 EOF
 # the release key: the image trusts its public half; the test's dev server signs the payloads with the private

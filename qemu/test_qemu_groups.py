@@ -3,7 +3,8 @@ is a pair, a root filesystem (ROOT-X) and a kernel partition (KERN-X, an ext2 fi
 and kern.cfg naming its release). GRUB loads the kernel from the chosen slot's KERN partition and passes
 ``omaha_test.kern=V`` (kern.cfg's release) on the command line, so the boot itself shows which kernel partition
 it came from. A release is two packages, ``rootfs-V.ext4.zst`` and ``kernel-V.img.zst``, in one signed envelope;
-the agent writes each onto its group's inactive member and arms the pair with one write of the grubenv."""
+the agent writes each onto its group's inactive member, runs the image's post-install hook (a transient unit of
+PID 1 without network, given each group's target) and arms the pair with one write of the grubenv."""
 import os
 import time
 
@@ -51,6 +52,11 @@ async def test_groups_a_kernel_and_a_root_filesystem_installed_together_armed_on
               f"onto KERN-B, rebooted after {took:.0f} s")
         assert srv.event_codes() == ["13/1", "14/1", "3/1"]  # one release: its events once
         assert sorted(d["name"] for d in downloads(srv)) == ["kernel-2.0.0.img.zst", "rootfs-2.0.0.ext4.zst"]
+        # the image's post-install hook ran once, after both images were verified, under PID 1 without network,
+        # given each group's target member
+        hook = [line.split("post-install: ", 1)[1] for line in first.lines() if "post-install: hook" in line]
+        print(f"post-install hook: {hook}")
+        assert hook == ["hook version=2.0.0 rootfs=/dev/vda3 kernel=/dev/vda6 net=lo"], hook
 
         second = await boot_and_report(machine, "2.0.0", "B")
         assert kern_of(second) == "2.0.0"  # the root filesystem and the kernel of 2.0.0 came up together
