@@ -137,6 +137,13 @@ async def run_for(ctx, target: str, version: str, previous: str) -> None:
         env["OMAHA_AGENT_DEVICE"] = resolve(ctx.config.slots[target])
     except (SlotError, KeyError, OSError):
         pass
+    from .groups import grouped
+    if grouped(ctx.config.groups):  # slot groups: each group's member of the target letter too
+        for group in ctx.config.groups:
+            try:
+                env["OMAHA_AGENT_TARGET_" + group.name.upper().replace("-", "_")] = resolve(group.specs[target])
+            except (SlotError, KeyError, OSError):
+                pass
     cfg = ctx.config.install
     log.info("running %d post-install command(s) for %s on slot %s", len(cfg.post_install), version, target)
     why = await run(cfg.post_install, env, cfg.post_install_timeout, cfg.post_install_network)
