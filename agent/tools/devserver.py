@@ -369,7 +369,7 @@ class DevServer:
             limit = length // 2
         cut = f.reset_after if f.resets and f.reset_after else 0
         sent = 0
-        stream = {"name": name, "start": start, "sent_to": start, "done": False}
+        stream = {"start": start, "sent_to": start, "done": False}
         self.streams.append(stream)
         with open(image.path, "rb") as fh:
             fh.seek(start)
