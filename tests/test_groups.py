@@ -6,8 +6,10 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -118,6 +120,51 @@ def test_state_without_the_new_fields_loads_and_the_new_fields_round_trip():
     assert (again.download, again.written, dropped) == (new.download, new.written, [])
 
 
+# ---------------------------------------------------------------------------------------------- the statement
+def two_packages(**change) -> dict:
+    body = json.loads(trust.statement("kernel", "aa" * 32, APP, "2.0.0", 10,
+                                      more=(trust.Artifact("rootfs.img", "bb" * 32, 20),)))
+    for key, value in change.items():
+        body[key] = value(body)
+    return body
+
+
+def opened(body: dict, keys) -> trust.Release:
+    return trust.open_envelope(trust.sign_statement(json.dumps(body).encode(), trust.load_private_key(keys[0])),
+                               trust.load_public_keys([keys[1]]))
+
+
+def test_a_statement_of_several_packages_lists_each_by_name_digest_and_size(keys):
+    release = opened(two_packages(), keys)
+    assert release.packages == (trust.Artifact("kernel", "aa" * 32, 10), trust.Artifact("rootfs.img", "bb" * 32, 20))
+    offered = (PackageOffer("kernel", ("u",), 10, b"\xaa" * 32, None), PackageOffer("rootfs.img", ("u",), 20,
+                                                                                   b"\xbb" * 32, None))
+    trust.check_release(release, appid=APP, version="2.0.0", sha256_hex="aa" * 32, size=10, track="stable",
+                        board="", packages=offered)
+    for bad, says in ((offered[:1] + (replace(offered[1], size=21),), "the signed size of rootfs.img 20 is not the "
+                                                                       "offered 21"),
+                      (offered[:1] + (replace(offered[1], sha256=b"\xcc" * 32),), "the signed digest of rootfs.img"),
+                      (offered[:1] + (replace(offered[1], name="other.img"),), "'other.img' is not in the signed"),
+                      (offered[:1], "the signed release has 2 packages, the offer 1 (not offered: rootfs.img)")):
+        with pytest.raises(trust.SignatureError, match=re.escape(says)):
+            trust.check_release(release, appid=APP, version="2.0.0", sha256_hex="aa" * 32, size=10, track="stable",
+                                board="", packages=bad)
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"subject": lambda b: [b["subject"][0], {"name": "rootfs.img", "digest": {"sha256": "cc" * 32}}]},
+     "package 'rootfs.img' is not among its subjects"),
+    ({"subject": lambda b: b["subject"][:1]}, "must name every package, and only them, as subjects"),
+    ({"predicate": lambda b: dict(b["predicate"], size=11)}, "first package is not its first subject"),
+    ({"predicate": lambda b: dict(b["predicate"], packages=b["predicate"]["packages"] * 2)}, "lists a package twice"),
+    ({"predicate": lambda b: dict(b["predicate"], image={"sha256": "aa" * 32, "size": 1})},
+     "adaptive releases are of one package"),
+])
+def test_a_statement_of_several_packages_that_does_not_hold_together_is_refused(keys, change, says):
+    with pytest.raises(trust.SignatureError, match=re.escape(says)):
+        opened(two_packages(**change), keys)
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 class RecordingSim(SimBoot):
     """The sim bootloader, keeping a list of the writes asked of it."""
@@ -150,13 +197,15 @@ def release(tmp_path, version="2.0.0") -> Image:
 
 
 async def serve(tmp_path, keys, **kw) -> DevServer:
+    """The development server offering ``release`` signed with ``keys``."""
     srv = DevServer([release(tmp_path)], sign_key=keys[0], log_path=str(tmp_path / "server.jsonl"), **kw)
     await srv.start()
     return srv
 
 
-def group_device(tmp_path, srv, keys, extra="") -> Device:
-    dev = Device(tmp_path, srv.url, trust=f"trust: {{keys: [{keys[1]}], require_signature: true}}\n", extra=extra)
+def group_device(tmp_path, srv, keys, extra="", protocol="3.0") -> Device:
+    dev = Device(tmp_path, srv.url, trust=f"trust: {{keys: [{keys[1]}], require_signature: true}}\n", extra=extra,
+                 protocol=protocol)
     dev.kernels = {s: str(tmp_path / f"kern-{s}.img") for s in "ab"}
     for path in dev.kernels.values():
         with open(path, "wb") as f:
@@ -172,10 +221,13 @@ def group_device(tmp_path, srv, keys, extra="") -> Device:
     return dev
 
 
-async def run_once(dev: Device) -> tuple[RecordingSim, str]:
-    """One check in this process, through the daemon, with the bootloader's writes recorded."""
+async def run_once(dev: Device, snapshots: list | None = None) -> tuple[RecordingSim, str]:
+    """One check in this process, through the daemon, with the bootloader's writes recorded (and the status
+    snapshots it published, into ``snapshots``)."""
     boot = RecordingSim(str(dev.dir / "bootenv.json"), dev.slots)
     agent = Agent(load(dev.config), boot=boot)
+    if snapshots is not None:
+        agent.listeners.append(lambda snap: snapshots.append((snap["operation"], snap["progress"], snap["new_size"])))
     try:
         result = await agent.run_once()
     except AgentError as exc:
@@ -201,17 +253,23 @@ def streamed(srv: DevServer, name: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "download" and r["name"] == name]
 
 
-async def test_a_signed_two_image_release_writes_both_b_members_and_arms_the_set_once(tmp_path, keys):
-    srv = await serve(tmp_path, keys)
+@pytest.mark.parametrize("protocol,dialect", [("3.0", "chromeos"), ("3.1", "chromeos"), ("3.0", "flatcar")])
+async def test_a_signed_two_image_release_writes_both_b_members_and_arms_the_set_once(tmp_path, keys, protocol,
+                                                                                      dialect):
+    srv = await serve(tmp_path, keys, dialect=dialect, protocol=protocol)
     try:
-        dev = group_device(tmp_path, srv, keys)
-        boot, result = await run_once(dev)
+        dev = group_device(tmp_path, srv, keys, protocol=protocol)
+        snaps = []
+        boot, result = await run_once(dev, snaps)
         assert result.startswith("installed 2.0.0 on slot b"), result
         kernel, rootfs = srv.images[0], srv.images[0].parts[0]
         assert holds(dev.kernels["b"], kernel.path) and holds(dev.slots["b"], rootfs.path)
         assert zeros(dev.kernels["a"]) and zeros(dev.slots["a"])  # the booted letter is never written
         assert boot.calls == [("mark_bad", "b"), ("set_trial", "b", "2.0.0")]  # one bootloader write arms the set
         assert srv.event_codes() == ["13/1", "14/1", "3/1"]
+        progress = [p for op, p, size in snaps if op == "downloading" and size == KERNEL + ROOTFS]
+        assert progress == sorted(progress) and progress[-1] == 1.0  # one progress over both images' bytes
+        assert any(0.2 < p < 0.3 for p in progress)  # the kernel's quarter done
         assert [r["name"] for r in map(json.loads, open(srv.log_path)) if r["kind"] == "download"] == [
             "kernel-2.0.0.img", "rootfs-2.0.0.img"]  # the offer's order
         assert dev.state()["written"] == [] and dev.state()["trial"]["armed"]
@@ -402,3 +460,37 @@ async def test_cli_signs_several_payloads_as_one_release(tmp_path, keys):
     assert got.packages == (trust.Artifact(rel.name, rel.sha256.hex(), rel.size),
                             trust.Artifact(rel.parts[0].name, rel.parts[0].sha256.hex(), rel.parts[0].size))
     assert (got.name, got.sha256, got.size) == (rel.name, rel.sha256.hex(), rel.size)  # the first, as before
+
+
+async def test_one_package_on_the_one_pair_form_or_one_named_group_takes_the_one_image_path(tmp_path, keys):
+    from .simdevice import image
+    srv = DevServer([image(tmp_path, "2.0.0")], sign_key=keys[0])
+    await srv.start()
+    try:
+        for name, glob in (("plain", None), ("named", "v*.img")):
+            (tmp_path / name).mkdir()
+            dev = Device(tmp_path / name, srv.url, trust=f"trust: {{keys: [{keys[1]}], require_signature: true}}\n")
+            if glob:
+                text = open(dev.config).read()
+                with open(dev.config, "w") as f:
+                    f.write(text.replace("slots:\n  a: {", "slots:\n  os:\n    a: {").replace(
+                        "\n  b: {", "\n    b: {").replace("\nboot:", f"\n    package: \"{glob}\"\nboot:", 1))
+                assert [g.name for g in load(dev.config).groups] == ["os"]
+            boot, result = await run_once(dev)
+            assert result.startswith("installed 2.0.0 on slot b"), (name, result)
+            assert boot.calls == [("mark_bad", "b"), ("set_trial", "b", "2.0.0")] and holds(dev.slots["b"],
+                                                                                          srv.images[0].path)
+        assert srv.event_codes() == ["13/1", "14/1", "3/1"] * 2
+    finally:
+        await srv.stop()
+
+
+async def test_the_one_pair_form_refuses_an_offer_of_two_packages_as_before(tmp_path, keys):
+    srv = await serve(tmp_path, keys)
+    try:
+        dev = Device(tmp_path, srv.url, trust=f"trust: {{keys: [{keys[1]}], require_signature: true}}\n")
+        boot, result = await run_once(dev)
+        assert result == "error: offer of 2.0.0 has 2 packages; a slot takes exactly one", result
+        assert boot.calls == [] and srv.events == []
+    finally:
+        await srv.stop()
