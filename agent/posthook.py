@@ -129,7 +129,8 @@ async def _unshare_works() -> bool:
 
 async def run_for(ctx, target: str, version: str, previous: str) -> None:
     """The update job's call: runs the configured commands for ``version`` verified on slot ``target``; raises
-    ``InstallError`` (kind ``postinstall``) when one fails."""
+    ``InstallError`` (kind ``postinstall``) when one fails. With slot groups each group's member of ``target`` is
+    in ``OMAHA_AGENT_TARGET_<GROUP>`` too."""
     from .install import InstallError
     from .slots import SlotError, resolve
     env = {"OMAHA_AGENT_SLOT": target, "OMAHA_AGENT_VERSION": version, "OMAHA_AGENT_PREVIOUS_VERSION": previous}
