@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from .install import InstallError, InstallResult
 from .slots import SlotError, capacity, check_target
-from .state import Written
+from .state import Checkpoint, Written
 
 log = logging.getLogger("omaha-agent")
 
@@ -91,7 +91,7 @@ class ImageSet:
                 images.append((group.name, sha256, size))
                 state.written.append(Written(self.version, slot, group.name, pkg.name, pkg.sha256_hex, pkg.size,
                                              sha256, size))
-                state.download = None
+                state.download = self._next(slot, kept)  # a restart still finds a download under way
                 await ctx.save()  # not required: without it a restart downloads this image again
                 base += pkg.size
         finally:
@@ -108,6 +108,12 @@ class ImageSet:
                              sum(size for _, _, size in images),
                              next((r.compression for r in results if r.compression), None),
                              sum(r.download_ms for r in results), sum(r.resumed_from for r in results))
+
+    def _next(self, slot: str, kept: dict) -> Checkpoint | None:
+        """The starting checkpoint of the next image still to be written, or None."""
+        done = kept.keys() | {w.package for w in self.ctx.state.written}
+        pkg = next((p for p, _ in self.plan if p.name not in done), None)
+        return None if pkg is None else Checkpoint(self.version, slot, pkg.sha256_hex, pkg.size, 0, False, pkg.name)
 
     async def _digest(self, slot: str, size: int, group) -> str:
         from . import localfile, staged
