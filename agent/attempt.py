@@ -159,20 +159,17 @@ class UpdateAttempt:
             log.info("offer of %s not taken: %s", offer.version, decision.reason)
             await ctx.save()
             return f"offer of {offer.version} not taken: {decision.reason}"
-        from .groups import PlanError, grouped, plan
+        from .groups import PlanError, grouped
         if len(offer.packages) != 1 and not grouped(ctx.config.groups):
             raise AttemptFailed(f"offer of {offer.version} has {len(offer.packages)} packages; a slot takes exactly one")
         ctx.status.offer(offer.version, offer.size)
         self.advance(Operation.UPDATE_AVAILABLE)
         try:
-            self.images = None
-            try:
-                images = plan(offer.packages, ctx.config.groups)
+            from .imageset import for_offer
+            try:  # each package to its slot group: None for one image (the one-image path)
+                self.images = for_offer(ctx, offer, other(ctx.booted))
             except PlanError as exc:
                 return await self._failed(offer, InstallError(str(exc), "packages"), other(ctx.booted))
-            if len(images) > 1:
-                from .imageset import ImageSet
-                self.images = ImageSet(ctx, images, other(ctx.booted), offer.version)
             release = None
             if ctx.config.trust.require_signature and not verified:
                 release = await self._verify_release(offer)
@@ -392,9 +389,8 @@ class _Hooks(InstallHooks):
             await run_for(ctx, self.target, self.offer.version, self.previous)
         if ctx.config.install.arm != "immediately":  # staged: Apply or the reboot window arms it (staged.py)
             from . import staged
-            images = self.attempt.images.images if self.attempt.images is not None else ()
             await staged.stage(ctx, self.target, self.offer.version, self.previous, self.offer.packages[0], result,
-                               images)
+                               self.attempt.images.images if self.attempt.images is not None else ())
             return False
         # record the intent first: a crash after set_trial still finds the trial on restart
         state.trial = Trial(self.target, self.offer.version, self.previous, armed=False)

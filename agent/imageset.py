@@ -24,6 +24,14 @@ from .state import Checkpoint, Written
 log = logging.getLogger("omaha-agent")
 
 
+def for_offer(ctx, offer, target: str) -> "ImageSet | None":
+    """The image set of ``offer`` for the ``target`` letter, or None when it is one image for the root
+    filesystem's pair (the one-image path). Raises ``groups.PlanError`` when its packages do not fit the groups."""
+    from .groups import plan
+    pairs = plan(offer.packages, ctx.config.groups)
+    return ImageSet(ctx, pairs, target, offer.version) if len(pairs) > 1 else None
+
+
 class ImageSet:
     def __init__(self, ctx, plan, target: str, version: str):
         self.ctx, self.plan, self.target, self.version = ctx, plan, target, version
