@@ -93,6 +93,8 @@ class UpdateAttempt:
                                 "names the version")
         if not signed and not version:
             raise AttemptFailed(f"{refused}: give its version (no signature is required, so none says it)")
+        if len(ctx.config.groups) > 1:
+            raise AttemptFailed(f"{refused}: a file is one image; these slot groups take a release of several")
         if not signed and (why := versions.problem(version)):
             raise AttemptFailed(f"{refused}: the version {why}")
         try:

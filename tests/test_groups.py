@@ -498,3 +498,28 @@ async def test_the_one_pair_form_refuses_an_offer_of_two_packages_as_before(tmp_
         assert boot.calls == [] and srv.events == []
     finally:
         await srv.stop()
+
+
+async def test_an_offline_install_with_several_groups_is_refused_in_a_line_without_an_event(tmp_path, keys):
+    from agent.machine import InstallFile
+    srv = await serve(tmp_path, keys)
+    try:
+        dev = group_device(tmp_path, srv, keys, extra="schedule: {initial_delay: 3600}\ndbus: {enabled: false}\n")
+        kernel = srv.images[0]
+        srv.sign(kernel)
+        with open(kernel.path + ".sig", "wb") as f:
+            f.write(kernel.signature)
+        boot = RecordingSim(str(dev.dir / "bootenv.json"), dev.slots)
+        agent = Agent(load(dev.config), boot=boot)
+        try:
+            await agent.start()
+            reply = await agent.submit(InstallFile(kernel.path))
+            outcome = await agent.owner.finished(reply.job) if reply.job is not None else None
+        finally:
+            await agent.close()
+        message = outcome.message if outcome is not None else reply.message
+        assert message.endswith("not installed: a file is one image; these slot groups take a release of several"), \
+            message
+        assert boot.calls == [] and srv.events == [] and zeros(dev.kernels["b"])
+    finally:
+        await srv.stop()
