@@ -523,3 +523,16 @@ async def test_an_offline_install_with_several_groups_is_refused_in_a_line_witho
         assert boot.calls == [] and srv.events == [] and zeros(dev.kernels["b"])
     finally:
         await srv.stop()
+
+
+async def test_a_group_member_too_small_for_its_image_fails_before_any_slot_is_marked_or_written(tmp_path, keys):
+    srv = await serve(tmp_path, keys)
+    try:
+        dev = group_device(tmp_path, srv, keys)
+        os.truncate(dev.kernels["b"], KERNEL // 2)
+        boot, result = await run_once(dev)
+        assert "group boot: payload of 1048576 bytes is larger than slot b (524288 bytes)" in result, result
+        assert boot.calls == [] and srv.streams == [] and zeros(dev.slots["b"])
+        assert srv.event_codes() == ["3/0"] and srv.events[0]["errorcode"] == 7
+    finally:
+        await srv.stop()
