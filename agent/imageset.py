@@ -9,7 +9,8 @@ the letter bad.
 Resume per image: the download checkpoint names its package (``Checkpoint.package``); an image written and
 verified is recorded (``state.written``) so a restart does not download it again, but every image not streamed
 in this run is hashed again from its slot before the set is armed (``staged.slot_digest``): a mismatch fails the
-install (errorcode 10) and the next attempt downloads every image.
+install (errorcode 10; the version is not blocked: the download was good, the slot changed) and the next attempt
+downloads every image.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ class ImageSet:
             digest = await self._digest(slot, record.image_size, group)
             if digest != record.image_sha256:
                 raise InstallError(f"slot {slot} of group {group.name} no longer holds {record.package} (SHA-256 "
-                                   f"{digest[:16]}…, verified {record.image_sha256[:16]}…)", "hash")
+                                   f"{digest[:16]}…, verified {record.image_sha256[:16]}…)", "rehash")
         self.images = tuple(images)
         first = results[0] if results else None
         return InstallResult(self.version, first.url if first else self.plan[0][0].urls[0],

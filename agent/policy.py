@@ -93,4 +93,5 @@ INSTALL_ERRORS = {
     "boot": (ErrorCode.SET_BOOTABLE, ErrorCategory.INSTALL),
     "postinstall": (ErrorCode.POST_INSTALL_FAILED, ErrorCategory.INSTALL),
     "packages": (ErrorCode.OMAHA_RESPONSE, ErrorCategory.INSTALL),  # the packages do not fit the slot groups
+    "rehash": (ErrorCode.PAYLOAD_HASH_MISMATCH, ErrorCategory.DOWNLOAD),  # a slot changed since its image verified
 }

@@ -420,7 +420,11 @@ async def test_a_first_image_changed_on_its_slot_while_stopped_fails_the_set_una
         assert streamed(srv, kernel.name) == [] and len(streamed(srv, rootfs.name)) == 1  # skipped, then hashed
         assert ("set_trial", "b", "2.0.0") not in [c[:3] for c in boot.calls]
         assert srv.event_codes() == ["13/1", "3/0"] and srv.events[-1]["errorcode"] == 10
-        assert dev.state()["written"] == []  # the next attempt downloads every image
+        assert dev.state()["written"] == [] and dev.state()["blocked"] is None
+        boot, result = await run_once(dev)  # the next attempt downloads every image (not blocked: the slot changed)
+        assert result.startswith("installed 2.0.0 on slot b"), result
+        assert len(streamed(srv, kernel.name)) == 1 and len(streamed(srv, rootfs.name)) == 2
+        assert holds(dev.kernels["b"], kernel.path) and boot.calls[-1] == ("set_trial", "b", "2.0.0")
     finally:
         await srv.stop()
 
