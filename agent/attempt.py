@@ -39,6 +39,7 @@ class UpdateAttempt:
         self.advance = _nowhere  # the owner's: applies the job's progress through the machine's transitions
         self.interactive = False  # the running check was asked for (not the schedule's)
         self.hurried = asyncio.Event()  # set when an interactive check reaches the running job (``hurry``)
+        self.images = None  # imageset.ImageSet: the offer is a release of several images (slot groups)
 
     async def run(self, interactive: bool, advance=None) -> str:
         """One update check, and the install if one is offered and allowed. Returns what happened, in a line."""
@@ -59,7 +60,7 @@ class UpdateAttempt:
         outcome = interpret(answer.response, ctx.config.app.id)
         if isinstance(outcome, NoUpdate):
             state.failures, state.last_error = 0, ""
-            state.download = None  # a partial download of an update no longer offered is not resumed
+            state.download, state.written = None, []  # a download of an update no longer offered is not resumed
             await ctx.save()
             return f"no update (running {ctx.version})"
         if not isinstance(outcome, UpdateOffer):
@@ -103,6 +104,8 @@ class UpdateAttempt:
                                 "names the version")
         if not signed and not version:
             raise AttemptFailed(f"{refused}: give its version (no signature is required, so none says it)")
+        if len(ctx.config.groups) > 1:
+            raise AttemptFailed(f"{refused}: a file is one image; these slot groups take a release of several")
         if not signed and (why := versions.problem(version)):
             raise AttemptFailed(f"{refused}: the version {why}")
         try:
@@ -169,11 +172,17 @@ class UpdateAttempt:
             log.info("offer of %s not taken: %s", offer.version, decision.reason)
             await ctx.save()
             return f"offer of {offer.version} not taken: {decision.reason}"
-        if len(offer.packages) != 1:
+        from .groups import PlanError, grouped
+        if len(offer.packages) != 1 and not grouped(ctx.config.groups):
             raise AttemptFailed(f"offer of {offer.version} has {len(offer.packages)} packages; a slot takes exactly one")
         ctx.status.offer(offer.version, offer.size)
         self.advance(Operation.UPDATE_AVAILABLE)
         try:
+            from .imageset import for_offer
+            try:  # each package to its slot group: None for one image (the one-image path)
+                self.images = for_offer(ctx, offer, other(ctx.booted))
+            except PlanError as exc:
+                return await self._failed(offer, InstallError(str(exc), "packages"), other(ctx.booted))
             release = None
             if ctx.config.trust.require_signature and not verified:
                 release = await self._verify_release(offer)
@@ -232,7 +241,7 @@ class UpdateAttempt:
             release = await asyncio.to_thread(open_envelope, envelope, keys)
             app = ctx.config.app
             check_release(release, appid=app.id, version=offer.version, sha256_hex=pkg.sha256_hex, size=pkg.size,
-                          track=app.track, board=app.board)
+                          track=app.track, board=app.board, packages=offer.packages)
         except SignatureError as exc:
             await self._failed(offer, InstallError(f"signature refused: {exc}", "signature"), target)
         log.info("release %s: signature verified (sha256 %s, %d bytes)", offer.version, release.sha256[:16],
@@ -242,10 +251,13 @@ class UpdateAttempt:
     async def _install(self, offer: UpdateOffer, sessionid: str, release=None) -> str:
         from .adaptive.job import AdaptiveStep
         ctx, state = self.ctx, self.ctx.state
-        pkg, target, previous = offer.packages[0], other(ctx.booted), ctx.version
+        pkg, target, previous, images = offer.packages[0], other(ctx.booted), ctx.version, self.images
         try:
-            path = await asyncio.to_thread(check_target, target, ctx.config.slots, ctx.booted, pkg.size)
-            size = await asyncio.to_thread(capacity, path)
+            if images is not None:  # every group's member of the target letter
+                path, size = await images.check()
+            else:
+                path = await asyncio.to_thread(check_target, target, ctx.config.slots, ctx.booted, pkg.size)
+                size = await asyncio.to_thread(capacity, path)
         except (SlotError, OSError) as exc:
             return await self._failed(offer, InstallError(str(exc), "device"), target)
         if not self.interactive and ctx.config.install.on_metered == "wait":
@@ -256,7 +268,7 @@ class UpdateAttempt:
                               readback=ctx.config.install.verify == "readback", on_progress=self._progress,
                               on_checkpoint=self._checkpoint, max_rate=ctx.config.install.max_rate_interactive
                               if self.interactive else ctx.config.install.max_rate)
-        adaptive = AdaptiveStep(ctx, installer.session, release, pkg, target)
+        adaptive = AdaptiveStep(ctx, installer.session, release if images is None else None, pkg, target)
         try:  # the chunk index is fetched and held to its signed digest before the slot is touched
             applier = await adaptive.choose(installer)
         except InstallError as exc:
@@ -264,8 +276,9 @@ class UpdateAttempt:
         ctx.status.adaptive(adaptive.planned, adaptive.saved)
         resume = state.download
         if resume is None:  # marks the download as started: a restart resumes it soon (schedule.after_restart)
-            state.download = Checkpoint(offer.version, target, pkg.sha256_hex, pkg.size, 0, False)
-        self.reporter.queue(policy.download_started(previous, offer.version, adaptive.planned), previous)
+            state.download = Checkpoint(offer.version, target, pkg.sha256_hex, pkg.size, 0, False, pkg.name)
+        self.reporter.queue(policy.download_started(previous, offer.version, images.size if images else
+                                                    adaptive.planned), previous)
         await ctx.save()
         await self.reporter.flush()
         log.info("downloading %s (%d bytes) onto slot %s from %s", offer.version, pkg.size, target, pkg.urls[0])
@@ -274,7 +287,8 @@ class UpdateAttempt:
             try:
                 result = await installer.install(ctx.boot, target, path, size, pkg, offer.version,
                                                  ctx.config.boot.tries, resume, _Hooks(self, offer, target, previous),
-                                                 stream=applier.stream if applier is not None else None)
+                                                 stream=applier.stream if applier is not None else
+                                                 images.stream_with(installer) if images is not None else None)
             except InstallError as exc:
                 return await self._failed(offer, exc, target)
             await adaptive.installed()
@@ -322,8 +336,8 @@ class UpdateAttempt:
         else:
             await self._unreplace(target)
         if exc.kind != "transfer":
-            state.download = None  # nothing worth resuming
-        if exc.kind in ("hash", "size", "decompress", "readback", "signature", "postinstall"):
+            state.download, state.written = None, []  # nothing worth resuming
+        if exc.kind in ("hash", "size", "decompress", "readback", "signature", "postinstall", "packages"):
             state.blocked = policy.block_until(ctx.now(), state.blocked, offer.version)
         await ctx.save()
         await self.reporter.flush()
@@ -389,11 +403,12 @@ class _Hooks(InstallHooks):
             await run_for(ctx, self.target, self.offer.version, self.previous)
         if ctx.config.install.arm != "immediately":  # staged: Apply or the reboot window arms it (staged.py)
             from . import staged
-            await staged.stage(ctx, self.target, self.offer.version, self.previous, self.offer.packages[0], result)
+            await staged.stage(ctx, self.target, self.offer.version, self.previous, self.offer.packages[0], result,
+                               self.attempt.images.images if self.attempt.images is not None else ())
             return False
         # record the intent first: a crash after set_trial still finds the trial on restart
         state.trial = Trial(self.target, self.offer.version, self.previous, armed=False)
-        state.download = None
+        state.download, state.written = None, []
         if not await ctx.save("the trial record"):  # never armed without its record
             raise InstallError(f"{ctx.save_error.partition('; ')[0]}: slot {self.target} is not armed without it",
                                "state")

@@ -94,7 +94,9 @@ def cmd_fleetlock_server(args) -> int:
 
 def cmd_sign(args) -> int:
     from .adaptive.release import ReleaseError, data_path_for, sign
-    from .trust import TrustKeyError, load_private_key, sign_file
+    from .trust import SignatureError, TrustKeyError, file_artifact, load_private_key, sign_file
+    if args.chunks and args.package:
+        return _fail("sign: --package and --chunks do not go together (an adaptive release is one package)")
     if args.chunks:
         args.payload = args.payload or data_path_for(args.chunks)
     elif not args.payload:
@@ -104,15 +106,17 @@ def cmd_sign(args) -> int:
         if args.chunks:
             envelope = sign(args.payload, args.chunks, key, args.appid, args.version, args.track, args.board)
         else:
-            envelope = sign_file(args.payload, key, args.appid, args.version, args.track, args.board)
-    except (TrustKeyError, ReleaseError) as exc:
+            more = tuple(file_artifact(path) for path in args.package)
+            envelope = sign_file(args.payload, key, args.appid, args.version, args.track, args.board, more=more)
+    except (TrustKeyError, ReleaseError, SignatureError) as exc:
         return _fail(str(exc))
     except OSError as exc:
-        return _fail(f"sign: cannot read {args.payload}: {exc.strerror or exc}")
+        return _fail(f"sign: cannot read {exc.filename or args.payload}: {exc.strerror or exc}")
     out = args.output or args.payload + ".sig"
     with open(out, "wb") as f:
         f.write(envelope)
-    what = f" with its chunks ({args.chunks})" if args.chunks else ""
+    what = f" with its chunks ({args.chunks})" if args.chunks else (
+        f" with {len(args.package)} more package(s)" if args.package else "")
     print(f"signed {args.payload} as {args.appid} {args.version}{what}: {out}")
     return 0
 
@@ -298,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--chunks", default=None, metavar="NAME.cidx",
                    help="an adaptive release: serve NAME.cidx and NAME.czst beside the payload and name them in its "
                         "signature (the payload is usually NAME.czst)")
+    v.add_argument("--package", action="append", default=[], metavar="FILE",
+                   help="another image of the release, offered after the payload (slot groups; repeat for each)")
     v.add_argument("--payload-base", default=None, metavar="URL",
                    help="point payload URLs here (another file server holding the payload under its file name) "
                         "instead of at this server's /packages/")
@@ -311,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunks", default=None, metavar="NAME.cidx",
                    help="an adaptive release: name the image and the chunk files (NAME.cidx and NAME.czst beside "
                         "it, checked frame by frame) in the statement; the payload defaults to NAME.czst")
+    g.add_argument("--package", action="append", default=[], metavar="FILE",
+                   help="another image of the same release (slot groups; repeat for each): the one envelope, beside "
+                        "the payload, lists every package")
     g.add_argument("payload", nargs="?", default=None)
     g.add_argument("-o", "--output", default=None, help="where to write the envelope (default PAYLOAD.sig)")
     g.set_defaults(func=cmd_sign)

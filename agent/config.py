@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .omaha import urls
-from .slots import KINDS, SlotSpec
+from .slots import SlotSpec
 
 DEFAULT_PATH = "/etc/omaha-agent/agent.yaml"
 MAX_FILE = 1 << 20  # a config is a few hundred bytes; a bigger file is an error, never a truncation
@@ -151,6 +151,12 @@ class Config:
     dbus: DbusConfig = field(default_factory=DbusConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    groups: tuple = ()  # groups.SlotGroup: every A/B pair, the first holding the root filesystem (``slots``)
+
+    def __post_init__(self):
+        if not self.groups:  # built by hand (the tests, provisioning): the one pair is the one group
+            from .groups import DEFAULT_GROUP, SlotGroup
+            object.__setattr__(self, "groups", (SlotGroup(DEFAULT_GROUP, self.slots["a"], self.slots["b"]),))
 
 
 class _Reader:
@@ -430,23 +436,8 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
     if not app.id.strip():
         r.fail("app.id", "must not be empty")
 
-    slots_raw = r.get("slots", kind=dict)
-    slots = {}
-    for name in ("a", "b"):
-        spec = slots_raw.get(name)
-        if not isinstance(spec, dict) or len(spec) != 1:
-            r.fail(f"slots.{name}" if name in slots_raw else "slots",
-                   f"slot {name} must be one of " + ", ".join("{%s: ...}" % k for k in KINDS))
-        (kind, value), = spec.items()
-        if kind not in KINDS or not isinstance(value, str) or not value:
-            r.fail(f"slots.{name}", f"slot {name} must be one of " + ", ".join("{%s: ...}" % k for k in KINDS))
-        slots[name] = SlotSpec(kind, value)
-    for extra in slots_raw:
-        if extra not in ("a", "b"):
-            r.fail(f"slots.{str(extra)[:40]}", "only slots a and b exist")
-    if _same_slot(slots["a"], slots["b"]):
-        r.fail("slots.b", f"slots a and b are the same ({slots['a'].describe()[:80]} and {slots['b'].describe()[:80]}): "
-                          "an update would overwrite the running system")
+    from .groups import parse_slots
+    slots, groups = parse_slots(r, r.get("slots", kind=dict), _same_slot)
 
     backend = str(r.get("boot.backend", kind=str))
     if backend not in ("grubenv", "gpt", "uboot", "sim", "bls"):
@@ -491,7 +482,7 @@ def parse(text: str, path: str = "agent.yaml") -> Config:
         r.fail("trust.keys", "must be a list of PEM public key files or globs")
     trust = TrustConfig(tuple(keys), r.get("trust.require_signature", True, bool))
     return Config(
-        path=path, server=server, app=app, slots=slots, boot=boot, state_dir=state_dir, schedule=schedule,
+        path=path, server=server, app=app, slots=slots, groups=groups, boot=boot, state_dir=state_dir, schedule=schedule,
         reboot=reboot,
         health=HealthConfig(tuple(commands), _duration(r, "health.timeout", 300, int, 1), after,
                             _duration(r, "health.boot_complete_timeout", 900, int, 1)),

@@ -302,7 +302,7 @@ class Installer:
     async def _resume(self, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str,
                       cp: Checkpoint | None) -> int:
         if (cp is None or cp.compressed or cp.slot != slot or cp.version != version or cp.size != pkg.size
-                or cp.sha256 != pkg.sha256_hex or cp.received <= 0):
+                or cp.sha256 != pkg.sha256_hex or cp.received <= 0 or (cp.package and cp.package != pkg.name)):
             return 0
         try:
             await asyncio.to_thread(writer.rehash_prefix, cp.received)
@@ -314,7 +314,8 @@ class Installer:
     async def _checkpoint(self, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str) -> None:
         await asyncio.to_thread(writer.flush)
         if self.on_checkpoint is not None:
-            cp = Checkpoint(version, slot, pkg.sha256_hex, pkg.size, writer.received, writer.compression is not None)
+            cp = Checkpoint(version, slot, pkg.sha256_hex, pkg.size, writer.received, writer.compression is not None,
+                            pkg.name)
             await _maybe_await(self.on_checkpoint(cp))
 
     async def _fetch_all(self, writer: SlotWriter, slot: str, pkg: PackageOffer, version: str,

@@ -92,4 +92,6 @@ INSTALL_ERRORS = {
     "device": (ErrorCode.INSTALL_DEVICE_OPEN, ErrorCategory.INSTALL),
     "boot": (ErrorCode.SET_BOOTABLE, ErrorCategory.INSTALL),
     "postinstall": (ErrorCode.POST_INSTALL_FAILED, ErrorCategory.INSTALL),
+    "packages": (ErrorCode.OMAHA_RESPONSE, ErrorCategory.INSTALL),  # the packages do not fit the slot groups
+    "rehash": (ErrorCode.PAYLOAD_HASH_MISMATCH, ErrorCategory.DOWNLOAD),  # a slot changed since its image verified
 }

@@ -129,7 +129,8 @@ async def _unshare_works() -> bool:
 
 async def run_for(ctx, target: str, version: str, previous: str) -> None:
     """The update job's call: runs the configured commands for ``version`` verified on slot ``target``; raises
-    ``InstallError`` (kind ``postinstall``) when one fails."""
+    ``InstallError`` (kind ``postinstall``) when one fails. With slot groups each group's member of ``target`` is
+    in ``OMAHA_AGENT_TARGET_<GROUP>`` too."""
     from .install import InstallError
     from .slots import SlotError, resolve
     env = {"OMAHA_AGENT_SLOT": target, "OMAHA_AGENT_VERSION": version, "OMAHA_AGENT_PREVIOUS_VERSION": previous}
@@ -137,6 +138,13 @@ async def run_for(ctx, target: str, version: str, previous: str) -> None:
         env["OMAHA_AGENT_DEVICE"] = resolve(ctx.config.slots[target])
     except (SlotError, KeyError, OSError):
         pass
+    from .groups import grouped
+    if grouped(ctx.config.groups):  # slot groups: each group's member of the target letter too
+        for group in ctx.config.groups:
+            try:
+                env["OMAHA_AGENT_TARGET_" + group.name.upper().replace("-", "_")] = resolve(group.specs[target])
+            except (SlotError, KeyError, OSError):
+                pass
     cfg = ctx.config.install
     log.info("running %d post-install command(s) for %s on slot %s", len(cfg.post_install), version, target)
     why = await run(cfg.post_install, env, cfg.post_install_timeout, cfg.post_install_network)

@@ -50,27 +50,32 @@ def _read_small(path: str) -> str:
         return f.read(128).decode("ascii")
 
 
-async def stage(ctx, slot: str, version: str, previous: str, pkg, result) -> bool:
+async def stage(ctx, slot: str, version: str, previous: str, pkg, result, images: tuple = ()) -> bool:
     """Records the verified, unarmed update; True once the record is on disk. The digest kept is the signed one
     (``pkg``'s); a compressed payload's image differs from it, so its digest is read back from the slot now, just
-    after the payload's signed digest matched (``result``: the install's)."""
+    after the payload's signed digest matched (``result``: the install's). ``images``: a release of several
+    images, ``((group, sha256, size), ...)`` of what each left on its slot (``imageset``)."""
     boot = await boot_id(ctx)
-    if result.compression:
+    if images:
+        sha256, size = images[0][1], images[0][2]
+    elif result.compression:
         try:
-            sha256, size = await _slot_digest(ctx, slot, result.written), result.written
+            sha256, size = await slot_digest(ctx, slot, result.written), result.written
         except (OSError, SlotError, localfile.LocalFileError) as exc:
             from .install import InstallError
             raise InstallError(f"slot {slot} cannot be read back to stage it: {exc}", "readback") from None
     else:
         sha256, size = pkg.sha256_hex, pkg.size
-    ctx.state.staged = Staged(slot, version, previous, sha256, size, boot)
-    ctx.state.download = None
+    ctx.state.staged = Staged(slot, version, previous, sha256, size, boot, tuple(images))
+    ctx.state.download, ctx.state.written = None, []
     log.info("%s staged on slot %s: verified, not armed (install.arm: %s)", version, slot, ctx.config.install.arm)
     return await ctx.save("the staged update")
 
 
-async def _slot_digest(ctx, slot: str, size: int) -> str:
-    path = resolve(ctx.config.slots[slot])
+async def slot_digest(ctx, slot: str, size: int, specs=None) -> str:
+    """The SHA-256 of the first ``size`` bytes of ``slot`` (of the pair ``specs``; the root filesystem's when
+    None), read from the slot now."""
+    path = resolve((specs or ctx.config.slots)[slot])
     fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return await localfile.sha256(fd, size)
@@ -85,13 +90,18 @@ async def verify(ctx, staged: Staged) -> str | None:
         return None
     log.info("the device booted since %s was staged: hashing slot %s again (%d bytes)", staged.version, staged.slot,
              staged.size)
-    try:
-        digest = await _slot_digest(ctx, staged.slot, staged.size)
-    except (OSError, SlotError, KeyError, localfile.LocalFileError) as exc:
-        return f"slot {staged.slot} cannot be read back: {exc}"
-    if digest != staged.sha256:
-        return (f"slot {staged.slot} no longer holds the verified image (SHA-256 {digest[:16]}…, signed "
-                f"{staged.sha256[:16]}…): something wrote to it since it was staged")
+    groups = {g.name: g for g in ctx.config.groups}
+    for group, sha256, size in staged.images or ((None, staged.sha256, staged.size),):
+        where = f"slot {staged.slot}" + (f" of group {group}" if group else "")
+        try:
+            if group is not None and group not in groups:
+                return f"slot group {group} is no longer configured"
+            digest = await slot_digest(ctx, staged.slot, size, groups[group].specs if group else None)
+        except (OSError, SlotError, KeyError, localfile.LocalFileError) as exc:
+            return f"{where} cannot be read back: {exc}"
+        if digest != sha256:
+            return (f"{where} no longer holds the verified image (SHA-256 {digest[:16]}…, signed "
+                    f"{sha256[:16]}…): something wrote to it since it was staged")
     return None
 
 

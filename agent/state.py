@@ -79,6 +79,7 @@ class Staged:
     sha256: str  # hex, the signed digest of the image's first ``size`` bytes on the slot
     size: int
     boot_id: str
+    images: tuple = ()  # a release of several images: ((group, sha256, size), ...), each hashed again likewise
 
 
 MAX_POSTPONED = 366 * 86400  # seconds: no configuration postpones a reboot further (config: durations up to a year)
@@ -103,6 +104,22 @@ class Checkpoint:
     size: int
     received: int
     compressed: bool
+    package: str = ""  # the Omaha package it is for ("" in a state written before slot groups)
+
+
+@dataclass(frozen=True)
+class Written:
+    """One image of a release of several (slot groups), written to its group's slot and verified in an install
+    not yet armed: a restart does not download it again, it hashes the slot again before the set is armed."""
+
+    version: str
+    slot: str
+    group: str
+    package: str  # the Omaha package's name
+    sha256: str  # the package's digest (hex), as offered and signed
+    size: int
+    image_sha256: str  # the bytes it left on the slot: the package's own, or what it decompressed to
+    image_size: int
 
 
 @dataclass
@@ -132,12 +149,14 @@ class State:
     postponed: Postponed | None = None
     fallback: Fallback | None = None
     staged: Staged | None = None
+    written: list[Written] = field(default_factory=list)  # slot groups: the images of an install already verified
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in ("download", "trial", "blocked", "postponed", "fallback", "staged"):
             out[key] = asdict(out[key]) if out[key] is not None else None
         out["events"] = [dict(asdict(e), event={k: v for k, v in e.event.__dict__.items()}) for e in self.events]
+        out["written"] = [asdict(w) for w in self.written]
         return out
 
     def enqueue(self, record: EventRecord) -> None:
@@ -210,11 +229,33 @@ def fallback_from(data) -> Fallback | None:
     return _record(Fallback, data, {"slot": str, "version": str}, lambda f: f.slot in SLOTS and bool(f.version))
 
 
+def _hex64(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _images(value) -> bool:
+    """A staged set's images: at most 8 of [group, sha256, size]."""
+    return isinstance(value, (list, tuple)) and len(value) <= 8 and all(
+        isinstance(i, (list, tuple)) and len(i) == 3 and isinstance(i[0], str) and is_clean(i[0], 32)
+        and _hex64(i[1]) and _kind(i[2], int) and i[2] > 0 for i in value)
+
+
 def staged_from(data) -> Staged | None:
+    if isinstance(data, dict) and "images" in data:  # JSON has lists: the record holds tuples
+        if not _images(data["images"]):
+            return None
+        data = dict(data, images=tuple(tuple(i) for i in data["images"]))
     return _record(Staged, data, {"slot": str, "version": str, "previous_version": str, "sha256": str, "size": int,
-                                  "boot_id": str},
-                   lambda t: (t.slot in SLOTS and bool(t.version) and t.size > 0 and len(t.sha256) == 64
-                              and all(c in "0123456789abcdef" for c in t.sha256) and len(t.boot_id) <= 64))
+                                  "boot_id": str, "images": tuple},
+                   lambda t: (t.slot in SLOTS and bool(t.version) and t.size > 0 and _hex64(t.sha256)
+                              and len(t.boot_id) <= 64))
+
+
+def written_from(data) -> Written | None:
+    return _record(Written, data, {"version": str, "slot": str, "group": str, "package": str, "sha256": str,
+                                   "size": int, "image_sha256": str, "image_size": int},
+                   lambda w: (w.slot in SLOTS and bool(w.version) and 0 < len(w.package) <= 255 and w.size > 0
+                              and w.image_size > 0 and _hex64(w.sha256) and _hex64(w.image_sha256)))
 
 
 def postponed_from(data) -> Postponed | None:
@@ -224,7 +265,7 @@ def postponed_from(data) -> Postponed | None:
 
 def checkpoint_from(data) -> Checkpoint | None:
     return _record(Checkpoint, data, {"version": str, "slot": str, "sha256": str, "size": int, "received": int,
-                                      "compressed": bool}, lambda c: 0 <= c.received <= c.size)
+                                      "compressed": bool, "package": str}, lambda c: 0 <= c.received <= c.size)
 
 
 def _event_kinds() -> dict:
@@ -301,6 +342,11 @@ def from_json(data: dict) -> tuple[State, list[str]]:
     if len(events) != len(raw):
         dropped.append(f"{len(raw) - len(events)} malformed event(s)")
     state.events = events[-MAX_EVENTS:]
+    raw = data.get("written", [])
+    written = [w for w in map(written_from, raw[:8])] if isinstance(raw, list) else [None]
+    state.written = [w for w in written if w is not None]
+    if len(state.written) != len(raw if isinstance(raw, list) else [None]):
+        dropped.append("written")
     return state, dropped
 
 

@@ -51,6 +51,7 @@ class Release:
     board: str | None = None
     image: "Artifact | None" = None  # the uncompressed image the payload holds (adaptive releases)
     chunks: "Chunks | None" = None  # the chunk index and chunk data (adaptive releases)
+    packages: "tuple[Artifact, ...]" = ()  # a release of several images (slot groups): every package, named
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,40 @@ def _statement(body: bytes) -> Release:
         if fields[k] is not None and not isinstance(fields[k], str):
             raise SignatureError(f"the signed statement's {k} is not a string")
     name = subject[0].get("name")
-    image, chunks = _adaptive(pred, subject)
+    if "packages" in pred:
+        packages, image, chunks = _packages(pred, subject, name, sha.lower(), size), None, None
+    else:
+        packages, (image, chunks) = (), _adaptive(pred, subject)
     return Release(clean(name, 255) if isinstance(name, str) else "", sha.lower(), fields["appid"], fields["version"], size,
-                   fields["track"], fields["board"], image, chunks)
+                   fields["track"], fields["board"], image, chunks, packages)
+
+
+MAX_PACKAGES = 8
+
+
+def _packages(pred: dict, subject: list, name, sha: str, size: int) -> "tuple[Artifact, ...]":
+    """``predicate.packages``: every image of a release of several, each also a subject (by name and digest); the
+    first is the payload ``subject[0]`` and ``predicate.size`` name. Not with an adaptive release's chunks."""
+    if "image" in pred or "chunks" in pred:
+        raise SignatureError("the signed statement names several packages and chunks: adaptive releases are of "
+                             "one package")
+    items = pred.get("packages")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_PACKAGES:
+        raise SignatureError(f"the signed statement's packages is not a list of 1 to {MAX_PACKAGES} packages")
+    packages = tuple(_artifact(item, f"package {i + 1}", named=True) for i, item in enumerate(items))
+    if len({p.name for p in packages}) != len(packages):
+        raise SignatureError("the signed statement lists a package twice")
+    if (packages[0].name, packages[0].sha256, packages[0].size) != (name, sha, size):
+        raise SignatureError("the signed statement's first package is not its first subject (name, digest, size)")
+    if len(subject) != len(packages) or not all(isinstance(s, dict) for s in subject):
+        raise SignatureError("the signed statement must name every package, and only them, as subjects")
+    listed = {(s.get("name"), (s.get("digest") or {}).get("sha256", "").lower() if isinstance(s.get("digest"), dict)
+               else None) for s in subject}
+    for p in packages:
+        if (p.name, p.sha256) not in listed:
+            raise SignatureError(f"the signed statement's package {p.name!r} is not among its subjects (name and "
+                                 "digest)")
+    return packages
 
 
 def _artifact(value, what: str, named: bool) -> Artifact:
@@ -259,9 +291,12 @@ def _adaptive(pred: dict, subject: list) -> "tuple[Artifact | None, Chunks | Non
 
 
 def check_release(release: Release, *, appid: str, version: str, sha256_hex: str, size: int, track: str,
-                  board: str) -> None:
-    """The signed statement must describe exactly the offer the device is about to install."""
+                  board: str, packages=None) -> None:
+    """The signed statement must describe exactly the offer the device is about to install; ``packages`` (the
+    offer's, when there are several) each by name, digest and size, and no other."""
     from .omaha import versions
+    if packages is not None and (release.packages or len(packages) > 1):
+        _check_packages(release, packages)
     if release.sha256 != sha256_hex.lower():
         raise SignatureError(f"the signed digest {release.sha256[:16]}… is not the offered payload's "
                              f"{sha256_hex.lower()[:16]}…")
@@ -277,13 +312,39 @@ def check_release(release: Release, *, appid: str, version: str, sha256_hex: str
         raise SignatureError(f"the release is signed for board {release.board[:40]!r}, this device is {board!r}")
 
 
+def _check_packages(release: Release, offered) -> None:
+    signed = {p.name: p for p in release.packages}
+    if not signed:
+        raise SignatureError(f"the signed statement lists one payload, the offer has {len(offered)} packages")
+    for pkg in offered:
+        mine = signed.get(pkg.name)
+        if mine is None:
+            raise SignatureError(f"the offered package {clean(pkg.name, 80)!r} is not in the signed release")
+        if mine.sha256 != pkg.sha256_hex.lower():
+            raise SignatureError(f"the signed digest of {mine.name} {mine.sha256[:16]}… is not the offered "
+                                 f"{pkg.sha256_hex.lower()[:16]}…")
+        if mine.size != pkg.size:
+            raise SignatureError(f"the signed size of {mine.name} {mine.size} is not the offered {pkg.size}")
+    if len(offered) != len(signed):
+        missing = sorted(set(signed) - {p.name for p in offered})
+        raise SignatureError(f"the signed release has {len(signed)} packages, the offer {len(offered)}"
+                             + (f" (not offered: {', '.join(missing[:3])})" if missing else ""))
+
+
 # ---------------------------------------------------------------------------------------------- making them
 def statement(name: str, sha256_hex: str, appid: str, version: str, size: int, track: str | None = None,
-              board: str | None = None, image: Artifact | None = None, chunks: Chunks | None = None) -> bytes:
+              board: str | None = None, image: Artifact | None = None, chunks: Chunks | None = None,
+              more: "tuple[Artifact, ...]" = ()) -> bytes:
     """The statement for a payload; an adaptive release also names its image and chunk files (``image`` and
-    ``chunks`` together), each chunk file also a subject (the data file is listed once when it is the payload)."""
+    ``chunks`` together), each chunk file also a subject (the data file is listed once when it is the payload).
+    ``more``: the other packages of a release of several images; then ``predicate.packages`` lists them all
+    (the payload first) and each is a subject."""
     predicate = {"appid": appid, "version": version, "size": size}
     subjects = [{"name": name, "digest": {"sha256": sha256_hex}}]
+    if more:
+        predicate["packages"] = [{"name": a.name, "sha256": a.sha256, "size": a.size}
+                                 for a in (Artifact(name, sha256_hex, size), *more)]
+        subjects += [{"name": a.name, "digest": {"sha256": a.sha256}} for a in more]
     if track:
         predicate["track"] = track
     if board:
@@ -308,14 +369,23 @@ def sign_statement(body: bytes, key, keyid: str = "") -> bytes:
                        "signatures": [entry]}, indent=1).encode() + b"\n"
 
 
-def sign_file(path: str, key, appid: str, version: str, track: str | None = None, board: str | None = None,
-              name: str | None = None) -> bytes:
-    """The envelope for the payload at ``path`` (hashed in 1 MiB reads)."""
+def file_artifact(path: str, name: str | None = None) -> Artifact:
+    """The file at ``path`` as a named artifact (hashed in 1 MiB reads)."""
     import os
     h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             size += len(chunk)
-    body = statement(name or os.path.basename(path), h.hexdigest(), appid, version, size, track, board)
+    return Artifact(name or os.path.basename(path), h.hexdigest(), size)
+
+
+def sign_file(path: str, key, appid: str, version: str, track: str | None = None, board: str | None = None,
+              name: str | None = None, more: "tuple[Artifact, ...]" = ()) -> bytes:
+    """The envelope for the payload at ``path``; with ``more`` (the release's other packages, e.g. from
+    ``file_artifact``), for the release of all of them."""
+    first = file_artifact(path, name)
+    if more and len({first.name, *(a.name for a in more)}) != 1 + len(more):
+        raise SignatureError("two packages of the release have the same name; each needs its own")
+    body = statement(first.name, first.sha256, appid, version, first.size, track, board, more=tuple(more))
     return sign_statement(body, key)

@@ -39,6 +39,8 @@ class Image:
     signature: bytes | None = None  # served as <name>.sig (the DevServer's sign_key fills it in)
     chunk_index: str | None = None  # an adaptive release: its NAME.cidx; it and NAME.czst are served beside the
     #                                 payload (which is usually NAME.czst itself) and named in the signature
+    parts: tuple = ()  # a release of several images (slot groups): the other packages (Images), offered after
+    #                    this one, in this order, and signed with it in its one envelope
 
     def __post_init__(self):
         self.name = self.name or os.path.basename(self.path)
@@ -143,13 +145,15 @@ class DevServer:
     def sign(self, image: Image) -> None:
         """Gives ``image`` its envelope, signed with ``sign_key`` (its appid, version and track)."""
         from ..trust import load_private_key, sign_file
+        from ..trust import Artifact
         if image.chunk_index:
             from ..adaptive.release import sign
             image.signature = sign(image.path, image.chunk_index, load_private_key(self.sign_key), image.appid,
                                    image.version, image.track or None)
             return
+        more = tuple(Artifact(p.name, p.sha256.hex(), p.size) for p in image.parts)
         image.signature = sign_file(image.path, load_private_key(self.sign_key), image.appid, image.version,
-                                    image.track or None, name=image.name)
+                                    image.track or None, name=image.name, more=more)
 
     async def start(self) -> str:
         self._runner = web.AppRunner(self.app(), access_log=None)
@@ -198,13 +202,17 @@ class DevServer:
         sha256 = hashlib.sha256(b"wrong").digest() if f.wrong_hash else image.sha256
         sha1 = hashlib.sha1(b"wrong").digest() if f.wrong_hash else image.sha1
         size = image.size + f.size_lie
+        parts = tuple(Package(name=p.name, size=p.size, required=True, hash=base64.b64encode(p.sha1).decode(),
+                              hash_sha256=p.sha256.hex().upper(), fp=f"1.{p.sha256.hex().upper()}")
+                      for p in image.parts)  # each with its own SHA-256 (the action's names only a lone package)
         codebase = self.payload_base or f"{base}/packages/"
         if not codebase.endswith("/"):
             codebase += "/"
         urls = tuple(Url(codebase=cb) for cb in f.extra_urls) + (Url(codebase=codebase),)
         sha256_b64 = base64.b64encode(sha256).decode()
         if self.dialect == "flatcar":  # go-omaha / Nebraska: SHA-1 base64 in hash, SHA-256 base64 in the action
-            package = Package(name=image.name, size=size, required=True, hash=base64.b64encode(sha1).decode())
+            package = Package(name=image.name, size=size, required=True, hash=base64.b64encode(sha1).decode(),
+                              hash_sha256=sha256.hex().upper() if parts else "")
             action = Action(event="postinstall", extra=(("sha256", sha256_b64), ("DisablePayloadBackoff", "true")))
             actions = (action,)
         else:  # Chrome OS nebraska: upper-case hex hash_sha256 and fp, plus the postinstall action
@@ -214,7 +222,8 @@ class DevServer:
                        Action(event="postinstall", extra=(("ChromeOSVersion", image.version), ("sha256", sha256_b64),
                                                           ("IsDeltaPayload", "false"), ("MaxDaysToScatter", "14"))))
         return ResponseUpdateCheck(status="ok", urls=urls,
-                                   manifest=Manifest(version=image.version, packages=(package,), actions=actions))
+                                   manifest=Manifest(version=image.version, packages=(package, *parts),
+                                                     actions=actions))
 
     def _fault(self, status_attr: str, count_attr: str) -> int:
         status = getattr(self.faults, status_attr)
@@ -317,7 +326,7 @@ class DevServer:
                 raise web.HTTPNotFound(text="this release is not signed\n")
             self._log({"kind": "signature", "name": name})
             return web.Response(body=signed.signature, content_type="application/json")
-        image = next((i for i in self.images if i.name == name), None)
+        image = next((i for i in self.images for i in (i, *i.parts) if i.name == name), None)
         chunk_file = self._chunk_file(name)
         if image is None and chunk_file is None:
             raise web.HTTPNotFound(text="no such package\n")
@@ -439,8 +448,9 @@ class DevServer:
 
 async def serve(args) -> int:
     """``omaha-agent devserver``: serve one image until interrupted."""
+    parts = tuple(Image(path, args.version, args.appid) for path in getattr(args, "package", None) or ())
     image = Image(args.payload, args.version, args.appid, track=args.track or "",
-                  chunk_index=getattr(args, "chunks", None))
+                  chunk_index=getattr(args, "chunks", None), parts=parts)
     server = DevServer([image], dialect=args.dialect, host=args.host, port=args.port, log_path=args.log,
                        faults=Faults(always_offer=args.always_offer), protocol=args.protocol,
                        sign_key=args.sign_key, payload_base=getattr(args, "payload_base", None),
@@ -452,6 +462,9 @@ async def serve(args) -> int:
     if image.chunk_index:
         print(f"devserver: an adaptive release: {os.path.basename(image.chunk_index)} and its chunk data served "
               "beside the payload (Range, multipart/byteranges)", flush=True)
+    for part in image.parts:
+        print(f"devserver: and {part.name} ({part.size} bytes, sha256 {part.sha256.hex()}) in the same release",
+              flush=True)
     if server.payload_base:
         print(f"devserver: payload URLs point at {server.payload_base}", flush=True)
     try:
