@@ -116,7 +116,8 @@ class ImageSet:
                              sum(r.received for r in results) + sum(r.size for r, _ in skipped),
                              sum(size for _, _, size in images),
                              next((r.compression for r in results if r.compression), None),
-                             sum(r.download_ms for r in results), sum(r.resumed_from for r in results))
+                             sum(r.download_ms for r in results), sum(r.resumed_from for r in results),
+                             sum(r.cpu_ms for r in results))
 
     def _next(self, slot: str, kept: dict) -> Checkpoint | None:
         """The starting checkpoint of the next image still to be written, or None."""
