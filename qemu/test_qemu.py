@@ -33,12 +33,19 @@ def _read(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def image():
+    return built_image("disk.img", "qemu-image")
+
+
+def built_image(name: str, target: str) -> dict:
+    """A twin's disk image in build/qemu (``make TARGET`` builds it), its app id and dev-server port; skipped
+    outside make qemu-test's network namespace."""
     if [name for _, name in socket.if_nameindex()] != ["lo"]:
         pytest.skip("run through make qemu-test: it runs in a network namespace that has only lo")
-    if not os.path.exists(os.path.join(BUILD, "disk.img")):
-        pytest.fail("build/qemu/disk.img is missing: make qemu-image builds it (make qemu-test does too)")
+    disk = os.path.join(BUILD, name)
+    if not os.path.exists(disk):
+        pytest.fail(f"build/qemu/{name} is missing: make {target} builds it (make qemu-test does too)")
     print(f"\naccelerator: {accel()}")
-    return {"disk": os.path.join(BUILD, "disk.img"), "appid": _read("appid"), "port": int(_read("port"))}
+    return {"disk": disk, "appid": _read("appid"), "port": int(_read("port"))}
 
 
 async def start_server(image, scenario: str, version: str, payload: str | Image, faults: Faults | None = None):

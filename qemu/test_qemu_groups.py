@@ -12,8 +12,8 @@ import pytest
 
 from agent.tools.devserver import Image
 
-from .test_qemu import BOOT_TIMEOUT, INSTALL_TIMEOUT, _read, boot_and_report, downloads, start_server
-from .vm import BUILD, Machine, accel
+from .test_qemu import BOOT_TIMEOUT, INSTALL_TIMEOUT, boot_and_report, built_image, downloads, start_server
+from .vm import BUILD, Machine
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(3600)]
 GROUPS = os.path.join(BUILD, "groups")
@@ -21,14 +21,7 @@ GROUPS = os.path.join(BUILD, "groups")
 
 @pytest.fixture(scope="module")
 def image():
-    import socket
-    if [name for _, name in socket.if_nameindex()] != ["lo"]:
-        pytest.skip("run through make qemu-test: it runs in a network namespace that has only lo")
-    disk = os.path.join(BUILD, "disk-groups.img")
-    if not os.path.exists(disk):
-        pytest.fail("build/qemu/disk-groups.img is missing: make qemu-image-groups builds it (make qemu-test does too)")
-    print(f"\naccelerator: {accel()}")
-    return {"disk": disk, "appid": _read("appid"), "port": int(_read("port"))}
+    return built_image("disk-groups.img", "qemu-image-groups")
 
 
 def kern_of(boot) -> str | None:

@@ -13,8 +13,8 @@ import pytest
 
 from agent.boot.bls import parse_name
 
-from .test_qemu import BOOT_TIMEOUT, INSTALL_TIMEOUT, _read, boot_and_report, start_server
-from .vm import BUILD, Machine, accel
+from .test_qemu import BOOT_TIMEOUT, INSTALL_TIMEOUT, boot_and_report, built_image, start_server
+from .vm import Machine
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(3600)]
 ON_DEMAND = pytest.mark.skipif(not os.environ.get("QEMU_SDBOOT_ALL"),
@@ -23,14 +23,7 @@ ON_DEMAND = pytest.mark.skipif(not os.environ.get("QEMU_SDBOOT_ALL"),
 
 @pytest.fixture(scope="module")
 def image():
-    import socket
-    if [name for _, name in socket.if_nameindex()] != ["lo"]:
-        pytest.skip("run through make qemu-test: it runs in a network namespace that has only lo")
-    disk = os.path.join(BUILD, "disk-sdboot.img")
-    if not os.path.exists(disk):
-        pytest.fail("build/qemu/disk-sdboot.img is missing: make qemu-image-sdboot builds it (make qemu-test does too)")
-    print(f"\naccelerator: {accel()}")
-    return {"disk": disk, "appid": _read("appid"), "port": int(_read("port"))}
+    return built_image("disk-sdboot.img", "qemu-image-sdboot")
 
 
 def entries(machine: Machine) -> list[str]:
