@@ -343,9 +343,10 @@ def from_json(data: dict) -> tuple[State, list[str]]:
         dropped.append(f"{len(raw) - len(events)} malformed event(s)")
     state.events = events[-MAX_EVENTS:]
     raw = data.get("written", [])
-    written = [w for w in map(written_from, raw[:8])] if isinstance(raw, list) else [None]
-    state.written = [w for w in written if w is not None]
-    if len(state.written) != len(raw if isinstance(raw, list) else [None]):
+    if not isinstance(raw, list):
+        raw = [None]  # (one malformed record)
+    state.written = [w for w in map(written_from, raw[:8]) if w is not None]
+    if len(state.written) != len(raw):
         dropped.append("written")
     return state, dropped
 
