@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 SYSTEM_TOOLS := grub-editenv:grub-common sfdisk:fdisk fw_setenv:libubootenv-tool dbus-daemon:dbus systemd-analyze:systemd \
 	busctl:systemd setpriv:util-linux xz:xz-utils mkfs.vfat:dosfstools mcopy:mtools openssl:openssl \
 	tinyproxy:tinyproxy-bin nginx:nginx
+# Debian's own Python packages the device images run, imported by the system's python3 in a child process
+# (tests/test_debian_aiohttp.py: the agent's HTTP session under Debian 12's aiohttp)
+SYSTEM_PACKAGES := python3-aiohttp python3-defusedxml
 # bootctl (tests/test_boot_bls.py) is unpacked from Debian's systemd-boot package, never installed: its postinst
 # runs 'bootctl install' into the machine's own ESP. The version matches the installed systemd (bootctl links
 # against its private libsystemd-shared).
@@ -27,6 +30,7 @@ $(STAMP): pyproject.toml
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; pkg=$${pair##*:}; \
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	for pkg in $(SYSTEM_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "installing:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -148,13 +148,39 @@ def make_session(ca_file: str | None = None, timeout: float = 30.0, client_cert:
             ssl_context.load_verify_locations(ca_file)
         if client_cert and client_key:
             ssl_context.load_cert_chain(client_cert, client_key)
-    connector = aiohttp.TCPConnector(ssl=ssl_context, limit=4, resolver=RefusingResolver(resolver))
+    connector = _connector_class()(ssl=ssl_context, limit=4, resolver=RefusingResolver(resolver))
     extra = {}
     if route is not None and (route.https or route.http):
         from .proxy import request_class
         extra["request_class"] = request_class(route)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
                                                                                    sock_read=timeout), **extra)
+
+
+_CONNECTOR = None
+
+
+def _connector_class():
+    """aiohttp's ``TCPConnector`` that never hands out a connection whose reading is paused. aiohttp before 3.11.11
+    (Debian 12 ships 3.8.4) pools a connection paused when its answer ended while the reader was behind (the whole
+    body buffered, above the high-water mark); the next request on it then waits for an answer it never reads
+    until its timeout (aiohttp issue 10169): an adaptive install's fetch of a drifted chunk, made while the range
+    answer before it waited in its buffer, was cut this way until it gave up. Nobody reads a pooled connection's
+    old answer any more, so resuming it is always right."""
+    global _CONNECTOR
+    if _CONNECTOR is None:
+        import aiohttp
+
+        class Connector(aiohttp.TCPConnector):
+            async def connect(self, *args, **kwargs):
+                conn = await super().connect(*args, **kwargs)
+                protocol = conn.protocol
+                if protocol is not None and getattr(protocol, "_reading_paused", False):
+                    protocol.resume_reading()
+                return conn
+
+        _CONNECTOR = Connector
+    return _CONNECTOR
 
 
 async def _read_body(resp, limit: int) -> bytes:

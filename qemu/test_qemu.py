@@ -97,6 +97,15 @@ def check_grubenv(machine: Machine, tmp_path, expect: dict[str, str]) -> None:
         assert f"{slot.upper()}_OK={'1' if state == 'good' else '0'}" in listed, listed
 
 
+def explain(srv, boot) -> str:
+    """For a failed event assertion: each event with its errorcode, and the agent's install log lines."""
+    events = " ".join(f"{e['eventtype']}/{e['eventresult']}" + (f"(errorcode {e['errorcode']})" if e.get("errorcode")
+                                                                else "") for e in srv.events)
+    words = ("adaptive", "install", "error", "failed", "chunk", "timed out", "cut")
+    lines = [line for line in boot.lines() if line.startswith("AGENTLOG ") and any(w in line for w in words)]
+    return f"events: {events}\nthe agent's install lines:\n" + "\n".join(lines[-40:])
+
+
 async def test_success_update_reboot_confirm_and_report(image, tmp_path):
     """1.0.0 → 2.0.0 (an adaptive release, installed in full: no index is known for the factory slot; its index is
     saved) → 2.1.0 installed adaptively from the chunks 2.0.0's slot holds. (The adaptive version is 2.1.0, not
@@ -128,7 +137,7 @@ async def test_success_update_reboot_confirm_and_report(image, tmp_path):
         marks = len(srv.fetches), len(srv.streams)
         srv.images = [adaptive.release(image["appid"], "2.1.0")]
         took = await second.wait_exit(INSTALL_TIMEOUT, "the agent to install 2.1.0 adaptively and reboot")
-        assert srv.event_codes() == ["13/1", "14/1", "3/1", "3/2", "13/1", "14/1", "3/1"]
+        assert srv.event_codes() == ["13/1", "14/1", "3/1", "3/2", "13/1", "14/1", "3/1"], explain(srv, second)
         sent = adaptive.sent_for(srv, "2.1.0", *marks)
         start_b, _ = machine.partition("ROOT-B")
         limit = adaptive.bound("2.0.0", "2.1.0", machine.disk, start_b)
