@@ -10,7 +10,7 @@ MIN_QUANTUM = 16 << 10  # bytes: a read smaller than this costs more system call
 
 
 class TokenBucket:
-    def __init__(self, rate: int, *, burst: float = float(__import__("os").environ.get("XBURST", "0.1")), clock=time.monotonic, sleep=asyncio.sleep):
+    def __init__(self, rate: int, *, burst: float = 0.1, clock=time.monotonic, sleep=asyncio.sleep):
         if rate <= 0:
             raise ValueError("a rate is a positive number of bytes per second")
         self.rate = rate
