@@ -177,17 +177,18 @@ class _Pipeline:
         index, n, offset = self.current, self.fill, self.fed
         buf = self.buffers[index]
         view = memoryview(buf)[:n]
-        loop = asyncio.get_running_loop()
         if self.plain is None:
             self.plain = self.writer.plain(view)
+        # the threads' futures, not the loop's: a chunk done while nobody waits for it does not wake the loop
+        # (a capped download sleeps between its reads; each completion used to wake it once more)
         if self.plain:
             aligned = offset % len(buf) == 0
-            futures = (loop.run_in_executor(self.hash_pool, self.writer.hash_plain, view, False),
-                       loop.run_in_executor(self.write_pool, self.writer.write_plain, view, offset, aligned))
+            futures = (self.hash_pool.submit(self.writer.hash_plain, view, False),
+                       self.write_pool.submit(self.writer.write_plain, view, offset, aligned))
             if self.writer.sha1 is not None:  # both digests the server gave are verified: each in its own thread
-                futures += (loop.run_in_executor(self.sha1_pool, self.writer.sha1_plain, view),)
+                futures += (self.sha1_pool.submit(self.writer.sha1_plain, view),)
         else:
-            futures = (loop.run_in_executor(self.write_pool, self.writer.feed, view),)
+            futures = (self.write_pool.submit(self.writer.feed, view),)
         self.inflight.append((index, futures))
         self.current, self.fill = None, 0
         self.fed += n
@@ -208,8 +209,8 @@ class _Pipeline:
             entries = list(self.inflight)[:count]
             futures = [f for _, fs in entries for f in fs]
             while not all(f.done() for f in futures):
-                try:
-                    await asyncio.wait({f for f in futures if not f.done()})
+                try:  # (wrapped only now: the loop wakes for the chunks it waits for)
+                    await asyncio.wait({asyncio.wrap_future(f) for f in futures if not f.done()})
                 except asyncio.CancelledError:
                     cancelled = True
             failed = next((f.exception() for f in futures if f.exception() is not None), None)
