@@ -242,7 +242,7 @@ class Installer:
                  chunk: int = CHUNK, checkpoint_every: int = CHECKPOINT_EVERY, max_rate: int | None = None):
         from .ratelimit import bucket
         self.session = session
-        self.limiter = bucket(max_rate)  # bytes/s over the network (``ratelimit``); None: as fast as it comes
+        self.limiter = bucket(max_rate, chunk)  # bytes/s over the network (``ratelimit``); None: as fast as it comes
         self.sessionid = sessionid
         self.read_timeout = read_timeout
         self.readback = readback

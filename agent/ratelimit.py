@@ -1,4 +1,4 @@
-"""A token bucket for a download's bytes per second: smooth (each read takes at most ``quantum`` bytes, about 100 ms
+"""A token bucket for a download's bytes per second: smooth (each read takes at most ``quantum`` bytes, 100 to 250 ms
 of the rate, and waits for what it took beyond the tokens at hand), never bursts of a second. The clock and the
 sleep are injected, so the arithmetic runs on a virtual clock in tests."""
 from __future__ import annotations
@@ -10,11 +10,12 @@ MIN_QUANTUM = 16 << 10  # bytes: a read smaller than this costs more system call
 
 
 class TokenBucket:
-    def __init__(self, rate: int, *, burst: float = 0.1, clock=time.monotonic, sleep=asyncio.sleep):
+    def __init__(self, rate: int, *, burst: float = 0.1, capacity: int | None = None, clock=time.monotonic,
+                 sleep=asyncio.sleep):
         if rate <= 0:
             raise ValueError("a rate is a positive number of bytes per second")
         self.rate = rate
-        self.capacity = max(MIN_QUANTUM, int(rate * burst))  # the most that may go at once
+        self.capacity = capacity or max(MIN_QUANTUM, int(rate * burst))  # the most that may go at once
         self.clock, self.sleep = clock, sleep
         self.tokens = float(self.capacity)
         self.stamp = clock()
@@ -37,6 +38,21 @@ class TokenBucket:
             await self.sleep(-self.tokens / self.rate)
 
 
-def bucket(rate: int | None) -> TokenBucket | None:
-    """A bucket for ``rate`` bytes per second, or ``None`` for no limit (the caller skips it entirely)."""
-    return TokenBucket(rate) if rate else None
+def quantum_for(rate: int, piece: int | None = None) -> int:
+    """The read size for ``rate``: 100 ms of it; when that is less than ``piece`` (the reader's ring chunk), the
+    largest half, quarter, ... of ``piece`` not over 250 ms of the rate (nor under ``MIN_QUANTUM``), so that the
+    reads tile each chunk exactly (at 8 MiB/s: one 1 MiB read per chunk, not 0.8 + 0.2 MiB with a wait after
+    each)."""
+    q = max(MIN_QUANTUM, int(rate * 0.1))
+    if piece is None or q >= piece:
+        return q
+    q = piece
+    while q > rate * 0.25 and q % 2 == 0 and q // 2 >= MIN_QUANTUM:
+        q //= 2
+    return q
+
+
+def bucket(rate: int | None, piece: int | None = None) -> TokenBucket | None:
+    """A bucket for ``rate`` bytes per second (reads of ``quantum_for(rate, piece)``), or ``None`` for no limit
+    (the caller skips it entirely)."""
+    return TokenBucket(rate, capacity=quantum_for(rate, piece)) if rate else None

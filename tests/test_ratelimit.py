@@ -15,7 +15,7 @@ from agent.boot.sim import SimBoot
 from agent.boot.worker import BootWorker
 from agent.install import Installer
 from agent.omaha.outcome import PackageOffer
-from agent.ratelimit import TokenBucket
+from agent.ratelimit import MIN_QUANTUM, TokenBucket, bucket, quantum_for
 from agent.tools.devserver import DevServer, Image
 
 from .conftest import record_count
@@ -47,6 +47,22 @@ async def test_the_bucket_never_lets_more_than_one_quantum_ahead_of_the_rate():
         assert spent <= (2 << 20) * t.now + bucket.quantum
     assert spent / t.now == pytest.approx(2 << 20, rel=0.05)
     assert max(t.slept) <= 0.101  # no pause longer than one quantum's worth
+
+
+def test_the_read_size_tiles_the_ring_chunk_within_250_ms_of_the_rate():
+    """Below 10 MiB/s (100 ms of the rate under the 1 MiB chunk) a read is a half, quarter, ... of the chunk, so
+    each chunk fills in equal reads with one wait after each; never more than 250 ms of the rate at once."""
+    chunk = 1 << 20
+    assert quantum_for(8 << 20, chunk) == chunk  # one read per chunk (it was 0.8 MiB + 0.2 MiB, two waits)
+    assert quantum_for(2 << 20, chunk) == chunk // 2
+    assert quantum_for(64 << 20, chunk) == int((64 << 20) * 0.1)  # reads stop at the chunk's end anyway
+    for rate in [MIN_QUANTUM * 2] + [k << 16 for k in range(1, 400)]:
+        q = quantum_for(rate, chunk)
+        assert bucket(rate, chunk).quantum == q
+        if q < chunk:
+            assert chunk % q == 0 and q >= MIN_QUANTUM, (rate, q)
+            assert q <= max(MIN_QUANTUM, rate * 0.25), (rate, q)
+            assert q == MIN_QUANTUM or q > rate * 0.125, (rate, q)  # halving stops at the first size within 250 ms
 
 
 async def test_a_slow_reader_is_not_paid_back_with_a_burst():
