@@ -102,6 +102,11 @@ async def _maybe_await(value) -> None:
         await value
 
 
+def _retrieved(future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _Pipeline:
     """Moves the body into a small ring of reused, page-aligned buffers (copied from the HTTP client's pieces by
     ``put``, or read there by the caller through ``space`` and ``commit``) and hands each filled chunk to the
@@ -209,8 +214,11 @@ class _Pipeline:
             entries = list(self.inflight)[:count]
             futures = [f for _, fs in entries for f in fs]
             while not all(f.done() for f in futures):
-                try:  # (wrapped only now: the loop wakes for the chunks it waits for)
-                    await asyncio.wait({asyncio.wrap_future(f) for f in futures if not f.done()})
+                waited = {asyncio.wrap_future(f) for f in futures if not f.done()}  # (the loop wakes for these)
+                for w in waited:  # a failure is read from the pool's future: its loop copy is never "unretrieved"
+                    w.add_done_callback(_retrieved)
+                try:
+                    await asyncio.wait(waited)
                 except asyncio.CancelledError:
                     cancelled = True
             failed = next((f.exception() for f in futures if f.exception() is not None), None)
@@ -228,6 +236,9 @@ class _Pipeline:
         if failed is not None:
             if not isinstance(failed, PayloadError):  # an I/O error: the counts may be ahead of the slot
                 self._break()
+                if isinstance(failed, OSError):  # the slot's device, not the network: no other URL helps
+                    raise PayloadError(f"writing slot {self.writer.path}: {failed.strerror or failed}",
+                                       "device") from None
             raise failed
 
     def _break(self) -> None:
@@ -346,8 +357,8 @@ class Installer:
             except PayloadError as exc:
                 errors.append(f"{url}: {exc}")
                 kinds.append(exc.kind)
-                if exc.kind == "device":
-                    break
+                if exc.kind == "device":  # the slot failed, not the download: said as it is
+                    raise InstallError(str(exc), "device") from None
                 writer.reset()  # what came from this URL cannot be trusted: start over from byte 0
                 budget -= 1
             except _TransferFailed as exc:

@@ -672,3 +672,44 @@ async def test_devserver_records_each_payload_stream_and_holds_the_last_piece_wh
     assert body == path.read_bytes() and took >= 0.6
     assert srv.streams == [{"start": 0, "sent_to": 320 << 10, "done": True},
                            {"start": 100 << 10, "sent_to": 320 << 10, "done": True}]
+
+
+async def test_a_failed_slot_write_fails_the_install_in_one_line_and_leaves_no_unretrieved_future(device, payload,
+                                                                                                 caplog):
+    """A write that fails (EIO from the slot's device; a failing block device is not made here, so the write is
+    replaced) ends the install at once with a one-line device error naming the slot (no other URL is tried: it
+    was said as a download failure from every URL before). The ring's chunks run as the thread pools' own
+    futures, wrapped for the loop only while it waits: no loop-side copy of the failure is left for the garbage
+    collector to log as "Future exception was never retrieved" with a traceback."""
+    import errno
+    import gc
+    import time as _time
+    from agent.payload import SlotWriter
+    real_write = SlotWriter.write_plain
+    writes = []
+
+    def failing_write(self, data, offset, aligned=False):
+        writes.append(offset)
+        if len(writes) >= 3:  # from the third chunk on, every write fails, whatever the installer tries next
+            _time.sleep(0.05)  # the loop is waiting for this chunk when it fails
+            raise OSError(errno.EIO, "Input/output error")
+        return real_write(self, data, offset, aligned)
+
+    boot, slots = device
+    path, _ = payload
+    server = await with_server([Image(path, "2.0.0", APP)])
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(SlotWriter, "write_plain", failing_write)
+            with pytest.raises(InstallError) as failed:
+                await run_install(server, boot, slots)
+    finally:
+        await server.stop()
+    assert failed.value.kind == "device", failed.value  # the slot failed, not the network: not retried elsewhere
+    assert str(failed.value) == f"writing slot {slots['b']}: Input/output error"
+    assert 0 not in writes[1:], writes  # no second try from byte 0
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0.01)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
+    assert boot.status()["b"].state is not SlotState.TRIAL
