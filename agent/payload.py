@@ -214,7 +214,7 @@ class SlotWriter:
             return
         try:
             self.decoder.feed(data)
-        except PayloadError:
+        except (PayloadError, OSError):  # (an OSError is the slot's write of what was decoded, not the payload)
             raise
         except Exception as exc:  # zlib.error, lzma.LZMAError, EOFError, zstandard.ZstdError ...
             raise PayloadError(f"{self.compression} payload is corrupt: {exc}", "decompress") from None

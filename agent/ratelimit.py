@@ -49,6 +49,8 @@ def quantum_for(rate: int, piece: int | None = None) -> int:
     q = piece
     while q > rate * 0.25 and q % 2 == 0 and q // 2 >= MIN_QUANTUM:
         q //= 2
+    if q > rate * 0.25 and q > MIN_QUANTUM:  # a chunk with an odd factor does not halve that far: no tiling
+        return max(MIN_QUANTUM, int(rate * 0.1))
     return q
 
 

@@ -674,33 +674,40 @@ async def test_devserver_records_each_payload_stream_and_holds_the_last_piece_wh
                            {"start": 100 << 10, "sent_to": 320 << 10, "done": True}]
 
 
-async def test_a_failed_slot_write_fails_the_install_in_one_line_and_leaves_no_unretrieved_future(device, payload,
-                                                                                                 caplog):
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "zstd"])
+async def test_a_failed_slot_write_fails_the_install_in_one_line_and_leaves_no_unretrieved_future(
+        device, payload, caplog, tmp_path, packed):
     """A write that fails (EIO from the slot's device; a failing block device is not made here, so the write is
-    replaced) ends the install at once with a one-line device error naming the slot (no other URL is tried: it
-    was said as a download failure from every URL before). The ring's chunks run as the thread pools' own
-    futures, wrapped for the loop only while it waits: no loop-side copy of the failure is left for the garbage
-    collector to log as "Future exception was never retrieved" with a traceback."""
+    replaced) ends the install at once with a one-line device error naming the slot, for a plain payload and for
+    one the agent decompresses onto the slot (no other URL is tried: it was said as a download failure from every
+    URL, or as a corrupt zstd payload, before). The ring's chunks run as the thread pools' own futures, wrapped
+    for the loop only while it waits: no loop-side copy of the failure is left for the garbage collector to log
+    as "Future exception was never retrieved" with a traceback."""
     import errno
     import gc
     import time as _time
     from agent.payload import SlotWriter
-    real_write = SlotWriter.write_plain
+    name = "write_plain" if not packed else "_write_out"
+    real_write = getattr(SlotWriter, name)
     writes = []
 
-    def failing_write(self, data, offset, aligned=False):
-        writes.append(offset)
-        if len(writes) >= 3:  # from the third chunk on, every write fails, whatever the installer tries next
+    def failing_write(self, data, *args, **kwargs):
+        writes.append(args[0] if args else self.written)
+        if len(writes) >= 3:  # from the third write on, every write fails, whatever the installer tries next
             _time.sleep(0.05)  # the loop is waiting for this chunk when it fails
             raise OSError(errno.EIO, "Input/output error")
-        return real_write(self, data, offset, aligned)
+        return real_write(self, data, *args, **kwargs)
 
     boot, slots = device
-    path, _ = payload
+    path, data = payload
+    if packed:
+        path = str(tmp_path / "v2.img.zst")
+        with open(path, "wb") as f:
+            f.write(zstandard.ZstdCompressor().compress(data))
     server = await with_server([Image(path, "2.0.0", APP)])
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(SlotWriter, "write_plain", failing_write)
+            mp.setattr(SlotWriter, name, failing_write)
             with pytest.raises(InstallError) as failed:
                 await run_install(server, boot, slots)
     finally:

@@ -56,6 +56,8 @@ def test_the_read_size_tiles_the_ring_chunk_within_250_ms_of_the_rate():
     assert quantum_for(8 << 20, chunk) == chunk  # one read per chunk (it was 0.8 MiB + 0.2 MiB, two waits)
     assert quantum_for(2 << 20, chunk) == chunk // 2
     assert quantum_for(64 << 20, chunk) == int((64 << 20) * 0.1)  # reads stop at the chunk's end anyway
+    assert quantum_for(1 << 20, chunk - 1) == int((1 << 20) * 0.1)  # an odd chunk does not halve: 100 ms reads
+    assert quantum_for(100_000, 1_000_000) == MIN_QUANTUM  # (31 250 would be 312 ms of the rate)
     for rate in [MIN_QUANTUM * 2] + [k << 16 for k in range(1, 400)]:
         q = quantum_for(rate, chunk)
         assert bucket(rate, chunk).quantum == q
