@@ -213,8 +213,8 @@ class _Pipeline:
         while True:
             entries = list(self.inflight)[:count]
             futures = [f for _, fs in entries for f in fs]
-            while not all(f.done() for f in futures):
-                waited = {asyncio.wrap_future(f) for f in futures if not f.done()}  # (the loop wakes for these)
+            while pending := [f for f in futures if not f.done()]:  # (read once: a thread may finish meanwhile)
+                waited = {asyncio.wrap_future(f) for f in pending}  # (the loop wakes for these)
                 for w in waited:  # a failure is read from the pool's future: its loop copy is never "unretrieved"
                     w.add_done_callback(_retrieved)
                 try:

@@ -720,3 +720,43 @@ async def test_a_failed_slot_write_fails_the_install_in_one_line_and_leaves_no_u
         await asyncio.sleep(0.01)
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
     assert boot.status()["b"].state is not SlotState.TRIAL
+
+
+async def test_a_chunk_that_finishes_between_two_looks_is_waited_for_without_an_internal_error(tmp_path):
+    """The ring's chunks are the thread pools' own futures, whose state changes in their threads: one seen running
+    can be done a moment later. (CI met it in QEMU: 'internal error: ValueError: Set of Tasks/Futures is empty'.)
+    The pools here run each job at once but report it done only after it was first seen running, which forces
+    that interleaving on every chunk; real threads hit it by chance only."""
+    import concurrent.futures
+    import mmap
+    from agent.install import _Pipeline
+    from agent.payload import SlotWriter
+
+    class SeenRunningThenDone(concurrent.futures.Future):
+        def __init__(self, result):
+            super().__init__()
+            self.outcome = result
+
+        def done(self):
+            if super().done():
+                return True
+            self.set_result(self.outcome)  # it finished just after this look
+            return False
+
+    class Pool:
+        def submit(self, fn, *args):
+            return SeenRunningThenDone(fn(*args))
+
+    image = os.urandom(5 * (64 << 10) + 1000)
+    for packed in (False, True):  # a plain chunk has two jobs (hash, write), a compressed one a single one
+        data = zstandard.ZstdCompressor().compress(image) if packed else image
+        slot = tmp_path / f"slot-{packed}"
+        slot.write_bytes(bytes(len(image)))
+        writer = SlotWriter(str(slot), len(image), hashlib.sha256(data).digest(), None, decompress=packed)
+        writer.open()
+        pipe = _Pipeline(writer, [mmap.mmap(-1, 64 << 10) for _ in range(3)], (Pool(), Pool(), Pool()), 0)
+        for at in range(0, len(data), 40_000):
+            await pipe.put(data[at:at + 40_000])
+        await pipe.finish()
+        writer.verify(len(data))
+        assert slot.read_bytes() == image
