@@ -43,14 +43,14 @@ def quantum_for(rate: int, piece: int | None = None) -> int:
     largest half, quarter, ... of ``piece`` not over 250 ms of the rate (nor under ``MIN_QUANTUM``), so that the
     reads tile each chunk exactly (at 8 MiB/s: one 1 MiB read per chunk, not 0.8 + 0.2 MiB with a wait after
     each)."""
-    q = max(MIN_QUANTUM, int(rate * 0.1))
-    if piece is None or q >= piece:
-        return q
+    plain = max(MIN_QUANTUM, int(rate * 0.1))
+    if piece is None or plain >= piece:
+        return plain
     q = piece
     while q > rate * 0.25 and q % 2 == 0 and q // 2 >= MIN_QUANTUM:
         q //= 2
     if q > rate * 0.25 and q > MIN_QUANTUM:  # a chunk with an odd factor does not halve that far: no tiling
-        return max(MIN_QUANTUM, int(rate * 0.1))
+        return plain
     return q
 
 
